@@ -1,0 +1,3 @@
+from distiller.cli import run
+
+run()

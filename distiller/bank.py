@@ -1,0 +1,184 @@
+"""The surrogate image bank: the only thing on disk between synthesis and distillation.
+
+    bank/plan.json                what the bank will hold (checked on resume)
+    bank/shard_00000/images.npy   uint8 [N, H, W, 3]
+                    logits.npy    float32 [N, K] teacher logits over the plain class embeddings
+                    records.json  one record per image: index, class, label, style, seed, split
+    bank/manifest.jsonl           every record of every complete shard, with its logits
+
+A shard is written into a temporary folder and renamed when complete, so a kill never leaves
+half a shard; resume counts the complete shards and continues with the next one. Each shard is
+seeded from (run seed, shard index), so a resumed bank is byte-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from runtime.errors import UserError
+
+from .runfolder import remove, write_json_atomic, write_text_atomic
+
+
+@dataclass(frozen=True)
+class BankPlan:
+    labels: tuple[str, ...]
+    style_names: tuple[str, ...]
+    images_per_class: int
+    shard_size: int
+    resolution: int
+    val_every: int
+    seed: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def total(self) -> int:
+        return self.images_per_class * self.num_classes
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.total / self.shard_size)
+
+    def indices(self, shard: int) -> range:
+        return range(shard * self.shard_size, min(self.total, (shard + 1) * self.shard_size))
+
+    def class_of(self, g: int) -> int:
+        return g % self.num_classes
+
+    def style_of(self, g: int) -> int:
+        return (g // self.num_classes) % len(self.style_names)
+
+    def split(self, shard: int) -> str:
+        n, k = self.num_shards, self.val_every
+        if n < k:
+            return "val" if shard == n - 1 else "train"
+        return "val" if shard % k == k - 1 else "train"
+
+    def shard_seed(self, shard: int) -> int:
+        return int(np.random.SeedSequence([self.seed, shard]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+    def validate(self) -> None:
+        if self.num_shards < 2:
+            raise UserError(
+                f"the bank would hold {self.num_shards} shard; need at least 2 (train and val): "
+                f"raise synthesis.images_per_class or lower synthesis.shard_size"
+            )
+
+
+class Bank:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def shard_dir(self, i: int) -> Path:
+        return self.root / f"shard_{i:05d}"
+
+    def complete(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name[6:]) for p in self.root.glob("shard_[0-9]*") if p.is_dir())
+
+    def plan(self) -> BankPlan | None:
+        p = self.root / "plan.json"
+        if not p.exists():
+            return None
+        d = json.loads(p.read_text())
+        return BankPlan(**{**d, "labels": tuple(d["labels"]), "style_names": tuple(d["style_names"])})
+
+    def start(self, plan: BankPlan) -> None:
+        """Create the bank, or check that an existing one was started with the same plan."""
+        plan.validate()
+        old = self.plan()
+        if old is not None and old != plan:
+            diffs = [k for k in asdict(plan) if asdict(plan)[k] != asdict(old)[k]]
+            raise UserError(
+                f"{self.root} was started with other settings ({', '.join(diffs)}): "
+                f"use a new run name, or --exist-ok to start the run over"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        for tmp in self.root.glob(".shard_*"):  # half-written shards from a killed run
+            remove(tmp)
+        if old is None:
+            write_json_atomic(self.root / "plan.json", {**asdict(plan), "labels": list(plan.labels), "style_names": list(plan.style_names)})
+
+    def write_shard(self, i: int, images: np.ndarray, logits: np.ndarray, records: list[dict]) -> None:
+        final = self.shard_dir(i)
+        tmp = self.root / f".{final.name}.tmp"
+        remove(tmp)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+        np.save(tmp / "logits.npy", np.ascontiguousarray(logits, dtype=np.float32))
+        (tmp / "records.json").write_text(json.dumps(records, indent=0) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        self.write_manifest()
+
+    def records(self, shard: int) -> list[dict]:
+        return json.loads((self.shard_dir(shard) / "records.json").read_text())
+
+    def write_manifest(self) -> None:
+        lines = []
+        for i in self.complete():
+            logits = np.load(self.shard_dir(i) / "logits.npy")
+            for rec, lg in zip(self.records(i), logits):
+                lines.append(json.dumps({**rec, "logits": [round(float(v), 5) for v in lg]}))
+        write_text_atomic(self.root / "manifest.jsonl", "\n".join(lines) + "\n")
+
+    def is_complete(self) -> bool:
+        plan = self.plan()
+        return plan is not None and len(self.complete()) == plan.num_shards
+
+    def load(self, split: str | None = None):
+        """(images uint8 [N, H, W, 3], logits float32 [N, K], records) for one split or all."""
+        plan = self.plan()
+        if plan is None or not self.is_complete():
+            raise UserError(f"{self.root} is not a complete bank: run `distiller synthesize` on the run first")
+        imgs, logits, recs = [], [], []
+        for i in self.complete():
+            if split is not None and plan.split(i) != split:
+                continue
+            imgs.append(np.load(self.shard_dir(i) / "images.npy"))
+            logits.append(np.load(self.shard_dir(i) / "logits.npy"))
+            recs += self.records(i)
+        return np.concatenate(imgs), np.concatenate(logits), recs
+
+
+def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", autocast=None,
+              on_shard: Callable[[int, int], None] | None = None, on_step=None) -> None:
+    """Synthesize every missing shard of ``plan`` into ``bank`` (resumable)."""
+    import torch
+
+    from .synthesis import synthesize, teacher_logits
+
+    bank.start(plan)
+    done = set(bank.complete())
+    for i in range(plan.num_shards):
+        if i in done:
+            continue
+        seed = plan.shard_seed(i)
+        gen = torch.Generator().manual_seed(seed)
+        idx = list(plan.indices(i))
+        cls = torch.tensor([plan.class_of(g) for g in idx])
+        sty = torch.tensor([plan.style_of(g) for g in idx])
+        targets = source.targets(cls, sty)
+        images, loss = synthesize(teacher, targets, cls, cfg, plan.resolution, gen, device, autocast, on_step)
+        logits = teacher_logits(teacher, images, device=device)
+        records = [
+            {"index": g, "shard": i, "class": int(c), "label": plan.labels[int(c)], "style": int(s),
+             "style_name": plan.style_names[int(s)], "seed": seed, "split": plan.split(i),
+             "synthesis_loss": round(float(lo), 5)}
+            for g, c, s, lo in zip(idx, cls, sty, loss)
+        ]
+        bank.write_shard(i, images.numpy(), logits.numpy(), records)
+        if on_shard:
+            on_shard(i, plan.num_shards)

@@ -1,0 +1,107 @@
+"""``make`` and the single-stage commands ``synthesize``, ``distill``, ``export``."""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+from .ui import RichReporter, artifacts_table, console, err
+
+RUN_ARG = typer.Argument(..., help="A run folder made by `distiller make`.", show_default=False)
+
+
+def _slug(labels: list[str]) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", "-".join(labels).lower()).strip("-")
+    return s[:48].rstrip("-") or "run"
+
+
+def _set_offline(offline: bool) -> None:
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"   # before open_clip / huggingface_hub are imported
+
+
+@app.command()
+def make(
+    classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Comma-separated class names; label=teacher text allowed."),
+    classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="A file with one class per line."),
+    target: Optional[str] = typer.Option(None, help="Deployment target: picks the student (cpu, cpu-large, tiny)."),
+    recipe: str = typer.Option("cpu", "--recipe", "-r", help="Recipe name (see `distiller recipes`) or .toml path."),
+    teacher: Optional[str] = typer.Option(None, help="open_clip model name (ViT-B-32) or model-config .json path."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or a local weights file."),
+    prompts: Optional[str] = typer.Option(None, help="Prompt source: auto, plain."),
+    styles: Optional[int] = typer.Option(None, help="Number of prompt styles."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    seed: Optional[int] = typer.Option(None, help="Seed for synthesis and training."),
+    out: Path = typer.Option(Path("runs"), help="Parent folder of run folders."),
+    name: Optional[str] = typer.Option(None, help="Run folder name; default from the classes."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="Overwrite a finished run of the same name."),
+    offline: bool = typer.Option(False, "--offline", help="Never reach a model hub; fail fast on missing weights."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any recipe key: --set synthesis.steps=200"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Class names in, deployable CPU classifier out: synthesize, distill, quantize, export."""
+    _set_offline(offline)
+    from ..concepts import parse_concepts
+    from ..recipe import load_recipe, parse_set
+    concepts = parse_concepts(classes, classes_file)
+    overrides = {"target": target, "teacher.model": teacher, "teacher.pretrained": pretrained,
+                 "prompts.source": prompts, "prompts.styles": styles, "device": device, "seed": seed}
+    overrides.update(parse_set(set_ or []))
+    rec = load_recipe(recipe, overrides)
+    from ..students import TARGETS
+    TARGETS.get(rec.target)
+    run_dir = out / (name or _slug([c.label for c in concepts]))
+    reporter = RichReporter(quiet)
+    err.print(f"[bold]distiller make[/bold] {', '.join(c.label for c in concepts)} -> {run_dir} "
+              f"(recipe {rec.name}, target {rec.target}, teacher {rec.teacher.model})")
+    t0 = time.perf_counter()
+    from ..pipeline import make as make_run
+    report = make_run(run_dir, rec, concepts, reporter, exist_ok=exist_ok, offline=offline)
+    _summary(run_dir, report, time.perf_counter() - t0)
+
+
+def _summary(run_dir: Path, report: dict, seconds: float) -> None:
+    console.print(artifacts_table(report))
+    t = report.get("timings_s", {})
+    console.print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()) + f"; this call {seconds:.0f}s")
+    console.print(f"ship [bold]{run_dir / report['deployable']}[/bold] (report: {run_dir / 'report.json'})")
+    console.print("next:\n"
+                  f"  distiller predict {run_dir} IMAGE...\n"
+                  f"  distiller eval {run_dir} --data DIR\n"
+                  f"  python -c \"from runtime import Classifier; print(Classifier.load('{run_dir}').classify('IMAGE'))\"")
+
+
+def _run(path: Path, device: Optional[str] = None, offline: bool = False, quiet: bool = False):
+    _set_offline(offline)
+    from ..pipeline import Run
+    return Run(path, RichReporter(quiet), device=device, offline=offline)
+
+
+@app.command()
+def synthesize(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), offline: bool = typer.Option(False, "--offline"),
+               quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Fill (or finish) a run's surrogate image bank."""
+    from ..pipeline import synthesize_stage
+    synthesize_stage(_run(run, device, offline, quiet))
+
+
+@app.command()
+def distill(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), offline: bool = typer.Option(False, "--offline"),
+            quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Train (or resume training) a run's student on its bank."""
+    from ..pipeline import distill_stage
+    distill_stage(_run(run, device, offline, quiet))
+
+
+@app.command()
+def export(run: Path = RUN_ARG, quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Export a run's student to ONNX / OpenVINO, FP32 and INT8, and pick the deployable one."""
+    from ..pipeline import export_stage
+    t0 = time.perf_counter()
+    report = export_stage(_run(run, "cpu", quiet=quiet))
+    _summary(run, report, time.perf_counter() - t0)

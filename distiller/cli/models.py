@@ -1,0 +1,125 @@
+"""Commands that use exported models: ``predict`` and ``eval``. They need only the runtime install."""
+from __future__ import annotations
+
+import glob
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from runtime.errors import UserError
+
+from . import app
+from .ui import console, err, eval_table
+
+
+def expand_images(items: list[str]) -> list[Path]:
+    from runtime.preprocess import IMAGE_SUFFIXES, list_images
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += list_images(p)
+        elif p.exists():
+            out.append(p)
+        else:
+            hits = sorted(Path(h) for h in glob.glob(item, recursive=True) if Path(h).suffix.lower() in IMAGE_SUFFIXES)
+            if not hits:
+                raise UserError(f"{item}: no such file, folder or matching images")
+            out += hits
+    return out
+
+
+@app.command()
+def predict(
+    model: str = typer.Argument(..., help="A model file (.onnx, .xml) or a run folder."),
+    images: List[str] = typer.Argument(..., help="Image files, folders or globs."),
+    top_k: int = typer.Option(3, "--top-k", "-k"),
+    as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout, one per image."),
+    backend: str = typer.Option("auto", help="auto, onnxruntime or openvino."),
+    threads: Optional[int] = typer.Option(None, help="Inference threads; default: physical cores."),
+):
+    """Classify images with an exported model."""
+    from runtime import Classifier
+    clf = Classifier.load(model, backend=backend, threads=threads)
+    paths = expand_images(images)
+    table = Table(title=f"{clf.path} ({clf.backend})", title_justify="left")
+    for c in ("image", "label", "probability"):
+        table.add_column(c)
+    failed = 0
+    for p in paths:
+        try:
+            result = clf.classify(p, top_k=top_k)
+        except UserError as exc:
+            failed += 1
+            err.print(f"[yellow]skipped[/yellow] {exc}", highlight=False)
+            continue
+        if as_json:
+            sys.stdout.write(json.dumps({"image": str(p), "top": [{"label": lab, "probability": round(pr, 6)} for lab, pr in result]}) + "\n")
+        else:
+            table.add_row(str(p), result[0][0], f"{result[0][1]:.3f}",
+                          end_section=False)
+            for lab, pr in result[1:]:
+                table.add_row("", f"[dim]{lab}[/dim]", f"[dim]{pr:.3f}[/dim]")
+    if not as_json:
+        console.print(table)
+    if failed == len(paths):
+        raise UserError("none of the images could be read")
+
+
+@app.command(name="eval")
+def evaluate(
+    model: str = typer.Argument(..., help="A model file or a run folder (then every exported variant is scored)."),
+    data: Path = typer.Option(..., "--data", help="ImageFolder tree: DIR/label/* or DIR/domain/label/*."),
+    labels_map: Optional[Path] = typer.Option(None, "--labels-map", help="folder=label lines (or JSON) for folder names that differ."),
+    teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also score the run's teacher (needs the train install)."),
+    offline: bool = typer.Option(False, "--offline"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Accuracy on real labelled images, per domain, with Wilson 95% intervals."""
+    from runtime import Classifier
+
+    from ..evaluation import evaluate as run_eval
+    from ..evaluation import load_image_folder, read_labels_map, runtime_predictor
+    path = Path(model)
+    files = _run_variants(path) if path.is_dir() else [path]
+    clfs = {str(f.relative_to(path) if path.is_dir() else f): Classifier.load(f) for f in files}
+    labels = next(iter(clfs.values())).labels
+    dataset = load_image_folder(data, labels, read_labels_map(labels_map))
+    results = {name: run_eval(runtime_predictor(c), dataset) for name, c in clfs.items()}
+    if teacher and path.is_dir():
+        pred = _teacher_predictor(path, offline)
+        if pred is not None:
+            results["teacher"] = run_eval(pred, dataset)
+    if as_json:
+        sys.stdout.write(json.dumps({"data": str(data), "labels": labels, "results": results}) + "\n")
+        return
+    console.print(eval_table(f"{data}: {len(dataset.samples)} images, labels {', '.join(labels)}", results))
+    first = next(iter(results.values()))
+    if first["skipped_folders"]:
+        err.print(f"[yellow]skipped folders matching no label:[/yellow] {', '.join(first['skipped_folders'])} (use --labels-map)")
+    if first["unreadable"]:
+        err.print(f"[yellow]unreadable images skipped:[/yellow] {len(first['unreadable'])}")
+
+
+def _run_variants(run: Path) -> list[Path]:
+    report = run / "report.json"
+    if not report.exists():
+        raise UserError(f"{run}: no report.json: pass a model file or a finished run folder")
+    rep = json.loads(report.read_text())
+    return [run / v["file"] for v in rep["export"]["variants"].values()]
+
+
+def _teacher_predictor(run: Path, offline: bool):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        err.print("[dim]teacher not scored: torch is not installed (runtime-only install)[/dim]")
+        return None
+    from ..evaluation import teacher_predictor
+    from ..pipeline import Run
+    r = Run(run, device="cpu", offline=offline)
+    return teacher_predictor(r.teacher(), r.device)

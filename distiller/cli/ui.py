@@ -1,0 +1,65 @@
+"""Console output: rich progress for the pipeline, tables, and the one place errors are printed."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+
+class RichReporter:
+    """The pipeline's Reporter, drawn with rich (duck-typed: no import of the pipeline needed)."""
+
+    def __init__(self, quiet: bool = False, out: Console = err):
+        self.quiet, self.out = quiet, out
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self.out.print(f"[dim]{message}[/dim]")
+
+    def warn(self, message: str) -> None:
+        self.out.print(f"[bold yellow]warning:[/bold yellow] {message}")
+
+    @contextmanager
+    def task(self, description: str, total: int):
+        if self.quiet:
+            yield lambda advance=1, **info: None
+            return
+        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*cols, console=self.out, transient=False) as progress:
+            tid = progress.add_task(description, total=total)
+            yield lambda advance=1, **info: progress.advance(tid, advance)
+
+
+def fmt_ms(x: float) -> str:
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
+def artifacts_table(report: dict) -> Table:
+    t = Table(title=f"distiller: {', '.join(report['labels'])}", title_justify="left")
+    for col, just in (("file", "left"), ("format", "left"), ("precision", "left"), ("size MB", "right"),
+                      ("agree FP32", "right"), ("cosine", "right"), ("agree teacher", "right"), ("p50 ms", "right"), ("", "left")):
+        t.add_column(col, justify=just)
+    exp = report["export"]
+    for name, r in exp["variants"].items():
+        mark = "[bold green]deployable[/bold green]" if name == exp["deployable_variant"] else ""
+        t.add_row(r["file"], r["format"], r["precision"], f"{r['size_mb']:.2f}", f"{100 * r['agreement']:.1f}%",
+                  f"{r['cosine']:.4f}", f"{100 * r['teacher_agreement']:.1f}%", fmt_ms(r["latency_ms"]["p50"]), mark)
+    return t
+
+
+def eval_table(title: str, results: dict[str, dict]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "domain", "n", "accuracy [95% CI]", "balanced [95% CI]"):
+        t.add_column(col, justify="right" if col == "n" else "left")
+    for model, res in results.items():
+        for r in res["rows"]:
+            lo, hi = r["accuracy_ci"]
+            blo, bhi = r["balanced_ci"]
+            t.add_row(model, r["domain"], str(r["n"]), f"{100 * r['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
+                      f"{100 * r['balanced_accuracy']:.1f} [{100 * blo:.1f}, {100 * bhi:.1f}]")
+    return t

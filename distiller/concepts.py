@@ -1,0 +1,82 @@
+"""Concepts: the labels the user asked for, and what the teacher reads for each."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from runtime.errors import UserError
+
+
+@dataclass(frozen=True)
+class Concept:
+    label: str   # as the user typed it; what the exported model answers
+    text: str    # what the teacher reads ("a photo of a {text}.")
+
+
+@lru_cache(maxsize=1)
+def _inflect():
+    try:
+        import inflect
+    except ImportError:  # the runtime-only install never parses concepts
+        raise UserError("inflect is not installed: pip install 'distiller[train]'") from None
+    return inflect.engine()
+
+
+def singular(text: str) -> str:
+    """English singular of a noun phrase ("cats" -> "cat", "golden retrievers" -> "golden retriever")."""
+    words = text.split(" ")
+    last = words[-1]
+    if len(last) < 3 or not last.isalpha() or last.lower().endswith("ss"):
+        return text
+    single = _inflect().singular_noun(last)
+    if single:
+        words[-1] = single
+    return " ".join(words)
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip())
+
+
+def parse_concepts(spec: str | None = None, file: str | Path | None = None) -> list[Concept]:
+    """Concepts from ``--classes a,b`` or a file with one per line; ``label=teacher text`` allowed."""
+    if (spec is None) == (file is None):
+        raise UserError("name the classes with --classes cats,dogs or --classes-file FILE (one of them)")
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise UserError(f"classes file {path} does not exist")
+        items = [ln for ln in path.read_text().splitlines() if not ln.strip().startswith("#")]
+    else:
+        items = spec.split(",")
+    concepts, seen = [], {}
+    for raw in items:
+        item = _norm(raw)
+        if not item:
+            continue
+        if "=" in item:
+            label, text = (_norm(s) for s in item.split("=", 1))
+            if not label or not text:
+                raise UserError(f"class {item!r}: write it as label=teacher text, e.g. cats=a tabby cat")
+        else:
+            label, text = item, singular(item)
+        key = singular(label.lower())
+        if key in seen:
+            raise UserError(f"classes {seen[key]!r} and {label!r} are the same class: list each class once")
+        seen[key] = label
+        concepts.append(Concept(label=label, text=text))
+    if len(concepts) < 2:
+        raise UserError(f"need at least 2 classes, got {len(concepts)}: e.g. --classes cats,dogs")
+    return concepts
+
+
+def save_concepts(concepts: list[Concept], path: Path) -> None:
+    from .runfolder import write_text_atomic
+    write_text_atomic(path, json.dumps([asdict(c) for c in concepts], indent=1) + "\n")
+
+
+def load_concepts(path: Path) -> list[Concept]:
+    return [Concept(**c) for c in json.loads(Path(path).read_text())]

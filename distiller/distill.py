@@ -1,0 +1,148 @@
+"""Knowledge distillation: a student learns the teacher's soft labels on bank images.
+
+KL divergence at temperature T on augmented views of bank images; the teacher relabels each
+view (``relabel = true``) or the cached logits of the whole image are used. AdamW, linear warm-up
+then cosine decay. ``last.pt`` after every epoch (resume continues from it), ``best.pt`` by
+validation agreement with the teacher. Knows nothing about export.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import random_views, resize_center
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="batchmean") * t * t
+
+
+def save_atomic(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Normalizer(torch.nn.Module):
+    def __init__(self, pre):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def to_float(images_u8: np.ndarray | torch.Tensor, device) -> torch.Tensor:
+    x = torch.as_tensor(images_u8).to(device)
+    return x.permute(0, 3, 1, 2).float() / 255.0
+
+
+@torch.no_grad()
+def student_logits(student, spec, images_u8, device="cpu", batch_size=128) -> torch.Tensor:
+    """Student logits on the eval view (resize + centre crop) of uint8 [N, H, W, 3] images."""
+    student.eval()
+    norm = Normalizer(spec.preprocess).to(device)
+    out = []
+    for i in range(0, len(images_u8), batch_size):
+        x = resize_center(to_float(images_u8[i:i + batch_size], device), spec.preprocess.size, spec.preprocess.resize)
+        out.append(student(norm(x)).float().cpu())
+    return torch.cat(out)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+
+def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=None, device="cpu", autocast=None,
+                  on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Run (or resume) the KD loop; returns the per-epoch history."""
+    ckpt_dir = Path(ckpt_dir)
+    tr_img, tr_logit, _ = bank.load("train")
+    va_img, va_logit, _ = bank.load("val")
+    tr_img, tr_logit = torch.from_numpy(tr_img), torch.from_numpy(tr_logit)
+    va_logit = torch.from_numpy(va_logit)
+    n, bs = len(tr_img), min(cfg.batch_size, len(tr_img))
+    steps = max(1, n // bs)
+    total = cfg.epochs * steps
+    warm = cfg.warmup_epochs * steps
+    student.to(device)
+    norm = Normalizer(spec.preprocess).to(device)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_at(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start, best, history = 0, -1.0, []
+    last = ckpt_dir / "last.pt"
+    if last.exists():
+        state = torch.load(last, map_location=device, weights_only=False)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, best, history = state["epoch"], state["best"], state["history"]
+    if cfg.relabel and teacher is None:
+        raise ValueError("relabel needs the teacher")
+    for epoch in range(start, cfg.epochs):
+        student.train()
+        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        running = 0.0
+        for s in range(steps):
+            idx = perm[s * bs:(s + 1) * bs]
+            x = to_float(tr_img[idx], device)
+            if cfg.relabel:
+                views = random_views(x, teacher.input_size, gen, cfg.crop_scale)
+                if cfg.mixup > 0:
+                    lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+                    views = lam * views + (1 - lam) * views.flip(0)
+                with torch.no_grad():
+                    t_logits = teacher.logits(views).float()
+                s_in = F.interpolate(views, size=(spec.preprocess.size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+            else:
+                s_in = random_views(x, spec.preprocess.size, gen, cfg.crop_scale)
+                t_logits = tr_logit[idx].to(device)
+            with autocast() if autocast else torch.enable_grad():
+                out = student(norm(s_in))
+            loss = kd_loss(out.float(), t_logits, cfg.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            running += loss.item()
+            if on_step:
+                on_step(epoch * steps + s + 1, total)
+        val = student_logits(student, spec, va_img, device)
+        rec = {"epoch": epoch + 1, "loss": running / steps, "val_agreement": agreement(val, va_logit),
+               "val_kl": float(kd_loss(val, va_logit, 1.0))}
+        history.append(rec)
+        if rec["val_agreement"] > best:
+            best = rec["val_agreement"]
+            save_atomic({"model": student.state_dict(), "student": spec.model, "num_classes": spec.num_classes,
+                         "epoch": epoch + 1, "val_agreement": best}, ckpt_dir / "best.pt")
+        save_atomic({"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch + 1, "best": best, "history": history}, last)
+        if on_epoch:
+            on_epoch(rec)
+    return history
+
+
+def load_student(spec, ckpt: Path, device="cpu"):
+    from .students import create_student
+    model = create_student(spec)
+    state = torch.load(ckpt, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    return model.eval()

@@ -1,0 +1,209 @@
+"""Accuracy on real labelled images: one ImageFolder loader and one scorer for every command.
+
+Layouts: ``DIR/<label>/*`` or ``DIR/<domain>/<label>/*``. Folder names match labels exactly,
+case-insensitively, by singular/plural, or through a labels map (``folder=label`` lines or a
+JSON object; ``folder=-`` skips a folder). Results per domain: n, accuracy and class-balanced
+accuracy, each with a Wilson 95% interval. numpy only: works with the runtime-only install.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from runtime.errors import UserError
+from runtime.preprocess import list_images
+
+SKIP = "-"
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+    domain: str
+
+
+@dataclass
+class Dataset:
+    root: Path
+    labels: list[str]
+    samples: list[Sample]
+    skipped_folders: list[str] = field(default_factory=list)
+
+    @property
+    def domains(self) -> list[str]:
+        return sorted({s.domain for s in self.samples})
+
+
+def read_labels_map(path: str | Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"labels map {p} does not exist")
+    text = p.read_text()
+    if p.suffix == ".json":
+        return {str(k): str(v) for k, v in json.loads(text).items()}
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise UserError(f"labels map {p}: line {line!r} is not folder=label")
+        k, v = line.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _variants(word: str) -> set[str]:
+    w = word.lower().strip()
+    out = {w}
+    if w.endswith("s"):
+        out.add(w[:-1])
+    else:
+        out.add(w + "s")
+    return out
+
+
+def match_folder(name: str, labels: list[str], labels_map: dict[str, str]) -> int | None | str:
+    """Label index for a folder name, None when nothing matches, SKIP when the map says so."""
+    if name in labels_map:
+        target = labels_map[name]
+        if target == SKIP:
+            return SKIP
+        if target not in labels:
+            raise UserError(f"labels map sends {name!r} to {target!r}, which is not a label of the model ({', '.join(labels)})")
+        return labels.index(target)
+    if name in labels:
+        return labels.index(name)
+    for i, lab in enumerate(labels):
+        if _variants(name) & _variants(lab):
+            return i
+    return None
+
+
+def load_image_folder(root: str | Path, labels: list[str], labels_map: dict[str, str] | None = None) -> Dataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data {root} is not a folder: pass an ImageFolder tree (DIR/label/* or DIR/domain/label/*)")
+    labels_map = labels_map or {}
+    tops = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    matched = {p.name: match_folder(p.name, labels, labels_map) for p in tops}
+    flat = any(isinstance(v, int) for v in matched.values())
+    samples, skipped = [], []
+
+    def add(folder: Path, label: int | None | str, domain: str):
+        if label is None or label == SKIP:
+            skipped.append(str(folder.relative_to(root)))
+            return
+        samples.extend(Sample(p, label, domain) for p in list_images(folder))
+
+    if flat:
+        for p in tops:
+            add(p, matched[p.name], "all")
+    else:
+        for dom in tops:
+            for p in sorted(q for q in dom.iterdir() if q.is_dir() and not q.name.startswith(".")):
+                add(p, match_folder(p.name, labels, labels_map), dom.name)
+    if not samples:
+        hint = f"folders {', '.join(skipped[:6])} match no label ({', '.join(labels)})" if skipped else "no images found"
+        raise UserError(f"--data {root}: {hint}: name folders after the labels or pass --labels-map FILE (folder=label)")
+    return Dataset(root, list(labels), samples, skipped)
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def score(pred: np.ndarray, truth: np.ndarray, domains: list[str]) -> list[dict]:
+    """Per domain (and 'all' when there are several): n, accuracy, balanced accuracy, intervals."""
+    doms = np.asarray(domains)
+    names = sorted(set(domains))
+    rows = []
+    for d in names + (["all"] if len(names) > 1 else []):
+        m = np.ones(len(pred), bool) if d == "all" else doms == d
+        p, t = pred[m], truth[m]
+        n = int(m.sum())
+        correct = int((p == t).sum())
+        recalls = [float((p[t == c] == c).mean()) for c in np.unique(t)]
+        bal = float(np.mean(recalls)) if recalls else 0.0
+        rows.append({"domain": d, "n": n, "classes": len(recalls), "accuracy": correct / max(n, 1),
+                     "accuracy_ci": wilson(correct, n), "balanced_accuracy": bal, "balanced_ci": wilson(bal * n, n)})
+    return rows
+
+
+def evaluate(predict: Callable[[list[Path]], np.ndarray], data: Dataset, batch_size: int = 32,
+             on_batch: Callable[[int], None] | None = None) -> dict:
+    """Score ``predict`` (paths -> logits [N, K]; a row of NaN for an unreadable image) on ``data``."""
+    preds, kept, unreadable = [], [], []
+    for i in range(0, len(data.samples), batch_size):
+        chunk = data.samples[i:i + batch_size]
+        logits = predict([s.path for s in chunk])
+        for s, row in zip(chunk, logits):
+            if np.isnan(row).any():
+                unreadable.append(str(s.path))
+            else:
+                preds.append(int(np.argmax(row)))
+                kept.append(s)
+        if on_batch:
+            on_batch(len(chunk))
+    if not kept:
+        raise UserError(f"--data {data.root}: none of the images could be read")
+    rows = score(np.array(preds), np.array([s.label for s in kept]), [s.domain for s in kept])
+    return {"rows": rows, "unreadable": unreadable, "skipped_folders": data.skipped_folders}
+
+
+def runtime_predictor(clf) -> Callable[[list[Path]], np.ndarray]:
+    """A Classifier as a paths -> logits function; unreadable images give NaN rows."""
+    def predict(paths):
+        out = np.full((len(paths), len(clf.labels)), np.nan, dtype=np.float32)
+        arrays, idx = [], []
+        for i, p in enumerate(paths):
+            try:
+                arrays.append(clf.preprocess([p])[0])
+                idx.append(i)
+            except UserError:
+                pass
+        if arrays:
+            out[idx] = clf.logits(np.stack(arrays))
+        return out
+    return predict
+
+
+def teacher_predictor(teacher, device="cpu") -> Callable[[list[Path]], np.ndarray]:
+    """The torch teacher as a paths -> logits function, with its own eval preprocessing."""
+    import torch
+
+    from runtime.metadata import Preprocess
+    from runtime.preprocess import preprocess
+
+    size = teacher.input_size
+    pre = Preprocess(size=size, resize=size, interpolation=getattr(teacher, "interpolation", "bicubic"),
+                     mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))   # [0, 1]; the teacher normalises itself
+
+    @torch.no_grad()
+    def predict(paths):
+        out = np.full((len(paths), teacher.num_classes), np.nan, dtype=np.float32)
+        arrays, idx = [], []
+        for i, p in enumerate(paths):
+            try:
+                arrays.append(preprocess(p, pre))
+                idx.append(i)
+            except UserError:
+                pass
+        if arrays:
+            out[idx] = teacher.logits(torch.from_numpy(np.stack(arrays)).to(device)).float().cpu().numpy()
+        return out
+    return predict

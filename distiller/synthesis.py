@@ -1,0 +1,93 @@
+"""Surrogate-image synthesis: optimise images from noise until the teacher sees their targets.
+
+The paper uses a VQGAN image prior, whose weights cannot be had offline. We substitute the
+Fourier-spectrum / decorrelated-colour parametrisation of feature visualisation (Olah et al.,
+Lucid), which biases the optimisation towards natural 1/f images, and transformation robustness:
+every step scores several random crops, flips and rotations of each image, so the result must
+look like its target from many views rather than through one pixel-exact adversarial pattern.
+
+Knows nothing about files: it takes targets and returns finished uint8 images.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .augment import random_views
+
+# Lucid's colour correlation (square root of the ImageNet colour covariance).
+_COLOR = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+_COLOR = _COLOR / _COLOR.norm(dim=0).max()
+
+
+class FourierImage(torch.nn.Module):
+    """A batch of images parametrised by their decorrelated-colour Fourier spectra."""
+
+    def __init__(self, batch: int, size: int, generator: torch.Generator, decay_power: float = 1.0, std: float = 0.01):
+        super().__init__()
+        fy = np.fft.fftfreq(size)[:, None]
+        fx = np.fft.rfftfreq(size)[None, :]
+        freqs = np.sqrt(fx * fx + fy * fy)
+        scale = 1.0 / np.maximum(freqs, 1.0 / size) ** decay_power
+        scale = scale * np.sqrt(size * size)
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32)[None, None, :, :, None])
+        self.size = size
+        self.spectrum = torch.nn.Parameter(std * torch.randn(batch, 3, size, size // 2 + 1, 2, generator=generator))
+
+    def forward(self) -> torch.Tensor:
+        spec = torch.view_as_complex((self.spectrum * self.scale).contiguous())
+        img = torch.fft.irfftn(spec, s=(self.size, self.size), norm="backward") / 4.0
+        img = torch.einsum("bchw,dc->bdhw", img, _COLOR.to(img.device))
+        return torch.sigmoid(img)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., :, 1:] - x[..., :, :-1]).abs().mean((1, 2, 3))
+
+
+def synthesize(teacher, targets: torch.Tensor, classes: torch.Tensor, cfg, size: int, generator: torch.Generator, device="cpu", autocast=None, on_step=None):
+    """Optimise ``len(targets)`` images (``classes``: each one's concept index) of ``size`` px; returns (uint8 [B, H, W, 3] CPU tensor, final loss [B])."""
+    b = targets.shape[0]
+    image = FourierImage(b, size, generator, cfg.decay_power).to(device)
+    opt = torch.optim.Adam(image.parameters(), lr=cfg.lr)
+    targets = targets.to(device)
+    rep = targets.repeat(cfg.crops, *([1] * (targets.dim() - 1)))
+    rep_cls = classes.to(device).repeat(cfg.crops)
+    loss_per = torch.zeros(b)
+    for step in range(cfg.steps):
+        img = image()
+        views = torch.cat([
+            random_views(img, teacher.input_size, generator, cfg.crop_scale, cfg.rotate_deg, True, cfg.noise)
+            for _ in range(cfg.crops)
+        ])
+        with autocast() if autocast else _null():
+            loss = teacher.synthesis_loss(views, rep, rep_cls, cfg.class_weight).float().view(cfg.crops, b).mean(0)
+        if cfg.tv_weight:
+            loss = loss + cfg.tv_weight * total_variation(img)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        loss_per = loss.detach().cpu()
+        if on_step:
+            on_step(step + 1, float(loss_per.mean()))
+    with torch.no_grad():
+        final = (image() * 255).round().clamp(0, 255).to(torch.uint8)
+    return final.permute(0, 2, 3, 1).cpu().contiguous(), loss_per
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@torch.no_grad()
+def teacher_logits(teacher, images_u8: torch.Tensor, batch_size: int = 64, device="cpu") -> torch.Tensor:
+    """Teacher logits over the concepts for uint8 [N, H, W, 3] images, as float32 [N, K] on CPU."""
+    out = []
+    for i in range(0, len(images_u8), batch_size):
+        x = images_u8[i:i + batch_size].to(device).permute(0, 3, 1, 2).float() / 255.0
+        out.append(teacher.logits(x).float().cpu())
+    return torch.cat(out)

@@ -1,0 +1,54 @@
+"""Teachers: the networks the student imitates and the synthesizer inverts.
+
+A teacher family registers a ``matches(name) -> bool`` and a ``build(name, concepts, cfg, ...)``.
+``resolve`` tries the families in registration order; nothing downstream asks which family a
+teacher is. Every teacher offers:
+
+- ``input_size``, ``mean``, ``std``, ``interpolation``: what it expects;
+- ``logits(images)`` over the concepts, images in [0, 1] at ``input_size``, differentiable;
+- ``synthesis_loss(images, targets)``: per-image loss the synthesizer minimises;
+- ``describe()``: what goes into model metadata.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class TeacherFamily:
+    matches: Callable[[str], bool]
+    build: Callable
+    names: Callable[[], list[str]]   # known model names, for hints
+    check: Callable                  # (cfg, offline) -> None; raises UserError before any work starts
+
+
+TEACHERS: Registry[TeacherFamily] = Registry("teacher family")
+
+
+def resolve_family(name: str) -> TeacherFamily:
+    from runtime.errors import UserError
+    for _, fam in TEACHERS.items():
+        if fam.matches(name):
+            return fam
+    import difflib
+    known = [n for _, fam in TEACHERS.items() for n in fam.names()]
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(near)}" if near else "pass an open_clip model name (e.g. ViT-B-32) or a model-config .json path"
+    raise UserError(f"unknown teacher {name!r}: {hint}")
+
+
+def check_teacher(cfg, offline=False) -> None:
+    """Fail fast (before a run folder is made) on an unknown teacher or unavailable weights."""
+    resolve_family(cfg.model).check(cfg, offline)
+
+
+def build_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None):
+    """The teacher a recipe's ``[teacher]`` slice names, with its concept head."""
+    fam = resolve_family(cfg.model)
+    return fam.build(cfg, concepts, device=device, offline=offline, text_embeddings=text_embeddings)
+
+
+from . import clip  # noqa: E402,F401  (registers the open_clip families)

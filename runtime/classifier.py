@@ -1,0 +1,197 @@
+"""``Classifier``: load an exported model and classify images. numpy, Pillow, onnxruntime/openvino."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import UserError
+from .metadata import METADATA_KEY, ModelMetadata
+from .preprocess import ImageLike, load_image, preprocess
+
+REPORT_FILE = "report.json"
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads do not help these models)."""
+    try:
+        pairs = set()
+        block: dict[str, str] = {}
+        with open("/proc/cpuinfo") as f:
+            for line in f.read().splitlines() + [""]:
+                if not line.strip():
+                    if "processor" in block:
+                        pairs.add((block.get("physical id"), block.get("core id", block["processor"])))
+                    block = {}
+                elif ":" in line:
+                    k, v = line.split(":", 1)
+                    block[k.strip()] = v.strip()
+        cores = len(pairs)
+    except OSError:
+        cores = 0
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores or available, available))
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    suffixes: tuple[str, ...]
+    open: Callable  # (path, threads) -> (run(batch)->logits, metadata_json or None)
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, suffixes: tuple[str, ...]):
+    def deco(fn):
+        _BACKENDS[name] = Backend(name, suffixes, fn)
+        return fn
+    return deco
+
+
+def backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+@register_backend("onnxruntime", (".onnx",))
+def _open_onnxruntime(path: Path, threads: int | None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("onnxruntime is not installed: pip install onnxruntime") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+        raise UserError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+    name = sess.get_inputs()[0].name
+    meta = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    return (lambda batch: sess.run(None, {name: batch})[0]), meta
+
+
+@register_backend("openvino", (".xml",))
+def _open_openvino(path: Path, threads: int | None):
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError("openvino is not installed: pip install 'distiller[openvino]' or use the .onnx file") from None
+    core = ov.Core()
+    cache = Path(os.environ.get("DISTILLER_OV_CACHE", Path.home() / ".cache" / "distiller" / "openvino"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        core.set_property({"CACHE_DIR": str(cache)})
+    except OSError:
+        pass
+    model = core.read_model(str(path))
+    meta = None
+    sidecar = path.with_suffix(".json")
+    if sidecar.exists():
+        meta = sidecar.read_text()
+    elif model.has_rt_info([METADATA_KEY]):
+        meta = model.get_rt_info([METADATA_KEY]).astype(str)
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads or physical_cores())}
+    if "int8" not in path.name:
+        config["INFERENCE_PRECISION_HINT"] = "f32"  # CPUs with bf16 would otherwise run FP32 models in bf16
+    compiled = core.compile_model(model, "CPU", config)
+    lock = threading.Lock()
+    local = threading.local()
+
+    def run(batch):
+        req = getattr(local, "req", None)
+        if req is None:
+            with lock:
+                req = local.req = compiled.create_infer_request()
+        return req.infer({0: batch})[0].copy()
+
+    return run, meta
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A model file, or a run folder whose report.json names the deployable file."""
+    p = Path(path)
+    if p.is_dir():
+        report = p / REPORT_FILE
+        if not report.exists():
+            raise UserError(f"{p}: a folder was given but it has no {REPORT_FILE}: pass a model file or a finished run folder")
+        deployable = json.loads(report.read_text()).get("deployable")
+        if not deployable:
+            raise UserError(f"{report}: names no deployable model: run `distiller export {p}`")
+        p = p / deployable
+    if not p.exists():
+        raise UserError(f"{p}: no such model file")
+    return p
+
+
+class Classifier:
+    """An exported distiller model, ready to classify images.
+
+    >>> clf = Classifier.load("runs/cats-dogs")          # run folder: the deployable variant
+    >>> clf.classify("cat.jpg", top_k=2)                 # [("cats", 0.93), ("dogs", 0.07)]
+    """
+
+    def __init__(self, run: Callable, metadata: ModelMetadata, path: Path, backend: str):
+        self._run = run
+        self.metadata = metadata
+        self.labels = list(metadata.labels)
+        self.path = path
+        self.backend = backend
+
+    @classmethod
+    def load(cls, path, backend: str = "auto", threads: int | None = None) -> "Classifier":
+        p = resolve_model_path(path)
+        if backend == "auto":
+            matches = [b for b in _BACKENDS.values() if p.suffix.lower() in b.suffixes]
+            if not matches:
+                raise UserError(f"{p}: unknown model format {p.suffix!r}: pass an .onnx or OpenVINO .xml file")
+            chosen = matches[0]
+        else:
+            if backend not in _BACKENDS:
+                raise UserError(f"unknown backend {backend!r}: use auto, {', '.join(_BACKENDS)}")
+            chosen = _BACKENDS[backend]
+            if p.suffix.lower() not in chosen.suffixes:
+                raise UserError(f"{p}: the {backend} backend reads {', '.join(chosen.suffixes)} files")
+        run, meta = chosen.open(p, threads)
+        if meta is None:
+            raise UserError(f"{p}: has no distiller metadata (labels, preprocessing): export it with distiller")
+        return cls(run, ModelMetadata.from_json(meta, source=str(p)), p, chosen.name)
+
+    def preprocess(self, images) -> np.ndarray:
+        return np.stack([preprocess(im, self.metadata.preprocess) for im in images])
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits for a preprocessed NCHW float32 batch."""
+        return np.asarray(self._run(np.ascontiguousarray(batch, dtype=np.float32)))
+
+    def probabilities(self, images) -> np.ndarray:
+        return softmax(self.logits(self.preprocess(images)))
+
+    def classify(self, images: ImageLike | list, top_k: int = 5):
+        """(label, probability) pairs, best first; a list of such lists for a list input."""
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        probs = self.probabilities(batch)
+        k = max(1, min(top_k, len(self.labels)))
+        out = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:k]
+            out.append([(self.labels[i], float(row[i])) for i in order])
+        return out[0] if single else out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+__all__ = ["Classifier", "softmax", "load_image", "physical_cores", "backends", "register_backend"]

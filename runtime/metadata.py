@@ -1,0 +1,94 @@
+"""The metadata schema embedded in every exported model.
+
+ONNX files carry it as the ``distiller`` metadata property, OpenVINO IR in ``rt_info`` and a
+sidecar ``<model>.json``. The exporter imports this module to write it; nothing here imports
+the exporter, the training side or torch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .errors import UserError
+
+METADATA_KEY = "distiller"
+SCHEMA_VERSION = 1
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input tensor (open_clip's PreprocessCfg, made explicit).
+
+    Resize the shorter side to ``resize`` with ``interpolation``, centre-crop ``size`` x ``size``,
+    scale to [0, 1], subtract ``mean`` and divide by ``std`` per RGB channel, layout NCHW float32.
+    """
+
+    size: int
+    resize: int
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"unknown interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
+        if self.resize < self.size:
+            raise UserError(f"preprocess resize {self.resize} is smaller than the crop {self.size}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    @classmethod
+    def from_crop_pct(cls, size: int, crop_pct: float, **kw) -> "Preprocess":
+        return cls(size=size, resize=int(size / crop_pct), **kw)
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    labels: tuple[str, ...]
+    preprocess: Preprocess
+    student: str = ""
+    teacher: dict = field(default_factory=dict)
+    precision: str = "fp32"
+    recipe: dict = field(default_factory=dict)
+    package_version: str = ""
+    created: str = ""
+    extra: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if len(self.labels) < 2:
+            raise UserError("model metadata lists fewer than 2 labels: re-export the model")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def replace(self, **changes) -> "ModelMetadata":
+        data = asdict(self)
+        data.update(changes)
+        data["preprocess"] = Preprocess(**data["preprocess"]) if isinstance(data["preprocess"], dict) else data["preprocess"]
+        return ModelMetadata(**data)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model") -> "ModelMetadata":
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{source}: its distiller metadata is not valid JSON ({exc}): re-export it") from None
+        version = data.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise UserError(
+                f"{source}: metadata schema version {version!r} is newer than this runtime understands "
+                f"({SCHEMA_VERSION}): upgrade distiller"
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        extra = dict(data.pop("extra", {}) or {})
+        for key in unknown:
+            extra[key] = data.pop(key)
+        try:
+            pre = Preprocess(**data.pop("preprocess"))
+            return cls(preprocess=pre, extra=extra, **data)
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{source}: its distiller metadata is incomplete ({exc}): re-export it") from None

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random open_clip teacher saved to files, and one smoke `make` run."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> tuple[Path, Path]:
+    """(config JSON, weights file) of a tiny randomly initialised open_clip model."""
+    import open_clip
+    import torch
+
+    d = tmp_path_factory.mktemp("tiny_clip")
+    cfg = d / "tiny.json"
+    cfg.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(cfg)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny")
+    weights = d / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    return cfg, weights
+
+
+def smoke_args(tiny_clip, out: Path, name: str, *extra: str) -> list[str]:
+    cfg, weights = tiny_clip
+    return ["make", "--classes", "cat,dog", "--teacher", str(cfg), "--pretrained", str(weights), "--recipe", "smoke",
+            "--device", "cpu", "--out", str(out), "--name", name, "--quiet", *extra]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tiny_clip, tmp_path_factory) -> Path:
+    """One `distiller make --recipe smoke` run through the real CLI, shared by every test that reads it."""
+    from distiller.cli import main
+
+    out = tmp_path_factory.mktemp("runs")
+    assert main(smoke_args(tiny_clip, out, "smoke")) == 0
+    return out / "smoke"
+
+
+@pytest.fixture(scope="session")
+def report(smoke_run) -> dict:
+    return json.loads((smoke_run / "report.json").read_text())
+
+
+def python_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
