@@ -29,7 +29,7 @@ def singular(text: str) -> str:
     """English singular of a noun phrase ("cats" -> "cat", "golden retrievers" -> "golden retriever")."""
     words = text.split(" ")
     last = words[-1]
-    if len(last) < 3 or not last.isalpha() or last.lower().endswith("ss"):
+    if len(last) < 3 or not last.isalpha() or last.lower().endswith(("ss", "us", "is")):  # glass, bus, iris
         return text
     single = _inflect().singular_noun(last)
     if single:

@@ -114,10 +114,14 @@ def init_run(root: Path, recipe: Recipe, concepts: list[Concept], exist_ok: bool
 
 def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) -> None:
     """Every check that can fail on user input, before anything is written."""
+    from .bank import BankPlan
     from .prompts import PROMPT_SOURCES
     from .students import student_spec
     from .teachers import check_teacher
     resolve_device(recipe.device)
+    syn = recipe.synthesis
+    BankPlan(tuple(c.label for c in concepts), ("plain",), syn.images_per_class, syn.shard_size,
+             syn.resolution, syn.val_every, recipe.seed).validate()
     if recipe.prompts.source != "auto":
         PROMPT_SOURCES.get(recipe.prompts.source)
     student_spec(recipe, len(concepts))

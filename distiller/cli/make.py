@@ -53,14 +53,15 @@ def make(
                  "prompts.source": prompts, "prompts.styles": styles, "device": device, "seed": seed}
     overrides.update(parse_set(set_ or []))
     rec = load_recipe(recipe, overrides)
-    from ..students import TARGETS
-    TARGETS.get(rec.target)
+    from ..pipeline import make as make_run
+    from ..pipeline import preflight
+    preflight(rec, concepts, offline)
     run_dir = out / (name or _slug([c.label for c in concepts]))
     reporter = RichReporter(quiet)
-    err.print(f"[bold]distiller make[/bold] {', '.join(c.label for c in concepts)} -> {run_dir} "
-              f"(recipe {rec.name}, target {rec.target}, teacher {rec.teacher.model})")
+    if not quiet:
+        err.print(f"[bold]distiller make[/bold] {', '.join(c.label for c in concepts)} -> {run_dir} "
+                  f"(recipe {rec.name}, target {rec.target}, teacher {rec.teacher.model})")
     t0 = time.perf_counter()
-    from ..pipeline import make as make_run
     report = make_run(run_dir, rec, concepts, reporter, exist_ok=exist_ok, offline=offline)
     _summary(run_dir, report, time.perf_counter() - t0)
 

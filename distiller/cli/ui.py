@@ -41,13 +41,14 @@ def fmt_ms(x: float) -> str:
 
 def artifacts_table(report: dict) -> Table:
     t = Table(title=f"distiller: {', '.join(report['labels'])}", title_justify="left")
-    for col, just in (("file", "left"), ("format", "left"), ("precision", "left"), ("size MB", "right"),
-                      ("agree FP32", "right"), ("cosine", "right"), ("agree teacher", "right"), ("p50 ms", "right"), ("", "left")):
-        t.add_column(col, justify=just)
+    t.add_column("file", no_wrap=True)
+    for col in ("precision", "MB", "vs FP32", "cosine", "vs teacher", "p50 ms"):
+        t.add_column(col, justify="right")
+    t.add_column("", no_wrap=True)
     exp = report["export"]
     for name, r in exp["variants"].items():
         mark = "[bold green]deployable[/bold green]" if name == exp["deployable_variant"] else ""
-        t.add_row(r["file"], r["format"], r["precision"], f"{r['size_mb']:.2f}", f"{100 * r['agreement']:.1f}%",
+        t.add_row(r["file"], r["precision"], f"{r['size_mb']:.1f}", f"{100 * r['agreement']:.1f}%",
                   f"{r['cosine']:.4f}", f"{100 * r['teacher_agreement']:.1f}%", fmt_ms(r["latency_ms"]["p50"]), mark)
     return t
 

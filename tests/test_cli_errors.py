@@ -1,0 +1,57 @@
+"""Bad input: one line naming the problem and the fix, exit code 2, nothing written."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import python_env, smoke_args
+from distiller.cli import main
+
+
+@pytest.mark.parametrize("change, expect", [
+    (["--classes", "cat"], "need at least 2 classes"),
+    (["--classes", "cats,dog,Cat"], "same class"),
+    (["--classes", "cat,,  ,"], "need at least 2 classes"),
+    (["--teacher", "ViT-B-33"], "unknown teacher 'ViT-B-33': did you mean ViT-B-32"),
+    (["--teacher", "nonexistent.json"], "teacher config nonexistent.json does not exist"),
+    (["--pretrained", "/no/such/weights.pt"], "teacher weights file /no/such/weights.pt does not exist"),
+    (["--recipe", "smok"], "unknown recipe 'smok': did you mean smoke"),
+    (["--target", "gpu9"], "unknown target 'gpu9'"),
+    (["--set", "synthesis.stepz=3"], "unknown recipe key 'synthesis.stepz': did you mean steps"),
+    (["--set", "synthesis.steps=many"], "recipe.synthesis.steps must be a whole number"),
+    (["--prompts", "fancy"], "unknown prompt source 'fancy'"),
+    (["--set", "synthesis.images_per_class=4"], "need at least 2 (train and val)"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_clip, tmp_path, capsys, change, expect):
+    args = smoke_args(tiny_clip, tmp_path / "runs", "bad")
+    for i in range(0, len(change), 2):  # replace or append the flag
+        if change[i] in args:
+            args[args.index(change[i]) + 1] = change[i + 1]
+        else:
+            args += change[i:i + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert expect in err, err
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_offline_missing_hub_weights_fail_fast(tmp_path, capsys):
+    import time
+    t = time.time()
+    assert main(["make", "--classes", "cat,dog", "--offline", "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the local cache" in err and "--pretrained FILE" in err
+    assert time.time() - t < 30
+    assert not any(tmp_path.iterdir())
+
+
+def test_console_entry_point_exit_code_and_help_is_fast(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "distiller", "make", "--classes", "solo", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=python_env(), timeout=120)
+    assert r.returncode == 2 and "need at least 2 classes" in r.stderr and "Traceback" not in r.stderr
+    code = "import sys; from distiller.cli import main; main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,97 @@
+"""Recipes (typed TOML, overrides, written back) and concept parsing."""
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from distiller.concepts import Concept, parse_concepts, singular
+from distiller.recipe import Recipe, load_recipe, parse_set, recipe_from_dict, recipe_names
+from distiller.registry import Registry
+from runtime import UserError
+
+
+def test_shipped_recipes_load_and_say_everything():
+    assert {"smoke", "cpu", "gpu"} <= set(recipe_names())
+    for name in ("smoke", "cpu", "gpu"):
+        r = load_recipe(name)
+        assert r.name == name
+        text = open(f"recipes/{name}.toml").read()
+        # complete: every setting of the dataclass tree is written in the file
+        data = tomllib.loads(text)
+        for section, cfg in r.to_dict().items():
+            if isinstance(cfg, dict):
+                assert set(cfg) == set(data[section]), (name, section, set(cfg) ^ set(data[section]))
+        assert "#" in text  # commented
+    assert load_recipe("gpu").distill.relabel is True and load_recipe("gpu").device == "cuda"
+
+
+def test_overrides_types_and_round_trip():
+    r = load_recipe("smoke", {"synthesis.steps": 3, "seed": 7, "teacher.templates": ["x {}."], "distill.crop_scale": [0.5, 1]})
+    assert r.synthesis.steps == 3 and r.seed == 7 and r.teacher.templates == ("x {}.",)
+    assert r.distill.crop_scale == (0.5, 1.0)
+    assert recipe_from_dict(tomllib.loads(r.to_toml())) == r
+    with pytest.raises(UserError, match="must be a whole number"):
+        load_recipe("smoke", {"synthesis.steps": 2.5})
+    with pytest.raises(UserError, match="must be true or false"):
+        load_recipe("smoke", {"distill.relabel": "yes"})
+    with pytest.raises(UserError, match="unknown recipe key 'synthesys.steps'"):
+        load_recipe("smoke", {"synthesys.steps": 1})
+    with pytest.raises(dataclasses_frozen()):
+        r.seed = 3  # frozen
+
+
+def dataclasses_frozen():
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+def test_parse_set_reads_toml_values():
+    assert parse_set(["a.b=3", "c=0.5", "d=true", "e=hello", "f=[1, 2]"]) == {"a.b": 3, "c": 0.5, "d": True, "e": "hello", "f": [1, 2]}
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_set(["novalue"])
+
+
+def test_recipe_file_path_and_errors(tmp_path):
+    p = tmp_path / "mine.toml"
+    p.write_text('seed = 5\n[synthesis]\nsteps = 2\n')
+    r = load_recipe(str(p))
+    assert r.name == "mine" and r.seed == 5 and r.synthesis.steps == 2 and r.distill == Recipe().distill
+    p.write_text("seed = [")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_recipe(str(p))
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(str(tmp_path / "nope.toml"))
+
+
+def test_concepts_singularised_for_the_teacher_labels_kept():
+    cs = parse_concepts(" cats , dogs,golden retrievers, glass,bus ")
+    assert [c.label for c in cs] == ["cats", "dogs", "golden retrievers", "glass", "bus"]
+    assert [c.text for c in cs] == ["cat", "dog", "golden retriever", "glass", "bus"]
+    assert parse_concepts("cats=a tabby cat,dogs") == [Concept("cats", "a tabby cat"), Concept("dogs", "dog")]
+    assert singular("mice") == "mouse" and singular("people") == "person"
+
+
+def test_concepts_from_file_and_errors(tmp_path):
+    f = tmp_path / "classes.txt"
+    f.write_text("# my classes\ncats\n\ndogs\n")
+    assert [c.label for c in parse_concepts(file=f)] == ["cats", "dogs"]
+    with pytest.raises(UserError, match="same class"):
+        parse_concepts("Cats,cat")
+    with pytest.raises(UserError, match="at least 2"):
+        parse_concepts("cats")
+    with pytest.raises(UserError, match="one of them"):
+        parse_concepts("a,b", file=f)
+    with pytest.raises(UserError, match="label=teacher text"):
+        parse_concepts("cats=,dogs")
+
+
+def test_registry_names_near_matches():
+    reg = Registry("widget")
+    reg.register("alpha", 1)
+    reg.register("beta", 2)
+    assert reg.get("alpha") == 1 and reg.names() == ["alpha", "beta"]
+    with pytest.raises(UserError, match="unknown widget 'alpa': did you mean alpha"):
+        reg.get("alpa")
+    with pytest.raises(ValueError):
+        reg.register("alpha", 3)
