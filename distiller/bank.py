@@ -170,7 +170,7 @@ def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", au
         idx = list(plan.indices(i))
         cls = torch.tensor([plan.class_of(g) for g in idx])
         sty = torch.tensor([plan.style_of(g) for g in idx])
-        targets = source.targets(cls, sty)
+        targets = source.targets(cls, sty, gen)
         images, loss = synthesize(teacher, targets, cls, cfg, plan.resolution, gen, device, autocast, on_step)
         logits = teacher_logits(teacher, images, device=device)
         records = [

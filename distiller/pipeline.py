@@ -146,7 +146,7 @@ def synthesize_stage(run: Run) -> None:
     teacher = run.teacher()
     if run.device == "cpu" and teacher.describe().get("family") == "open_clip" and rec.teacher.model == "ViT-B-32":
         run.reporter.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
-    source = build_prompt_source(teacher, rec.prompts, run.paths)
+    source = build_prompt_source(teacher, rec.prompts, run.paths, rec.seed)
     res = rec.synthesis.resolution or teacher.input_size
     plan = BankPlan(tuple(run.labels), tuple(source.style_names), rec.synthesis.images_per_class,
                     rec.synthesis.shard_size, res, rec.synthesis.val_every, rec.seed)

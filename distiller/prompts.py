@@ -1,52 +1,221 @@
 """Prompt sources: which (class, style) each surrogate image gets, and its target text embedding.
 
-The synthesizer only sees target embeddings; it never knows how a style was made. A source is
-registered by name and built from the teacher, the recipe's ``[prompts]`` slice and the run folder.
+The synthesizer only sees target embeddings; it never knows how a style was made. Sources are
+registered by name and built from the teacher, the recipe's ``[prompts]`` slice and the run
+folder (where learned styles are kept for resume).
+
+- ``plain``: the class prompt ensemble, no style slot.
+- ``mix`` (Mix-Prompt): each pseudo-word is a Dirichlet-weighted mix of the token embeddings of
+  a few real style words (``data/style_words.txt``).
+- ``random`` (Random-Prompt): pseudo-words drawn from a Gaussian fitted to the token-embedding
+  table, a fresh draw for every synthesis batch.
+- ``contrastive`` (Contrastive-Prompt): pseudo-words learned through the frozen text encoder
+  for style diversity (InfoNCE against the styles already learned) and class consistency
+  (the styled class prompt must classify as its class among the plain class embeddings).
+
+The paper's (Xuan et al., ACM MM 2023) full text and code were not reachable when this was
+written: these follow its abstract and the closest published mechanism (PromptStyler, ICCV 2023).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from runtime.errors import UserError
 
 from .registry import Registry
 
 PROMPT_SOURCES: Registry = Registry("prompt source")
+STYLE_WORDS = Path(__file__).resolve().parent / "data" / "style_words.txt"
+DEFAULT_STYLES = 8
 
 
 @dataclass
 class PromptSource:
-    """Targets for (class, style) pairs. ``num_styles`` >= 1; style names for reports."""
+    """Targets for (class, style) pairs; ``class_targets`` are the plain class embeddings [K, D]."""
 
     name: str
     num_styles: int
     style_names: list[str]
-    class_targets: torch.Tensor          # [K, D] plain class embeddings
+    class_targets: torch.Tensor
 
-    def targets(self, class_ids: torch.Tensor, style_ids: torch.Tensor) -> torch.Tensor:
+    def targets(self, class_ids: torch.Tensor, style_ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
 @PROMPT_SOURCES.register("plain")
 class PlainPrompts(PromptSource):
-    """The class prompt ensemble itself: one style, the teacher's zero-shot class embedding."""
-
-    def __init__(self, teacher, cfg, paths=None):
+    def __init__(self, teacher, cfg, paths=None, seed: int = 0):
         text = getattr(teacher, "text", None)
         if text is None:
             raise UserError("prompt sources need a CLIP teacher: this teacher has no text embeddings")
         super().__init__("plain", 1, ["plain"], text)
 
-    def targets(self, class_ids, style_ids):
+    def targets(self, class_ids, style_ids, generator=None):
         return self.class_targets[class_ids]
 
 
+class StyledPrompts(PromptSource):
+    """Sources whose styles are pseudo-words spliced into ``cfg.template``."""
+
+    def __init__(self, name, teacher, cfg, pseudo: torch.Tensor | None, style_names: list[str]):
+        self.splice = _splice(teacher, name)
+        self.cfg, self.scale = cfg, teacher.scale
+        self.class_texts = list(teacher.class_texts)
+        self.class_tokens = self.splice.tokens([cfg.template.format(style="*", cls=t) for t in self.class_texts])
+        self.style_tokens = self.splice.tokens([cfg.style_template.format(style="*")])
+        super().__init__(name, len(style_names), style_names, teacher.text)
+        self.pseudo = pseudo
+        self.table = self.encode_pairs(pseudo) if pseudo is not None else None
+
+    def encode_pairs(self, pseudo: torch.Tensor) -> torch.Tensor:
+        """Normalised features of every (style, class) prompt: [S, K, D]."""
+        s, k = pseudo.shape[0], len(self.class_texts)
+        with torch.no_grad():
+            f = self.splice.encode(self.class_tokens.repeat(s, 1), pseudo.repeat_interleave(k, 0))
+        return F.normalize(f.float(), dim=-1).view(s, k, -1)
+
+    def style_features(self, pseudo: torch.Tensor) -> torch.Tensor:
+        """Normalised features of "a [S] style of a" for each pseudo-word: [S, D]."""
+        f = self.splice.encode(self.style_tokens.expand(pseudo.shape[0], -1), pseudo)
+        return F.normalize(f.float(), dim=-1)
+
+    def targets(self, class_ids, style_ids, generator=None):
+        return self.table[style_ids, class_ids]
+
+
+def _splice(teacher, name: str):
+    from .textsplice import SplicedText
+    if getattr(teacher, "tokenizer", None) is None:
+        raise UserError(f"--prompts {name} needs a CLIP teacher; styles do not apply to this teacher: use --prompts plain")
+    return SplicedText(teacher.model, teacher.tokenizer)
+
+
+def _num_styles(cfg) -> int:
+    return cfg.styles or DEFAULT_STYLES
+
+
+def read_style_words(path: Path = STYLE_WORDS) -> list[str]:
+    return [w.strip() for w in path.read_text().splitlines() if w.strip() and not w.startswith("#")]
+
+
+@PROMPT_SOURCES.register("mix")
+class MixPrompts(StyledPrompts):
+    def __init__(self, teacher, cfg, paths=None, seed: int = 0):
+        words = read_style_words()
+        splice = _splice(teacher, "mix")
+        emb = torch.stack([splice.word_embedding(w) for w in words])
+        g = torch.Generator().manual_seed(seed)
+        pseudo, names = [], []
+        for _ in range(_num_styles(cfg)):
+            pick = torch.randperm(len(words), generator=g)[:cfg.mix_words]
+            w = torch._standard_gamma(torch.ones(len(pick)), generator=g)
+            w = w / w.sum()
+            pseudo.append((w.to(emb.device)[:, None] * emb[pick]).sum(0))
+            names.append(" + ".join(f"{float(x):.2f} {words[int(i)]}" for x, i in zip(w, pick)))
+        super().__init__("mix", teacher, cfg, torch.stack(pseudo), names)
+
+
+@PROMPT_SOURCES.register("random")
+class RandomPrompts(StyledPrompts):
+    def __init__(self, teacher, cfg, paths=None, seed: int = 0):
+        n = _num_styles(cfg)
+        super().__init__("random", teacher, cfg, None, [f"random-{i}" for i in range(n)])
+        table = self.splice.table.float()
+        self.mean, self.std = table.mean(0), table.std(0)
+
+    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        eps = torch.randn(n, self.splice.dim, generator=generator).to(self.mean.device)
+        return self.mean + self.std * eps
+
+    def targets(self, class_ids, style_ids, generator=None):
+        """A fresh draw of ``num_styles`` pseudo-words for every batch (seeded by the batch)."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        self.pseudo = self.draw(self.num_styles, generator)
+        return self.encode_pairs(self.pseudo)[style_ids, class_ids]
+
+
+@PROMPT_SOURCES.register("contrastive")
+class ContrastivePrompts(StyledPrompts):
+    def __init__(self, teacher, cfg, paths=None, seed: int = 0, on_step=None):
+        n = _num_styles(cfg)
+        super().__init__("contrastive", teacher, cfg, None, [f"style-{i}" for i in range(n)])
+        key = {"source": "contrastive", "styles": n, "template": cfg.template, "style_template": cfg.style_template,
+               "steps": cfg.train_steps, "lr": cfg.lr, "diversity_weight": cfg.diversity_weight,
+               "consistency_weight": cfg.consistency_weight, "seed": seed, "classes": self.class_texts}
+        path = getattr(paths, "styles", None)
+        saved = torch.load(path, weights_only=False) if path is not None and Path(path).exists() else None
+        if saved is not None and saved.get("key") == key:
+            pseudo, self.history = saved["pseudo"].to(self.splice.device), saved["history"]
+        else:
+            pseudo, self.history = self.learn(n, torch.Generator().manual_seed(seed), on_step)
+            if path is not None:
+                from .distill import save_atomic
+                save_atomic({"key": key, "pseudo": pseudo.cpu(), "history": self.history}, Path(path))
+        self.pseudo = pseudo
+        self.table = self.encode_pairs(pseudo)
+
+    def learn(self, n: int, generator: torch.Generator, on_step=None):
+        """Learn ``n`` pseudo-words one after another; returns them and per-style loss history."""
+        cfg = self.cfg
+        table = self.splice.table.float()
+        mean, std = table.mean(0), table.std(0)
+        k = len(self.class_texts)
+        labels = torch.arange(k, device=mean.device)
+        learned, feats, history = [], [], []
+        for s in range(n):
+            w = (mean + std * torch.randn(self.splice.dim, generator=generator).to(mean.device)).requires_grad_(True)
+            opt = torch.optim.Adam([w], lr=cfg.lr)
+            for step in range(cfg.train_steps):
+                f = self.style_features(w[None])
+                div = torch.zeros((), device=w.device)
+                if feats:
+                    # InfoNCE with the style as its own positive and earlier styles as negatives
+                    sims = torch.cat([torch.ones(1, device=w.device), (f @ torch.cat(feats).t())[0]])
+                    div = torch.logsumexp(sims / cfg.diversity_temperature, 0) - 1 / cfg.diversity_temperature
+                g = F.normalize(self.splice.encode(self.class_tokens, w[None].expand(k, -1)).float(), dim=-1)
+                cons = F.cross_entropy(self.scale * g @ self.class_targets.float().t(), labels)
+                loss = cfg.diversity_weight * div + cfg.consistency_weight * cons
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if on_step:
+                    on_step(s, step)
+            with torch.no_grad():
+                feats.append(self.style_features(w[None].detach()))
+            learned.append(w.detach())
+            history.append({"style": s, "diversity": div.item(), "consistency": cons.item()})
+        return torch.stack(learned), history
+
+
 def default_source(teacher) -> str:
-    return "plain"
+    return "contrastive" if getattr(teacher, "tokenizer", None) is not None else "plain"
 
 
-def build_prompt_source(teacher, cfg, paths=None) -> PromptSource:
+def build_prompt_source(teacher, cfg, paths=None, seed: int = 0) -> PromptSource:
     name = default_source(teacher) if cfg.source == "auto" else cfg.source
-    return PROMPT_SOURCES.get(name)(teacher, cfg, paths)
+    return PROMPT_SOURCES.get(name)(teacher, cfg, paths, seed)
+
+
+@torch.no_grad()
+def style_diversity(source: StyledPrompts, pseudo: torch.Tensor | None = None) -> float:
+    """Mean pairwise cosine between the style features "a [S] style of a" (lower: more diverse)."""
+    p = source.pseudo if pseudo is None else pseudo
+    f = source.style_features(p)
+    n = f.shape[0]
+    if n < 2:
+        return 1.0
+    sim = f @ f.t()
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+@torch.no_grad()
+def class_consistency(source: StyledPrompts, pseudo: torch.Tensor | None = None) -> float:
+    """Share of styled class prompts that classify as their class among the plain class embeddings."""
+    table = source.encode_pairs(source.pseudo if pseudo is None else pseudo)   # [S, K, D]
+    pred = (table @ source.class_targets.float().t()).argmax(-1)
+    return float((pred == torch.arange(table.shape[1], device=pred.device)).float().mean())

@@ -34,8 +34,16 @@ class TeacherCfg:
 
 @dataclass(frozen=True)
 class PromptsCfg:
-    source: str = "auto"                        # auto | plain (| contrastive | random | mix)
-    styles: int = 0                             # number of styles; 0: the source's default
+    source: str = "auto"                        # auto (contrastive for CLIP) | contrastive | random | mix | plain
+    styles: int = 0                             # number of styles; 0: the source's default (8)
+    template: str = "a {style} style of a {cls}"
+    style_template: str = "a {style} style of a"
+    mix_words: int = 3                          # style words mixed into each Mix-Prompt pseudo-word
+    train_steps: int = 100                      # Contrastive-Prompt: Adam steps per style
+    lr: float = 0.01
+    diversity_weight: float = 1.0
+    consistency_weight: float = 1.0
+    diversity_temperature: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from distiller.students import student_spec
 from runtime import Classifier, ModelMetadata
 from runtime.preprocess import preprocess
 
-ARTIFACTS = ["recipe.toml", "concepts.json", "text_embeddings.pt", "bank/plan.json", "bank/manifest.jsonl",
+ARTIFACTS = ["recipe.toml", "concepts.json", "text_embeddings.pt", "styles.pt", "bank/plan.json", "bank/manifest.jsonl",
              "checkpoints/best.pt", "checkpoints/last.pt", "student.onnx", "student.int8.onnx",
              "openvino/student.xml", "openvino/student.bin", "openvino/student.json",
              "openvino/student.int8.xml", "openvino/student.int8.bin", "samples.png", "report.json"]

@@ -33,7 +33,7 @@ def make(
     recipe: str = typer.Option("cpu", "--recipe", "-r", help="Recipe name (see `distiller recipes`) or .toml path."),
     teacher: Optional[str] = typer.Option(None, help="open_clip model name (ViT-B-32) or model-config .json path."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or a local weights file."),
-    prompts: Optional[str] = typer.Option(None, help="Prompt source: auto, plain."),
+    prompts: Optional[str] = typer.Option(None, help="Prompt source: auto (contrastive for CLIP), contrastive, random, mix, plain."),
     styles: Optional[int] = typer.Option(None, help="Number of prompt styles."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     seed: Optional[int] = typer.Option(None, help="Seed for synthesis and training."),

@@ -165,6 +165,7 @@ def build_clip_teacher(cfg, concepts, device="cpu", offline=False, text_embeddin
         text_embeddings = encode_class_texts(model, tokenizer, concepts, cfg.templates, device)
     teacher = ClipTeacher(model, name, cfg.pretrained, text_embeddings.to(device), cfg.templates).to(device)
     teacher.tokenizer = tokenizer
+    teacher.class_texts = [c.text for c in concepts]
     return teacher
 
 
