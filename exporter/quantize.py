@@ -11,11 +11,25 @@ from runtime.metadata import ModelMetadata
 from .onnx_export import save_onnx_atomic, set_onnx_metadata
 
 
-def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, metadata: ModelMetadata,
-                  per_channel: bool = False, quant_format: str = "QDQ", method: str = "MinMax") -> Path:
+ORT_DEFAULTS = {"format": "QDQ", "activations": "U8", "weights": "S8", "per_channel": False, "skip_ends": False,
+                "calibration": "MinMax"}
+
+
+def end_nodes(model_proto) -> list[str]:
+    """Names of the first and the last weighted node (Conv / Gemm / MatMul): the usual FP32 islands."""
+    weighted = [n.name for n in model_proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    return [weighted[0], weighted[-1]] if len(weighted) > 1 else weighted
+
+
+def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, metadata: ModelMetadata, **options) -> Path:
+    """ONNX Runtime static quantization. ``options``: format QDQ|QOperator, activations U8|S8,
+    weights S8|U8, per_channel, skip_ends (keep first and last layer FP32), calibration MinMax|Entropy|Percentile."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
+
+    opts = {**ORT_DEFAULTS, **options}
+    types = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -24,10 +38,12 @@ def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, metadata: Mode
         def get_next(self):
             return next(self.it, None)
 
+    exclude = end_nodes(onnx.load(str(fp32))) if opts["skip_ends"] else []
     tmp = out.with_name(f".{out.name}.raw.tmp")
-    quantize_static(str(fp32), str(tmp), Reader(), quant_format=QuantFormat[quant_format],
-                    per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod[method])
+    quantize_static(str(fp32), str(tmp), Reader(), quant_format=QuantFormat[opts["format"]],
+                    per_channel=opts["per_channel"], activation_type=types[opts["activations"]],
+                    weight_type=types[opts["weights"]], calibrate_method=CalibrationMethod[opts["calibration"]],
+                    nodes_to_exclude=exclude)
     proto = onnx.load(str(tmp))
     tmp.unlink()
     set_onnx_metadata(proto, metadata)
@@ -59,13 +75,40 @@ def onnx_to_openvino(onnx_path: Path, xml: Path, metadata: ModelMetadata) -> Pat
     return save_openvino(ov.convert_model(str(onnx_path)), xml, metadata)
 
 
+def _ov_end_nodes(model) -> list[str]:
+    ops = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "MatMul")]
+    return [ops[0], ops[-1]] if len(ops) > 1 else ops
+
+
 def quantize_openvino(fp32_xml: Path, out: Path, calibration: np.ndarray, metadata: ModelMetadata,
-                      preset: str = "performance") -> Path:
+                      preset: str = "performance", skip_ends: bool = False, accuracy_control: bool = False,
+                      validation: tuple[np.ndarray, np.ndarray] | None = None, max_drop: float = 0.01) -> Path:
+    """NNCF post-training quantization; ``accuracy_control`` uses NNCF's own repair loop, which
+    keeps layers in FP32 until top-1 agreement with FP32 on ``validation`` drops at most ``max_drop``."""
+    import logging
+
     import nncf
     import openvino as ov
 
+    nncf.set_log_level(logging.ERROR)
     model = ov.Core().read_model(str(fp32_xml))
     data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
-    q = nncf.quantize(model, data, subset_size=len(calibration),
-                      preset=nncf.QuantizationPreset.PERFORMANCE if preset == "performance" else nncf.QuantizationPreset.MIXED)
+    kwargs = {"subset_size": len(calibration),
+              "preset": nncf.QuantizationPreset.PERFORMANCE if preset == "performance" else nncf.QuantizationPreset.MIXED}
+    if skip_ends:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=_ov_end_nodes(model))
+    if accuracy_control:
+        val_x, ref_logits = validation
+        ref = ref_logits.argmax(-1)
+        val_data = nncf.Dataset([(val_x[i:i + 1], int(ref[i])) for i in range(len(val_x))], lambda item: item[0])
+
+        def validate(compiled, items) -> float:
+            out = compiled.outputs[0]
+            hits = [int(np.argmax(compiled(x)[out]) == y) for x, y in items]
+            return float(np.mean(hits))
+
+        q = nncf.quantize_with_accuracy_control(model, data, val_data, validate, max_drop=max_drop,
+                                                drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+    else:
+        q = nncf.quantize(model, data, **kwargs)
     return save_openvino(q, out, metadata)

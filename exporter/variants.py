@@ -28,6 +28,9 @@ class ExportContext:
     model: object                      # torch student, eval mode
     metadata: ModelMetadata
     calibration: np.ndarray            # preprocessed train images, NCHW float32
+    val: np.ndarray | None = None      # preprocessed val images (accuracy-controlled quantization)
+    reference: np.ndarray | None = None  # FP32 logits on ``val``
+    max_drop: float = 1.0              # points of top-1 agreement
     opset: int = 17
     built: dict = field(default_factory=dict)
 
@@ -39,25 +42,56 @@ class Variant:
     precision: str
     needs: tuple[str, ...]
     build: Callable[[ExportContext], Path]
+    description: str = ""
 
 
 VARIANTS: Registry[Variant] = Registry("export variant")
 
 
-def _meta(ctx, precision, fmt):
-    return ctx.metadata.replace(precision=precision, extra={**ctx.metadata.extra, "format": fmt})
+def _meta(ctx, precision, fmt, **extra):
+    return ctx.metadata.replace(precision=precision, extra={**ctx.metadata.extra, "format": fmt, **extra})
 
 
 VARIANTS.register("onnx-fp32", Variant("student.onnx", "onnx", "fp32", (), lambda c: export_onnx(
-    c.model, c.metadata.preprocess.size, c.out_dir / "student.onnx", _meta(c, "fp32", "onnx"), c.opset)))
-VARIANTS.register("onnx-int8", Variant("student.int8.onnx", "onnx", "int8", ("onnx-fp32",), lambda c: quantize.quantize_onnx(
-    c.built["onnx-fp32"], c.out_dir / "student.int8.onnx", c.calibration, _meta(c, "int8", "onnx"))))
-VARIANTS.register("onnx-int8-perchannel", Variant("student.int8pc.onnx", "onnx", "int8", ("onnx-fp32",), lambda c: quantize.quantize_onnx(
-    c.built["onnx-fp32"], c.out_dir / "student.int8pc.onnx", c.calibration, _meta(c, "int8", "onnx"), per_channel=True)))
+    c.model, c.metadata.preprocess.size, c.out_dir / "student.onnx", _meta(c, "fp32", "onnx"), c.opset),
+    "ONNX FP32, dynamic batch"))
 VARIANTS.register("openvino-fp32", Variant("openvino/student.xml", "openvino", "fp32", ("onnx-fp32",), lambda c: quantize.onnx_to_openvino(
-    c.built["onnx-fp32"], c.out_dir / "openvino" / "student.xml", _meta(c, "fp32", "openvino"))))
-VARIANTS.register("openvino-int8", Variant("openvino/student.int8.xml", "openvino", "int8", ("openvino-fp32",), lambda c: quantize.quantize_openvino(
-    c.built["openvino-fp32"], c.out_dir / "openvino" / "student.int8.xml", c.calibration, _meta(c, "int8", "openvino"))))
+    c.built["onnx-fp32"], c.out_dir / "openvino" / "student.xml", _meta(c, "fp32", "openvino")),
+    "OpenVINO IR FP32 (run pinned to f32)"))
+
+# ONNX Runtime static INT8: the settings worth trying on a CPU; the default is QDQ, U8 activations,
+# S8 weights, per-tensor, MinMax calibration.
+ORT_INT8 = {
+    "onnx-int8": ("student.int8.onnx", {}, "QDQ U8S8 per-tensor MinMax"),
+    "onnx-int8-qop": ("student.int8-qop.onnx", {"format": "QOperator"}, "QOperator U8S8"),
+    "onnx-int8-s8s8": ("student.int8-s8s8.onnx", {"activations": "S8"}, "QDQ S8S8"),
+    "onnx-int8-u8u8": ("student.int8-u8u8.onnx", {"weights": "U8"}, "QDQ U8U8"),
+    "onnx-int8-perchannel": ("student.int8-pc.onnx", {"per_channel": True}, "QDQ U8S8 per-channel weights"),
+    "onnx-int8-skip-ends": ("student.int8-ends.onnx", {"skip_ends": True}, "QDQ, first and last layer FP32"),
+    "onnx-int8-entropy": ("student.int8-entropy.onnx", {"calibration": "Entropy"}, "QDQ, entropy calibration"),
+    "onnx-int8-percentile": ("student.int8-pct.onnx", {"calibration": "Percentile"}, "QDQ, 99.999th percentile calibration"),
+}
+for _name, (_file, _opts, _desc) in ORT_INT8.items():
+    VARIANTS.register(_name, Variant(_file, "onnx", "int8", ("onnx-fp32",), lambda c, f=_file, o=_opts: quantize.quantize_onnx(
+        c.built["onnx-fp32"], c.out_dir / f, c.calibration, _meta(c, "int8", "onnx", quantization=o), **o), _desc))
+
+OV_INT8 = {
+    "openvino-int8": ("student.int8.xml", {}, "NNCF performance preset"),
+    "openvino-int8-mixed": ("student.int8-mixed.xml", {"preset": "mixed"}, "NNCF mixed preset (asymmetric activations)"),
+    "openvino-int8-skip-ends": ("student.int8-ends.xml", {"skip_ends": True}, "NNCF, first and last layer FP32"),
+    "openvino-int8-acc": ("student.int8-acc.xml", {"accuracy_control": True}, "NNCF with accuracy control (max_drop)"),
+}
+
+
+def _ov_int8(c: ExportContext, file: str, opts: dict) -> Path:
+    extra = {"validation": (c.val, c.reference), "max_drop": c.max_drop / 100} if opts.get("accuracy_control") else {}
+    return quantize.quantize_openvino(c.built["openvino-fp32"], c.out_dir / "openvino" / file, c.calibration,
+                                      _meta(c, "int8", "openvino", quantization=opts), **opts, **extra)
+
+
+for _name, (_file, _opts, _desc) in OV_INT8.items():
+    VARIANTS.register(_name, Variant(f"openvino/{_file}", "openvino", "int8", ("openvino-fp32",),
+                                     lambda c, f=_file, o=_opts: _ov_int8(c, f, o), _desc))
 
 
 def build_order(names) -> list[str]:
@@ -110,13 +144,14 @@ def measure(path: Path, val: np.ndarray, reference: np.ndarray, teacher: np.ndar
 def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray, teacher: np.ndarray,
                max_drop: float, runs: int = 50, threads: int | None = None, on_variant=None) -> dict:
     """Build, measure and rank the variants; returns the export part of report.json."""
+    ctx.val, ctx.reference, ctx.max_drop = val, reference, max_drop
     rows = {}
     for name in build_order(names):
         v = VARIANTS.get(name)
         t0 = time.perf_counter()
         path = v.build(ctx)
         ctx.built[name] = path
-        row = {"file": v.file, "format": v.format, "precision": v.precision,
+        row = {"file": v.file, "format": v.format, "precision": v.precision, "description": v.description,
                "size_mb": round(_size(path) / 2**20, 3), "build_s": round(time.perf_counter() - t0, 2)}
         row.update(measure(path, val, reference, teacher, runs, threads))
         rows[name] = row
@@ -128,19 +163,34 @@ def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray
 
 
 def select(rows: dict, max_drop: float) -> tuple[str, list[str]]:
-    """Fastest variant within ``max_drop`` points of agreement; FP32 ONNX is always eligible."""
+    """Mark the fastest variant within ``max_drop`` points of agreement as deployable.
+
+    Every row gets a ``status`` saying why it was or was not picked; FP32 variants are always
+    eligible, so if no INT8 variant qualifies FP32 ships and the notes say so.
+    """
     notes, ok = [], []
     for name, r in rows.items():
         drop = 100 * (1 - r["agreement"])
-        if drop <= max_drop:
+        r["drop_points"] = round(drop, 2)
+        if drop <= max_drop or r["precision"] == "fp32":
             ok.append(name)
         else:
-            notes.append(f"{name} loses {drop:.1f} points of top-1 agreement with FP32 (max_drop {max_drop}): not deployable")
-    if not ok:
-        ok = [n for n, r in rows.items() if r["precision"] == "fp32"] or list(rows)
+            r["status"] = f"loses {drop:.1f} points of top-1 agreement (max_drop {max_drop})"
     best = min(ok, key=lambda n: rows[n]["latency_ms"]["p50"])
-    if rows[best]["precision"] == "fp32" and any(r["precision"] == "int8" for r in rows.values()):
-        notes.append(f"shipping FP32 ({best}): no INT8 variant was both within max_drop and faster on this CPU")
+    p50 = rows[best]["latency_ms"]["p50"]
+    for name in ok:
+        r = rows[name]
+        r["status"] = "deployable: fastest within max_drop" if name == best else \
+            f"slower: p50 {r['latency_ms']['p50']:.2f} ms vs {p50:.2f} ms"
+    int8 = [n for n, r in rows.items() if r["precision"] == "int8"]
+    if int8 and rows[best]["precision"] == "fp32":
+        lost = [n for n in int8 if rows[n]["drop_points"] > max_drop]
+        why = ("every INT8 variant lost more than max_drop" if len(lost) == len(int8) else
+               "no INT8 variant within max_drop was faster on this CPU")
+        notes.append(f"shipping FP32 ({best}): {why}")
+    for n in int8:
+        if rows[n]["drop_points"] > max_drop:
+            notes.append(f"{n}: {rows[n]['status']}: not deployable")
     return best, notes
 
 

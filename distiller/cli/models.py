@@ -123,3 +123,73 @@ def _teacher_predictor(run: Path, offline: bool):
     from ..pipeline import Run
     r = Run(run, device="cpu", offline=offline)
     return teacher_predictor(r.teacher(), r.device)
+
+
+@app.command()
+def bench(
+    models: List[str] = typer.Argument(..., help="A run folder, or model files (.onnx, .xml)."),
+    threads: Optional[int] = typer.Option(None, help="Inference threads; default: physical cores."),
+    runs: int = typer.Option(100, help="Timed batch-1 runs per model."),
+    warmup: int = typer.Option(10, help="Untimed runs first."),
+    batch: int = typer.Option(32, help="Batch size for the throughput figure."),
+    include_preprocess: bool = typer.Option(False, "--include-preprocess", help="Time the whole classify() call on a 224 px image."),
+    teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="For a run: also time the teacher's image tower (ONNX FP32)."),
+    select: bool = typer.Option(False, "--select", help="For a run: rewrite report.json's deployable variant for this machine."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Latency (p50/p90/p99 at batch 1), throughput and agreement of each variant, on this machine."""
+    from ..bench import bench_models, bench_run, select_for_device, teacher_baseline, val_images
+    first = Path(models[0])
+    is_run = len(models) == 1 and first.is_dir()
+    if is_run:
+        if not (first / "report.json").exists():
+            raise UserError(f"{first}: no report.json: pass a finished run folder or model files")
+        result = bench_run(first, threads, runs, warmup, batch, include_preprocess)
+        if teacher:
+            result["teacher"] = teacher_baseline(first, threads)
+    else:
+        if select:
+            raise UserError("--select needs a run folder (it rewrites its report.json)")
+        paths = {m: Path(m) for m in models}
+        images = _images_for(paths)
+        result = bench_models(paths, images, None, threads, runs, warmup, batch, include_preprocess)
+    if select:
+        report = select_for_device(first, result)
+        result["deployable"] = report["deployable"]
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    console.print(bench_table(result))
+    if result.get("deployable"):
+        console.print(f"deployable on this machine: [bold]{result['deployable']}[/bold] (report.json updated)")
+
+
+def _images_for(paths: dict) -> list:
+    """Inputs for bare model files: deterministic noise images at each model's own size."""
+    import numpy as np
+
+    from runtime import Classifier
+    size = Classifier.load(next(iter(paths.values()))).metadata.preprocess.resize
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(16)]
+
+
+def bench_table(result: dict) -> Table:
+    title = (f"bench: {result['cpu']}, {result['threads']} threads, {result['runs']} runs after {result['warmup']} warm-up"
+             f"{', classify() incl. preprocessing' if result['include_preprocess'] else ''}; "
+             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
+    t = Table(title=title, title_justify="left")
+    t.add_column("model", no_wrap=True)
+    for c in ("format", "precision", "MB", "vs FP32", "vs teacher", "p50 ms", "p90 ms", "p99 ms", "img/s @batch"):
+        t.add_column(c, justify="right")
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    for name, r in result["models"].items():
+        lat = r["latency_ms"]
+        t.add_row(name, r["format"], r["precision"], f"{r['size_mb']:.1f}", pct(r["agreement"]), pct(r["teacher_agreement"]),
+                  f"{lat['p50']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['throughput_ips']:.0f} @{r['batch']}")
+    tb = result.get("teacher")
+    if tb:
+        lat = tb["latency_ms"]
+        t.add_row(f"teacher {tb['model']}", "onnxruntime", "fp32", f"{tb['size_mb']:.1f}", "", "", f"{lat['p50']:.2f}",
+                  f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", "")
+    return t

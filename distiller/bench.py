@@ -1,0 +1,198 @@
+"""`distiller bench`: latency, throughput and agreement of exported models on this machine.
+
+numpy and the runtime only (the teacher baseline needs torch and is skipped without it), so it
+runs on the edge device itself; ``select`` rewrites the run's deployable variant for that device.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.classifier import Classifier, physical_cores
+from runtime.errors import UserError
+from runtime.preprocess import preprocess
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for mod in ("onnxruntime", "openvino"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def timed(fn, runs: int, warmup: int) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    t = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        t[i] = (time.perf_counter() - t0) * 1e3
+    return t
+
+
+def latency_stats(ms: np.ndarray) -> dict:
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99)),
+            "mean": float(ms.mean())}
+
+
+def _size_mb(path: Path) -> float:
+    size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
+    return round(size / 2**20, 3)
+
+
+def val_images(run: Path, limit: int = 256) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The run's validation bank images (uint8 HWC) and the teacher's logits on them."""
+    bank = run / "bank"
+    plan = json.loads((bank / "plan.json").read_text())
+    imgs, logits = [], []
+    for shard in sorted(bank.glob("shard_*")):
+        recs = json.loads((shard / "records.json").read_text())
+        if recs and recs[0]["split"] == "val":
+            imgs.append(np.load(shard / "images.npy"))
+            logits.append(np.load(shard / "logits.npy"))
+    if not imgs:
+        raise UserError(f"{run}: its bank has no validation shards")
+    del plan
+    return list(np.concatenate(imgs)[:limit]), np.concatenate(logits)[:limit]
+
+
+def bench_models(models: dict[str, Path], images: list[np.ndarray], teacher_logits: np.ndarray | None = None,
+                 threads: int | None = None, runs: int = 100, warmup: int = 10, batch: int = 32,
+                 include_preprocess: bool = False, on_model=None) -> dict:
+    """Measure each model; agreement is against the first FP32 model on identical inputs."""
+    threads = threads or physical_cores()
+    rows, reference = {}, None
+    for name, path in models.items():
+        clf = Classifier.load(path, threads=threads)
+        x = clf.preprocess(images)
+        logits = np.concatenate([clf.logits(x[i:i + 64]) for i in range(0, len(x), 64)])
+        if reference is None and clf.metadata.precision == "fp32":
+            reference = logits
+        one = x[:1]
+        if include_preprocess:
+            big = _photo_like(images[0], 224)
+            lat = timed(lambda: clf.classify(big, top_k=1), runs, warmup)
+        else:
+            lat = timed(lambda: clf.logits(one), runs, warmup)
+        xb = np.repeat(x, max(1, -(-batch // len(x))), axis=0)[:batch]
+        tb = timed(lambda: clf.logits(xb), max(3, runs // 10), 2)
+        rows[name] = {
+            "file": str(path), "format": clf.backend, "precision": clf.metadata.precision, "size_mb": _size_mb(Path(path)),
+            "latency_ms": latency_stats(lat), "throughput_ips": round(batch / (np.median(tb) / 1e3), 1), "batch": batch,
+            "_logits": logits,
+        }
+        if on_model:
+            on_model(name)
+    for r in rows.values():
+        lg = r.pop("_logits")
+        r["agreement"] = float((lg.argmax(-1) == reference.argmax(-1)).mean()) if reference is not None else None
+        r["teacher_agreement"] = float((lg.argmax(-1) == teacher_logits.argmax(-1)).mean()) if teacher_logits is not None else None
+    return {"models": rows, "threads": threads, "runs": runs, "warmup": warmup, "images": len(images),
+            "include_preprocess": include_preprocess, "cpu": cpu_model(), "versions": versions()}
+
+
+def _photo_like(img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+
+
+def bench_run(run: Path, threads=None, runs=100, warmup=10, batch=32, include_preprocess=False, on_model=None) -> dict:
+    report = json.loads((run / "report.json").read_text())
+    models = {name: run / v["file"] for name, v in report["export"]["variants"].items()}
+    images, teacher = val_images(run)
+    return bench_models(models, images, teacher, threads, runs, warmup, batch, include_preprocess, on_model)
+
+
+def classify_overhead(path: Path, image: np.ndarray, threads=None, runs=200, warmup=20) -> dict:
+    """``classify`` on a 224 px image against a bare session run on the preprocessed tensor."""
+    clf = Classifier.load(path, threads=threads)
+    big = _photo_like(image, 224)
+    x = preprocess(big, clf.metadata.preprocess)[None]
+    bare = timed(lambda: clf.logits(x), runs, warmup)
+    full = timed(lambda: clf.classify(big, top_k=1), runs, warmup)
+    return {"bare_p50": float(np.median(bare)), "classify_p50": float(np.median(full)),
+            "overhead": float(np.median(full) / np.median(bare) - 1)}
+
+
+def select_for_device(run: Path, result: dict) -> dict:
+    """Rewrite the run's report.json so ``deployable`` is the fastest variant within max_drop on
+    this machine, using the latencies just measured (agreement stays as measured at export)."""
+    from datetime import datetime, timezone
+
+    from exporter.variants import select
+
+    from .runfolder import write_json_atomic
+    path = run / "report.json"
+    report = json.loads(path.read_text())
+    rows = report["export"]["variants"]
+    for name, r in rows.items():
+        if name in result["models"]:
+            r["latency_ms"] = {**r["latency_ms"], **result["models"][name]["latency_ms"]}
+    best, notes = select(rows, report["export"]["max_drop"])
+    report["export"].update(deployable=rows[best]["file"], deployable_variant=best, notes=notes)
+    report["deployable"] = rows[best]["file"]
+    report["selected_on"] = {"cpu": result["cpu"], "threads": result["threads"],
+                             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json_atomic(path, report)
+    return report
+
+
+def teacher_baseline(run: Path, threads=None, runs=30, warmup=3) -> dict | None:
+    """The teacher's image tower exported to ONNX FP32 and timed like the students (needs torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from .pipeline import Run
+    r = Run(run, device="cpu")
+    onnx_path = run / "teacher_image.onnx"
+    teacher = r.teacher()
+    if not onnx_path.exists():
+        tmp = onnx_path.with_name(".teacher_image.onnx.tmp")
+
+        class Tower(torch.nn.Module):
+            def __init__(self, t):
+                super().__init__()
+                self.t = t
+
+            def forward(self, x):
+                return self.t.logits(x)
+        x = torch.zeros(1, 3, teacher.input_size, teacher.input_size)
+        import warnings
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)   # the fused attention kernel has no ONNX export
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(Tower(teacher).eval(), (x,), str(tmp), dynamo=False, opset_version=17,
+                                  input_names=["images"], output_names=["logits"])
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+        tmp.replace(onnx_path)
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, teacher.input_size, teacher.input_size), dtype=np.float32)
+    lat = timed(lambda: sess.run(None, {"images": x}), runs, warmup)
+    return {"file": str(onnx_path), "model": r.recipe.teacher.model, "size_mb": _size_mb(onnx_path),
+            "latency_ms": latency_stats(lat)}

@@ -1,0 +1,99 @@
+"""Choosing the deployable variant, NNCF's repair path, and `distiller bench`."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from distiller.cli import main
+from exporter.variants import VARIANTS, select
+
+
+def _row(precision, agreement, p50):
+    return {"precision": precision, "agreement": agreement, "latency_ms": {"p50": p50}, "file": f"{precision}-{p50}"}
+
+
+def test_select_fastest_within_max_drop():
+    rows = {"onnx-fp32": _row("fp32", 1.0, 2.0), "openvino-fp32": _row("fp32", 1.0, 1.5),
+            "onnx-int8": _row("int8", 0.995, 1.0), "openvino-int8": _row("int8", 0.97, 0.5)}
+    best, notes = select(rows, max_drop=1.0)
+    assert best == "onnx-int8"
+    assert rows["openvino-int8"]["status"].startswith("loses 3.0 points")
+    assert rows["openvino-fp32"]["status"].startswith("slower")
+    assert any("openvino-int8" in n and "not deployable" in n for n in notes)
+
+
+def test_select_with_max_drop_zero_ships_fp32_and_says_so():
+    rows = {"onnx-fp32": _row("fp32", 1.0, 2.0), "onnx-int8": _row("int8", 0.99, 1.0)}
+    best, notes = select(rows, max_drop=0.0)
+    assert best == "onnx-fp32"
+    assert any("shipping FP32" in n and "every INT8 variant lost more than max_drop" in n for n in notes)
+    rows = {"onnx-fp32": _row("fp32", 1.0, 1.0), "onnx-int8": _row("int8", 1.0, 3.0)}
+    best, notes = select(rows, max_drop=1.0)
+    assert best == "onnx-fp32" and any("no INT8 variant within max_drop was faster" in n for n in notes)
+
+
+def test_every_registered_variant_has_a_distinct_file():
+    files = [VARIANTS.get(n).file for n in VARIANTS.names()]
+    assert len(files) == len(set(files))
+    assert {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8", "openvino-int8-acc", "onnx-int8-qop"} <= set(VARIANTS.names())
+
+
+def _copy_run(smoke_run, dst, **export):
+    import tomllib
+
+    import tomli_w
+    for item in ("recipe.toml", "concepts.json", "bank", "checkpoints"):
+        src = smoke_run / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / item)
+    rec = tomllib.loads((dst / "recipe.toml").read_text())
+    rec["export"].update(export)
+    (dst / "recipe.toml").write_text(tomli_w.dumps(rec))
+    return dst
+
+
+def test_repair_and_candidate_variants_on_a_real_student(smoke_run, tmp_path):
+    from distiller.pipeline import Run, export_stage
+    run = _copy_run(smoke_run, tmp_path, max_drop=0.0, latency_runs=5,
+                    variants=["onnx-fp32", "onnx-int8-skip-ends", "onnx-int8-qop", "openvino-int8-acc"])
+    report = export_stage(Run(run))
+    rows = report["export"]["variants"]
+    assert set(rows) == {"onnx-fp32", "openvino-fp32", "onnx-int8-skip-ends", "onnx-int8-qop", "openvino-int8-acc"}
+    # NNCF's accuracy control validates on the same val images we measure: it must keep the drop within 0
+    assert rows["openvino-int8-acc"]["agreement"] == 1.0
+    best = report["export"]["deployable_variant"]
+    assert rows[best]["drop_points"] <= 0.0
+    assert all(r["status"] for r in rows.values())
+    for r in rows.values():
+        assert (run / r["file"]).is_file()
+
+
+def test_bench_select_rewrites_deployable(smoke_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    assert main(["bench", str(run), "--runs", "5", "--warmup", "1", "--batch", "4", "--select", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["models"]) == {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}
+    for r in result["models"].values():
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+        assert r["throughput_ips"] > 0 and 0.0 <= r["agreement"] <= 1.0
+    assert result["models"]["onnx-fp32"]["agreement"] == 1.0
+    assert result["teacher"]["latency_ms"]["p50"] > 0 and (run / "teacher_image.onnx").is_file()
+    report = json.loads((run / "report.json").read_text())
+    assert report["selected_on"]["cpu"] == result["cpu"]
+    rows = report["export"]["variants"]
+    best = report["export"]["deployable_variant"]
+    assert report["deployable"] == rows[best]["file"] == result["deployable"]
+    eligible = [n for n, r in rows.items() if r["drop_points"] <= report["export"]["max_drop"] or r["precision"] == "fp32"]
+    assert best == min(eligible, key=lambda n: result["models"][n]["latency_ms"]["p50"])
+
+
+def test_bench_model_files_and_errors(smoke_run, capsys):
+    files = [str(smoke_run / "student.onnx"), str(smoke_run / "student.int8.onnx")]
+    assert main(["bench", *files, "--runs", "3", "--warmup", "1", "--batch", "2", "--include-preprocess", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["include_preprocess"] and result["models"][files[0]]["agreement"] == 1.0
+    assert main(["bench", *files, "--select"]) == 2
+    assert "--select needs a run folder" in capsys.readouterr().err
