@@ -80,8 +80,13 @@ def bench_models(models: dict[str, Path], images: list[np.ndarray], teacher_logi
     """Measure each model; agreement is against the first FP32 model on identical inputs."""
     threads = threads or physical_cores()
     rows, reference = {}, None
+    skipped = {}
     for name, path in models.items():
-        clf = Classifier.load(path, threads=threads)
+        try:
+            clf = Classifier.load(path, threads=threads)
+        except UserError as exc:  # e.g. OpenVINO files on a runtime-only install
+            skipped[name] = str(exc)
+            continue
         x = clf.preprocess(images)
         logits = np.concatenate([clf.logits(x[i:i + 64]) for i in range(0, len(x), 64)])
         if reference is None and clf.metadata.precision == "fp32":
@@ -105,7 +110,7 @@ def bench_models(models: dict[str, Path], images: list[np.ndarray], teacher_logi
         lg = r.pop("_logits")
         r["agreement"] = float((lg.argmax(-1) == reference.argmax(-1)).mean()) if reference is not None else None
         r["teacher_agreement"] = float((lg.argmax(-1) == teacher_logits.argmax(-1)).mean()) if teacher_logits is not None else None
-    return {"models": rows, "threads": threads, "runs": runs, "warmup": warmup, "images": len(images),
+    return {"models": rows, "skipped": skipped, "threads": threads, "runs": runs, "warmup": warmup, "images": len(images),
             "include_preprocess": include_preprocess, "cpu": cpu_model(), "versions": versions()}
 
 
@@ -143,10 +148,15 @@ def select_for_device(run: Path, result: dict) -> dict:
     path = run / "report.json"
     report = json.loads(path.read_text())
     rows = report["export"]["variants"]
+    measured = {name: r for name, r in rows.items() if name in result["models"]}
+    if not measured:
+        raise UserError(f"{run}: no variant could be measured on this machine: install onnxruntime or openvino")
+    for name, r in measured.items():
+        r["latency_ms"] = {**r["latency_ms"], **result["models"][name]["latency_ms"]}
+    best, notes = select(measured, report["export"]["max_drop"])
     for name, r in rows.items():
-        if name in result["models"]:
-            r["latency_ms"] = {**r["latency_ms"], **result["models"][name]["latency_ms"]}
-    best, notes = select(rows, report["export"]["max_drop"])
+        if name not in measured:
+            r["status"] = f"not measured on this machine: {result.get('skipped', {}).get(name, 'not benched')}"
     report["export"].update(deployable=rows[best]["file"], deployable_variant=best, notes=notes)
     report["deployable"] = rows[best]["file"]
     report["selected_on"] = {"cpu": result["cpu"], "threads": result["threads"],

@@ -116,17 +116,35 @@ def _open_openvino(path: Path, threads: int | None):
     return run, meta
 
 
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A model file, or a run folder whose report.json names the deployable file."""
+def _installed(backend: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(backend) is not None
+
+
+def resolve_model_path(path: str | os.PathLike, backend: str = "auto") -> Path:
+    """A model file, or a run folder: its deployable file, or where that file's backend is not
+    installed (or another backend is asked for), the fastest other variant within max_drop."""
     p = Path(path)
     if p.is_dir():
         report = p / REPORT_FILE
         if not report.exists():
             raise UserError(f"{p}: a folder was given but it has no {REPORT_FILE}: pass a model file or a finished run folder")
-        deployable = json.loads(report.read_text()).get("deployable")
-        if not deployable:
+        rep = json.loads(report.read_text())
+        if not rep.get("deployable"):
             raise UserError(f"{report}: names no deployable model: run `distiller export {p}`")
-        p = p / deployable
+        rows = rep.get("export", {}).get("variants", {})
+        eligible = sorted((r for r in rows.values() if not str(r.get("status", "")).startswith("loses")),
+                          key=lambda r: r["latency_ms"]["p50"])
+        files = [rep["deployable"]] + [r["file"] for r in eligible if r["file"] != rep["deployable"]]
+        usable = []
+        for f in files:
+            b = next((b for b in _BACKENDS.values() if Path(f).suffix.lower() in b.suffixes), None)
+            if b is not None and (b.name == backend if backend != "auto" else _installed(b.name)):
+                usable.append(f)
+        if not usable:
+            raise UserError(f"{p}: none of its models can run with {backend if backend != 'auto' else 'the installed backends'}: "
+                            f"pip install onnxruntime (or openvino)")
+        p = p / usable[0]
     if not p.exists():
         raise UserError(f"{p}: no such model file")
     return p
@@ -148,7 +166,7 @@ class Classifier:
 
     @classmethod
     def load(cls, path, backend: str = "auto", threads: int | None = None) -> "Classifier":
-        p = resolve_model_path(path)
+        p = resolve_model_path(path, backend)
         if backend == "auto":
             matches = [b for b in _BACKENDS.values() if p.suffix.lower() in b.suffixes]
             if not matches:

@@ -7,29 +7,14 @@ from pathlib import Path
 
 import pytest
 
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> tuple[Path, Path]:
     """(config JSON, weights file) of a tiny randomly initialised open_clip model."""
-    import open_clip
-    import torch
-
-    d = tmp_path_factory.mktemp("tiny_clip")
-    cfg = d / "tiny.json"
-    cfg.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(cfg)
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny")
-    weights = d / "tiny.pt"
-    torch.save(model.state_dict(), weights)
-    return cfg, weights
+    from distiller.testing import make_tiny_clip
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 def smoke_args(tiny_clip, out: Path, name: str, *extra: str) -> list[str]:

@@ -160,6 +160,8 @@ def bench(
         sys.stdout.write(json.dumps(result) + "\n")
         return
     console.print(bench_table(result))
+    for name, why in result.get("skipped", {}).items():
+        err.print(f"[yellow]skipped[/yellow] {name}: {why}", highlight=False)
     if result.get("deployable"):
         console.print(f"deployable on this machine: [bold]{result['deployable']}[/bold] (report.json updated)")
 
