@@ -146,10 +146,20 @@ def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray
     """Build, measure and rank the variants; returns the export part of report.json."""
     ctx.val, ctx.reference, ctx.max_drop = val, reference, max_drop
     rows = {}
+    failed = {}
     for name in build_order(names):
         v = VARIANTS.get(name)
+        if any(dep in failed for dep in v.needs):
+            failed[name] = f"needs {', '.join(d for d in v.needs if d in failed)}, which failed"
+            continue
         t0 = time.perf_counter()
-        path = v.build(ctx)
+        try:
+            path = v.build(ctx)
+        except Exception as exc:  # an INT8 candidate the quantizer cannot handle is a finding, not a crash
+            if v.precision == "fp32":
+                raise
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            continue
         ctx.built[name] = path
         row = {"file": v.file, "format": v.format, "precision": v.precision, "description": v.description,
                "size_mb": round(_size(path) / 2**20, 3), "build_s": round(time.perf_counter() - t0, 2)}
@@ -158,7 +168,8 @@ def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray
         if on_variant:
             on_variant(name, row)
     deployable, notes = select(rows, max_drop)
-    return {"variants": rows, "deployable": rows[deployable]["file"], "deployable_variant": deployable,
+    notes += [f"{n}: failed to build ({why})" for n, why in failed.items()]
+    return {"variants": rows, "failed": failed, "deployable": rows[deployable]["file"], "deployable_variant": deployable,
             "max_drop": max_drop, "notes": notes}
 
 

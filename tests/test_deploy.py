@@ -97,3 +97,17 @@ def test_bench_model_files_and_errors(smoke_run, capsys):
     assert result["include_preprocess"] and result["models"][files[0]]["agreement"] == 1.0
     assert main(["bench", *files, "--select"]) == 2
     assert "--select needs a run folder" in capsys.readouterr().err
+
+
+def test_a_failing_int8_candidate_is_reported_not_fatal(smoke_run, tmp_path, monkeypatch):
+    from distiller.pipeline import Run, export_stage
+    from exporter.variants import Variant
+
+    def boom(ctx):
+        raise AttributeError("'NoneType' object has no attribute 'data_type'")
+    monkeypatch.setitem(VARIANTS._items, "onnx-int8-broken", Variant("x.onnx", "onnx", "int8", ("onnx-fp32",), boom))
+    run = _copy_run(smoke_run, tmp_path, latency_runs=3, variants=["onnx-fp32", "onnx-int8-broken"])
+    report = export_stage(Run(run))
+    assert report["export"]["failed"] == {"onnx-int8-broken": "AttributeError: 'NoneType' object has no attribute 'data_type'"}
+    assert report["deployable"] == "student.onnx"
+    assert any("onnx-int8-broken: failed to build" in n for n in report["export"]["notes"])
