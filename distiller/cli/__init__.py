@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer vendors click in recent releases; older ones depend on it
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
 
 from runtime.errors import UserError
 
@@ -26,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         from .ui import err
         err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         from .ui import err
         err.print("interrupted: run the same command again to resume where it stopped")
         return 130
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except ClickException as exc:
         exc.show()
         return exc.exit_code
     return 0
