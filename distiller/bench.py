@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import numpy as np
 from runtime.classifier import Classifier, physical_cores
 from runtime.errors import UserError
 from runtime.preprocess import preprocess
+from runtime.timing import latency_stats, timed
 
 
 def cpu_model() -> str:
@@ -37,22 +37,6 @@ def versions() -> dict:
     return out
 
 
-def timed(fn, runs: int, warmup: int) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    t = np.empty(runs)
-    for i in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        t[i] = (time.perf_counter() - t0) * 1e3
-    return t
-
-
-def latency_stats(ms: np.ndarray) -> dict:
-    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99)),
-            "mean": float(ms.mean())}
-
-
 def _size_mb(path: Path) -> float:
     size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
     return round(size / 2**20, 3)
@@ -61,7 +45,6 @@ def _size_mb(path: Path) -> float:
 def val_images(run: Path, limit: int = 256) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The run's validation bank images (uint8 HWC) and the teacher's logits on them."""
     bank = run / "bank"
-    plan = json.loads((bank / "plan.json").read_text())
     imgs, logits = [], []
     for shard in sorted(bank.glob("shard_*")):
         recs = json.loads((shard / "records.json").read_text())
@@ -70,7 +53,6 @@ def val_images(run: Path, limit: int = 256) -> tuple[list[np.ndarray], np.ndarra
             logits.append(np.load(shard / "logits.npy"))
     if not imgs:
         raise UserError(f"{run}: its bank has no validation shards")
-    del plan
     return list(np.concatenate(imgs)[:limit]), np.concatenate(logits)[:limit]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from distiller.registry import Registry
 from runtime.classifier import Classifier
 from runtime.metadata import ModelMetadata
+from runtime.timing import latency_stats, timed
 
 from . import quantize
 from .onnx_export import export_onnx
@@ -110,15 +111,7 @@ def build_order(names) -> list[str]:
 
 def latency_ms(clf: Classifier, sample: np.ndarray, runs: int, warmup: int = 5) -> dict:
     x = sample[:1]
-    for _ in range(warmup):
-        clf.logits(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        clf.logits(x)
-        times.append((time.perf_counter() - t) * 1e3)
-    t = np.array(times)
-    return {"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90)), "p99": float(np.percentile(t, 99)), "runs": runs}
+    return latency_stats(timed(lambda: clf.logits(x), runs, warmup))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -55,3 +55,9 @@ def test_console_entry_point_exit_code_and_help_is_fast(tmp_path):
     code = "import sys; from distiller.cli import main; main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_error_text_with_brackets_is_printed_verbatim(capsys):
+    # rich markup must not eat "[...]" in our messages (e.g. pip extras)
+    assert main(["predict", "/no/such/model[train].onnx", "x.png"]) == 2
+    assert "model[train].onnx" in capsys.readouterr().err

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except UserError as exc:
-        from .ui import err
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        from .ui import err, escape
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except typer.Abort:
         from .ui import err

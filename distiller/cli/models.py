@@ -13,7 +13,7 @@ from rich.table import Table
 from runtime.errors import UserError
 
 from . import app
-from .ui import console, err, eval_table
+from .ui import console, err, escape, eval_table
 
 
 def expand_images(items: list[str]) -> list[Path]:
@@ -55,7 +55,7 @@ def predict(
             result = clf.classify(p, top_k=top_k)
         except UserError as exc:
             failed += 1
-            err.print(f"[yellow]skipped[/yellow] {exc}", highlight=False)
+            err.print(f"[yellow]skipped[/yellow] {escape(str(exc))}", highlight=False)
             continue
         if as_json:
             sys.stdout.write(json.dumps({"image": str(p), "top": [{"label": lab, "probability": round(pr, 6)} for lab, pr in result]}) + "\n")
@@ -100,7 +100,7 @@ def evaluate(
     console.print(eval_table(f"{data}: {len(dataset.samples)} images, labels {', '.join(labels)}", results))
     first = next(iter(results.values()))
     if first["skipped_folders"]:
-        err.print(f"[yellow]skipped folders matching no label:[/yellow] {', '.join(first['skipped_folders'])} (use --labels-map)")
+        err.print(f"[yellow]skipped folders matching no label:[/yellow] {escape(', '.join(first['skipped_folders']))} (use --labels-map)")
     if first["unreadable"]:
         err.print(f"[yellow]unreadable images skipped:[/yellow] {len(first['unreadable'])}")
 
@@ -161,7 +161,7 @@ def bench(
         return
     console.print(bench_table(result))
     for name, why in result.get("skipped", {}).items():
-        err.print(f"[yellow]skipped[/yellow] {name}: {why}", highlight=False)
+        err.print(f"[yellow]skipped[/yellow] {escape(name)}: {escape(why)}", highlight=False)
     if result.get("deployable"):
         console.print(f"deployable on this machine: [bold]{result['deployable']}[/bold] (report.json updated)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -19,10 +20,10 @@ class RichReporter:
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.out.print(f"[dim]{message}[/dim]")
+            self.out.print(f"[dim]{escape(message)}[/dim]")
 
     def warn(self, message: str) -> None:
-        self.out.print(f"[bold yellow]warning:[/bold yellow] {message}")
+        self.out.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}")
 
     @contextmanager
     def task(self, description: str, total: int):
