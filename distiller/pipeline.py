@@ -146,7 +146,18 @@ def synthesize_stage(run: Run) -> None:
     teacher = run.teacher()
     if run.device == "cpu" and teacher.describe().get("family") == "open_clip" and rec.teacher.model == "ViT-B-32":
         run.reporter.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
-    source = build_prompt_source(teacher, rec.prompts, run.paths, rec.seed)
+    from .prompts import DEFAULT_STYLES, source_name
+    name = source_name(teacher, rec.prompts)
+    n_styles = rec.prompts.styles or DEFAULT_STYLES
+    total = n_styles * rec.prompts.train_steps if name == "contrastive" else 1
+    with run.reporter.task(f"prompts: {name}" + (f" ({n_styles} styles)" if name != "plain" else ""), total) as advance:
+        done = [0]
+
+        def step(style, i):
+            done[0] += 1
+            advance()
+        source = build_prompt_source(teacher, rec.prompts, run.paths, rec.seed, on_step=step)
+        advance(total - done[0])  # styles reused from styles.pt, or a source with nothing to learn
     res = rec.synthesis.resolution or teacher.input_size
     plan = BankPlan(tuple(run.labels), tuple(source.style_names), rec.synthesis.images_per_class,
                     rec.synthesis.shard_size, res, rec.synthesis.val_every, rec.seed)

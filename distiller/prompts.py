@@ -196,9 +196,16 @@ def default_source(teacher) -> str:
     return "contrastive" if getattr(teacher, "tokenizer", None) is not None else "plain"
 
 
-def build_prompt_source(teacher, cfg, paths=None, seed: int = 0) -> PromptSource:
-    name = default_source(teacher) if cfg.source == "auto" else cfg.source
-    return PROMPT_SOURCES.get(name)(teacher, cfg, paths, seed)
+def source_name(teacher, cfg) -> str:
+    return default_source(teacher) if cfg.source == "auto" else cfg.source
+
+
+def build_prompt_source(teacher, cfg, paths=None, seed: int = 0, on_step=None) -> PromptSource:
+    """The source the recipe's ``[prompts]`` slice names; ``on_step(style, step)`` reports style learning."""
+    cls = PROMPT_SOURCES.get(source_name(teacher, cfg))
+    if on_step is not None and cls is ContrastivePrompts:
+        return cls(teacher, cfg, paths, seed, on_step=on_step)
+    return cls(teacher, cfg, paths, seed)
 
 
 @torch.no_grad()
