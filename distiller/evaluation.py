@@ -190,7 +190,8 @@ def teacher_predictor(teacher, device="cpu") -> Callable[[list[Path]], np.ndarra
     from runtime.preprocess import preprocess
 
     size = teacher.input_size
-    pre = Preprocess(size=size, resize=size, interpolation=getattr(teacher, "interpolation", "bicubic"),
+    resize = int(size / getattr(teacher, "crop_pct", 1.0))   # CLIP: resize to the crop; ImageNet nets: crop_pct
+    pre = Preprocess(size=size, resize=resize, interpolation=getattr(teacher, "interpolation", "bicubic"),
                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))   # [0, 1]; the teacher normalises itself
 
     @torch.no_grad()

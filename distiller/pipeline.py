@@ -128,7 +128,18 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
     from exporter import VARIANTS
     for v in recipe.export.variants:
         VARIANTS.get(v)
-    check_teacher(recipe.teacher, offline)
+    check_teacher(recipe.teacher, offline, concepts)
+    from .teachers import resolve_family
+    if not resolve_family(recipe.teacher.model).styles and recipe.prompts.source not in ("auto", "plain", "classes"):
+        raise UserError(f"--prompts {recipe.prompts.source}: prompt styles do not apply to ImageNet-classifier teachers: "
+                        f"use --prompts auto")
+
+
+def coverage_warnings(teacher) -> list[str]:
+    if getattr(teacher, "coverage", None) is None:
+        return []
+    from .imagenet_concepts import warnings_for
+    return warnings_for(teacher.coverage)
 
 
 def synthesize_stage(run: Run) -> None:
@@ -144,13 +155,16 @@ def synthesize_stage(run: Run) -> None:
     t0 = time.perf_counter()
     rec = run.recipe
     teacher = run.teacher()
+    for note in coverage_warnings(teacher):
+        run.reporter.warn(note)
     if run.device == "cpu" and teacher.describe().get("family") == "open_clip" and rec.teacher.model == "ViT-B-32":
         run.reporter.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
     from .prompts import DEFAULT_STYLES, source_name
     name = source_name(teacher, rec.prompts)
     n_styles = rec.prompts.styles or DEFAULT_STYLES
     total = n_styles * rec.prompts.train_steps if name == "contrastive" else 1
-    with run.reporter.task(f"prompts: {name}" + (f" ({n_styles} styles)" if name != "plain" else ""), total) as advance:
+    styled = name not in ("plain", "classes")
+    with run.reporter.task(f"prompts: {name}" + (f" ({n_styles} styles)" if styled else ""), total) as advance:
         done = [0]
 
         def step(style, i):

@@ -58,6 +58,23 @@ class PlainPrompts(PromptSource):
         return self.class_targets[class_ids]
 
 
+@PROMPT_SOURCES.register("classes")
+class ClassPrompts(PromptSource):
+    """For ImageNet-classifier teachers: each image's target is one ImageNet class beneath its concept,
+    drawn with the batch's generator (the concept's classes take turns across the bank)."""
+
+    def __init__(self, teacher, cfg, paths=None, seed: int = 0):
+        if getattr(teacher, "members", None) is None:
+            raise UserError("--prompts classes is for ImageNet-classifier teachers: use auto")
+        self.members = teacher.members
+        super().__init__("classes", 1, ["plain"], None)
+
+    def targets(self, class_ids, style_ids, generator=None):
+        g = generator or torch.Generator().manual_seed(0)
+        picks = torch.randint(0, 2**31 - 1, (len(class_ids),), generator=g)
+        return torch.stack([self.members[int(c)][int(p) % len(self.members[int(c)])] for c, p in zip(class_ids, picks)])
+
+
 class StyledPrompts(PromptSource):
     """Sources whose styles are pseudo-words spliced into ``cfg.template``."""
 
@@ -193,10 +210,16 @@ class ContrastivePrompts(StyledPrompts):
 
 
 def default_source(teacher) -> str:
+    if getattr(teacher, "members", None) is not None:
+        return "classes"
     return "contrastive" if getattr(teacher, "tokenizer", None) is not None else "plain"
 
 
 def source_name(teacher, cfg) -> str:
+    if getattr(teacher, "members", None) is not None:
+        if cfg.source not in ("auto", "plain", "classes"):
+            raise UserError(f"--prompts {cfg.source}: prompt styles do not apply to ImageNet-classifier teachers: use --prompts auto")
+        return "classes"
     return default_source(teacher) if cfg.source == "auto" else cfg.source
 
 

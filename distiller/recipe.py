@@ -30,6 +30,7 @@ class TeacherCfg:
     pretrained: str = "laion2b_s34b_b79k"       # open_clip tag or local weights file
     templates: tuple[str, ...] = ("a photo of a {}.",)
     batch_size: int = 32                        # teacher forward batch when labelling
+    input_size: int = 0                         # ImageNet teachers: inference size; 0: the model's own
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class SynthesisCfg:
     noise: float = 0.02
     decay_power: float = 1.0                    # Fourier amplitude falls as 1/f^decay_power
     tv_weight: float = 0.0
-    class_weight: float = 0.1                   # teacher cross-entropy on the image's class
+    class_weight: float = 0.1                   # CLIP: zero-shot cross-entropy on the image's class
+    bn_weight: float = 1.0                      # ImageNet teachers: batch-norm statistics prior
 
 
 @dataclass(frozen=True)

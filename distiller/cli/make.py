@@ -31,10 +31,12 @@ def make(
     classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="A file with one class per line."),
     target: Optional[str] = typer.Option(None, help="Deployment target: picks the student (cpu, cpu-large, tiny)."),
     recipe: str = typer.Option("cpu", "--recipe", "-r", help="Recipe name (see `distiller recipes`) or .toml path."),
-    teacher: Optional[str] = typer.Option(None, help="open_clip model name (ViT-B-32) or model-config .json path."),
+    teacher: Optional[str] = typer.Option(None, help="open_clip model name (ViT-B-32), model-config .json path, "
+                                          "efficientnet-lite0|1|2 (offline ImageNet teachers) or timm:NAME."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or a local weights file."),
     prompts: Optional[str] = typer.Option(None, help="Prompt source: auto (contrastive for CLIP), contrastive, random, mix, plain."),
     styles: Optional[int] = typer.Option(None, help="Number of prompt styles."),
+    student_init: Optional[str] = typer.Option(None, "--student-init", help="scratch, or pretrained (an ImageNet backbone)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     seed: Optional[int] = typer.Option(None, help="Seed for synthesis and training."),
     out: Path = typer.Option(Path("runs"), help="Parent folder of run folders."),
@@ -50,7 +52,8 @@ def make(
     from ..recipe import load_recipe, parse_set
     concepts = parse_concepts(classes, classes_file)
     overrides = {"target": target, "teacher.model": teacher, "teacher.pretrained": pretrained,
-                 "prompts.source": prompts, "prompts.styles": styles, "device": device, "seed": seed}
+                 "prompts.source": prompts, "prompts.styles": styles, "device": device, "seed": seed,
+                 "student.init": student_init}
     overrides.update(parse_set(set_ or []))
     rec = load_recipe(recipe, overrides)
     from ..pipeline import make as make_run

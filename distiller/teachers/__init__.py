@@ -22,7 +22,8 @@ class TeacherFamily:
     matches: Callable[[str], bool]
     build: Callable
     names: Callable[[], list[str]]   # known model names, for hints
-    check: Callable                  # (cfg, offline) -> None; raises UserError before any work starts
+    check: Callable                  # (cfg, offline, concepts) -> None; raises UserError before any work starts
+    styles: bool = True              # whether prompt styles (a text tower) apply
 
 
 TEACHERS: Registry[TeacherFamily] = Registry("teacher family")
@@ -40,9 +41,9 @@ def resolve_family(name: str) -> TeacherFamily:
     raise UserError(f"unknown teacher {name!r}: {hint}")
 
 
-def check_teacher(cfg, offline=False) -> None:
-    """Fail fast (before a run folder is made) on an unknown teacher or unavailable weights."""
-    resolve_family(cfg.model).check(cfg, offline)
+def check_teacher(cfg, offline=False, concepts=None) -> None:
+    """Fail fast (before a run folder is made) on an unknown teacher, unavailable weights or concepts it cannot cover."""
+    resolve_family(cfg.model).check(cfg, offline, concepts)
 
 
 def build_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None):
@@ -51,4 +52,8 @@ def build_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=No
     return fam.build(cfg, concepts, device=device, offline=offline, text_embeddings=text_embeddings)
 
 
+# Lookup order: CLIP config path, efficientnet-lite*, timm:, open_clip name.
 from . import clip  # noqa: E402,F401  (registers the open_clip families)
+from . import imagenet  # noqa: E402,F401  (registers the ImageNet-classifier families)
+
+clip.register_name_family()

