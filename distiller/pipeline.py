@@ -129,6 +129,10 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
     for v in recipe.export.variants:
         VARIANTS.get(v)
     check_teacher(recipe.teacher, offline, concepts)
+    from .teachers import judge_cfg
+    judge = judge_cfg(recipe.teacher)
+    if judge is not None:
+        check_teacher(judge, offline, concepts)
     from .teachers import resolve_family
     if not resolve_family(recipe.teacher.model).styles and recipe.prompts.source not in ("auto", "plain", "classes"):
         raise UserError(f"--prompts {recipe.prompts.source}: prompt styles do not apply to ImageNet-classifier teachers: "
@@ -181,6 +185,44 @@ def synthesize_stage(run: Run) -> None:
         fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(), on_shard=lambda i, n: advance())
     write_samples(bank, run.paths.samples)
     run.record_time("synthesize", time.perf_counter() - t0)
+
+
+def judge_stage(run: Run) -> dict | None:
+    """Score the bank with a held-out network: per concept, how often it sees the intended class.
+
+    Surrogate images that only convince the network that made them are adversarial textures, not
+    data; a judge that never took part in synthesis is a cheap proxy for whether they transfer.
+    """
+    import numpy as np
+    import torch
+
+    from .bank import Bank
+    from .synthesis import teacher_logits
+    from .teachers import build_teacher, judge_cfg
+
+    rec = run.recipe
+    cfg = judge_cfg(rec.teacher)
+    if cfg is None:
+        return None
+    name = cfg.model
+    if run.paths.judge.exists():
+        return json.loads(run.paths.judge.read_text())
+    t0 = time.perf_counter()
+    judge = build_teacher(cfg, run.concepts, run.device, run.offline)
+    imgs, _, recs = Bank(run.paths.bank).load()
+    with torch.no_grad():
+        pred = teacher_logits(judge, torch.from_numpy(imgs), device=run.device).argmax(1).numpy()
+    truth = np.array([r["class"] for r in recs])
+    per = {c.label: float((pred[truth == k] == k).mean()) for k, c in enumerate(run.concepts)}
+    result = {"judge": name, "per_concept": per, "overall": float((pred == truth).mean()), "images": int(len(truth)),
+              "min": rec.teacher.judge_min}
+    write_json_atomic(run.paths.judge, result)
+    for label, a in per.items():
+        if a < rec.teacher.judge_min:
+            run.reporter.warn(f"{label}: the held-out judge {name} sees it in only {100 * a:.0f}% of its surrogate images: "
+                              f"they may not transfer; the student can fail on real {label}")
+    run.record_time("judge", time.perf_counter() - t0)
+    return result
 
 
 def distill_stage(run: Run) -> None:
@@ -278,6 +320,7 @@ def build_report(run: Run, spec, export: dict) -> dict:
         "student": {"model": spec.model, "input_size": spec.preprocess.size, "best_val_agreement": max(
             h["val_agreement"] for h in ckpt["history"]), "epochs": ckpt["epoch"]},
         "recipe": run.recipe.name,
+        "judge": json.loads(run.paths.judge.read_text()) if run.paths.judge.exists() else None,
         "deployable": export["deployable"],
         "export": export,
         "timings_s": timings,
@@ -291,6 +334,7 @@ def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Repor
     init_run(run_dir, recipe, concepts, exist_ok)
     run = Run(run_dir, reporter, offline=offline)
     synthesize_stage(run)
+    judge_stage(run)
     distill_stage(run)
     return export_stage(run)
 

@@ -31,6 +31,8 @@ class TeacherCfg:
     templates: tuple[str, ...] = ("a photo of a {}.",)
     batch_size: int = 32                        # teacher forward batch when labelling
     input_size: int = 0                         # ImageNet teachers: inference size; 0: the model's own
+    judge: str = "auto"                         # held-out network scoring the bank; auto | none | a teacher name
+    judge_min: float = 0.5                      # warn for concepts the judge agrees on less often
 
 
 @dataclass(frozen=True)

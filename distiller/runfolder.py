@@ -23,6 +23,7 @@ class RunPaths:
     samples = property(lambda s: s.root / "samples.png")
     report = property(lambda s: s.root / "report.json")
     timings = property(lambda s: s.root / "timings.json")
+    judge = property(lambda s: s.root / "judge.json")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

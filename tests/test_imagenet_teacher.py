@@ -125,3 +125,39 @@ def test_pretrained_student_init_offline():
     from distiller.teachers.imagenet import create_classifier
     ref, _, _ = create_classifier("efficientnet-lite0")
     torch.testing.assert_close(model.conv_stem.weight, ref.conv_stem.weight)
+
+
+def test_held_out_judge_scores_the_bank(tmp_path, capsys):
+    from distiller.pipeline import Run, judge_stage
+    args = ["make", "--classes", "cats,dogs", "--teacher", "efficientnet-lite0", "--recipe", "smoke", "--offline",
+            "--device", "cpu", "--out", str(tmp_path), "--name", "judged",
+            "--set", "teacher.input_size=64", "--set", "synthesis.images_per_class=8", "--set", "synthesis.shard_size=4",
+            "--set", "synthesis.steps=3", "--set", "synthesis.crops=1", "--set", "distill.epochs=1",
+            "--set", 'export.variants=["onnx-fp32"]', "--set", "export.latency_runs=3", "--set", "teacher.judge_min=1.01"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    run = tmp_path / "judged"
+    judge = json.loads((run / "judge.json").read_text())
+    assert judge["judge"] == "efficientnet-lite1" and judge["images"] == 16
+    assert set(judge["per_concept"]) == {"cats", "dogs"} and all(0 <= v <= 1 for v in judge["per_concept"].values())
+    assert json.loads((run / "report.json").read_text())["judge"] == judge
+    assert "held-out judge efficientnet-lite1" in out.out and "may not transfer" in out.err  # judge_min above 1: always warns
+    # the judge's verdict is the judge's own argmax over the bank
+    r = Run(run, device="cpu")
+    from distiller.bank import Bank
+    from distiller.synthesis import teacher_logits
+    from distiller.teachers import build_teacher, judge_cfg
+    imgs, _, recs = Bank(run / "bank").load()
+    pred = teacher_logits(build_teacher(judge_cfg(r.recipe.teacher), r.concepts), torch.from_numpy(imgs)).argmax(1)
+    cats = [i for i, x in enumerate(recs) if x["class"] == 0]
+    assert judge["per_concept"]["cats"] == pytest.approx(float((pred[cats] == 0).float().mean()))
+    assert judge_stage(r) == judge  # computed once, then read back
+
+
+def test_clip_teachers_have_no_judge_by_default(tiny_clip):
+    from distiller.teachers import judge_cfg
+    cfg, weights = tiny_clip
+    rec = load_recipe("smoke", {"teacher.model": str(cfg), "teacher.pretrained": str(weights)})
+    assert judge_cfg(rec.teacher) is None
+    rec = load_recipe("smoke", {"teacher.model": str(cfg), "teacher.judge": "efficientnet-lite0"})
+    assert judge_cfg(rec.teacher).model == "efficientnet-lite0" and judge_cfg(rec.teacher).input_size == 0

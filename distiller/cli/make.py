@@ -71,6 +71,12 @@ def make(
 
 def _summary(run_dir: Path, report: dict, seconds: float) -> None:
     console.print(artifacts_table(report))
+    j = report.get("judge")
+    if j:
+        low = {k: v for k, v in j["per_concept"].items() if v < j["min"]}
+        console.print(f"held-out judge {j['judge']} on the bank: " + ", ".join(
+            f"{'[bold red]' if k in low else ''}{k} {100 * v:.0f}%{'[/bold red]' if k in low else ''}" for k, v in j["per_concept"].items())
+            + (f"  ([bold red]below {100 * j['min']:.0f}%: may not transfer[/bold red])" if low else ""))
     t = report.get("timings_s", {})
     console.print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()) + f"; this call {seconds:.0f}s")
     console.print(f"ship [bold]{run_dir / report['deployable']}[/bold] (report: {run_dir / 'report.json'})")

@@ -24,6 +24,7 @@ class TeacherFamily:
     names: Callable[[], list[str]]   # known model names, for hints
     check: Callable                  # (cfg, offline, concepts) -> None; raises UserError before any work starts
     styles: bool = True              # whether prompt styles (a text tower) apply
+    judge: Callable = lambda name: None   # a held-out family member that scores the bank, or None
 
 
 TEACHERS: Registry[TeacherFamily] = Registry("teacher family")
@@ -44,6 +45,18 @@ def resolve_family(name: str) -> TeacherFamily:
 def check_teacher(cfg, offline=False, concepts=None) -> None:
     """Fail fast (before a run folder is made) on an unknown teacher, unavailable weights or concepts it cannot cover."""
     resolve_family(cfg.model).check(cfg, offline, concepts)
+
+
+def judge_cfg(cfg):
+    """The ``[teacher]`` slice for the held-out judge ("auto": the family's choice), or None."""
+    import dataclasses
+    if cfg.judge in ("", "none"):
+        return None
+    name = resolve_family(cfg.model).judge(cfg.model) if cfg.judge == "auto" else cfg.judge
+    if name is None:
+        return None
+    size = cfg.input_size if not resolve_family(name).styles else 0
+    return dataclasses.replace(cfg, model=name, judge="none", input_size=size)
 
 
 def build_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None):

@@ -147,7 +147,13 @@ def check_imagenet(cfg, offline=False, concepts=None) -> None:
         map_concepts(concepts)
 
 
+def lite_judge(name: str) -> str:
+    """Another EfficientNet-Lite than the teacher: the judge never took part in synthesis."""
+    return "efficientnet-lite1" if name == "efficientnet-lite0" else "efficientnet-lite0"
+
+
 TEACHERS.register("efficientnet-lite", TeacherFamily(matches=_is_lite, build=build_imagenet_teacher,
-                                                     names=lambda: list(LITE), check=check_imagenet, styles=False))
+                                                     names=lambda: list(LITE), check=check_imagenet, styles=False,
+                                                     judge=lite_judge))
 TEACHERS.register("timm", TeacherFamily(matches=_is_timm, build=build_imagenet_teacher, names=lambda: [],
-                                                         check=check_imagenet, styles=False))
+                                                         check=check_imagenet, styles=False, judge=lambda n: "efficientnet-lite0"))
