@@ -159,6 +159,7 @@ def synthesize_stage(run: Run) -> None:
     t0 = time.perf_counter()
     rec = run.recipe
     teacher = run.teacher()
+    write_json_atomic(run.paths.teacher, teacher.describe())
     for note in coverage_warnings(teacher):
         run.reporter.warn(note)
     if run.device == "cpu" and teacher.describe().get("family") == "open_clip" and rec.teacher.model == "ViT-B-32":
@@ -294,7 +295,7 @@ def export_stage(run: Run) -> dict:
         reference = student(torch.from_numpy(val)).numpy()
     meta = ModelMetadata(
         labels=tuple(run.labels), preprocess=spec.preprocess, student=spec.model,
-        teacher={"model": rec.teacher.model, "weights": rec.teacher.pretrained}, recipe=rec.to_dict(),
+        teacher=teacher_info(run), recipe=rec.to_dict(),
         package_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset)
@@ -309,6 +310,14 @@ def export_stage(run: Run) -> dict:
     return report
 
 
+def teacher_info(run: Run) -> dict:
+    """What the teacher was (family, model, weights), as described when the bank was made."""
+    if run.paths.teacher.exists():
+        info = json.loads(run.paths.teacher.read_text())
+        return {k: info[k] for k in ("family", "model", "weights", "input_size") if k in info}
+    return {"model": run.recipe.teacher.model}
+
+
 def build_report(run: Run, spec, export: dict) -> dict:
     import torch
     ckpt = torch.load(run.paths.checkpoints / "last.pt", map_location="cpu", weights_only=False)
@@ -316,7 +325,7 @@ def build_report(run: Run, spec, export: dict) -> dict:
     return {
         "distiller_version": __version__,
         "labels": run.labels,
-        "teacher": {"model": run.recipe.teacher.model, "weights": run.recipe.teacher.pretrained},
+        "teacher": teacher_info(run),
         "student": {"model": spec.model, "input_size": spec.preprocess.size, "best_val_agreement": max(
             h["val_agreement"] for h in ckpt["history"]), "epochs": ckpt["epoch"]},
         "recipe": run.recipe.name,

@@ -24,6 +24,7 @@ class RunPaths:
     report = property(lambda s: s.root / "report.json")
     timings = property(lambda s: s.root / "timings.json")
     judge = property(lambda s: s.root / "judge.json")
+    teacher = property(lambda s: s.root / "teacher.json")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -63,7 +63,7 @@ def test_metadata_round_trips(smoke_run, student_and_val):
         assert m.labels == ("cat", "dog")
         assert m.preprocess == spec.preprocess
         assert m.student == "resnet10t" and m.recipe["name"] == "smoke"
-        assert m.teacher["model"].endswith("tiny.json")
+        assert m.teacher["model"] == "tiny" and m.teacher["weights"].endswith("tiny.pt") and m.teacher["family"] == "open_clip"
         assert m.precision == ("int8" if "int8" in f else "fp32")
         assert ModelMetadata.from_json(m.to_json()) == m
     # OpenVINO keeps the same JSON in rt_info as in the sidecar

@@ -85,10 +85,10 @@ class BNStats:
 
 
 class ImageNetTeacher(torch.nn.Module):
-    def __init__(self, model, arch: str, weights: str, coverage, input_size: int = 0):
+    def __init__(self, model, name: str, arch: str, weights: str, coverage, input_size: int = 0):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        self.arch, self.weights, self.coverage = arch, weights, coverage
+        self.name, self.arch, self.weights, self.coverage = name, arch, weights, coverage
         cfg = model.pretrained_cfg
         self.input_size = int(input_size or cfg["input_size"][-1])
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
@@ -125,7 +125,8 @@ class ImageNetTeacher(torch.nn.Module):
         return loss
 
     def describe(self) -> dict:
-        return {"family": "imagenet", "model": self.arch, "weights": self.weights, "input_size": self.input_size,
+        return {"family": "imagenet", "model": self.name, "arch": self.arch, "weights": self.weights,
+                "input_size": self.input_size,
                 "concepts": {c.label: [c.synset, list(c.classes)] for c in self.coverage}}
 
 
@@ -133,7 +134,7 @@ def build_imagenet_teacher(cfg, concepts, device="cpu", offline=False, text_embe
     from ..imagenet_concepts import map_concepts
     coverage = map_concepts(concepts)
     model, arch, weights = create_classifier(cfg.model)
-    return ImageNetTeacher(model, arch, weights, coverage, cfg.input_size).to(device)
+    return ImageNetTeacher(model, cfg.model, arch, weights, coverage, cfg.input_size).to(device)
 
 
 def check_imagenet(cfg, offline=False, concepts=None) -> None:
