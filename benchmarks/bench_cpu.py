@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rich.console import Console  # noqa: E402
+
 
 from distiller.bench import bench_run, classify_overhead, teacher_baseline, val_images  # noqa: E402
 from distiller.cli.models import bench_table  # noqa: E402
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"bench": result, "ratios": ratios}, indent=1))
         return 0
-    con = Console()
+    from distiller.cli.ui import console as con
     con.print(bench_table(result))
     for k, v in ratios.items():
         con.print(f"{k:32s} {v if not isinstance(v, float) else round(v, 3)}")

@@ -301,7 +301,8 @@ def export_stage(run: Run) -> dict:
     ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset)
     with run.reporter.task("export + measure", len(rec.export.variants)) as advance:
         result = export_all(ctx, rec.export.variants, val, reference, va_logit, rec.export.max_drop,
-                            rec.export.latency_runs, rec.export.threads or None, on_variant=lambda n, r: advance())
+                            rec.export.latency_runs, rec.export.threads or None, on_variant=lambda n, r: advance(),
+                            min_speedup=rec.export.min_speedup)
     for note in result["notes"]:
         run.reporter.warn(note)
     run.record_time("export", time.perf_counter() - t0)

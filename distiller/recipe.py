@@ -93,6 +93,7 @@ class ExportCfg:
     opset: int = 17
     calibration_images: int = 128               # from the train split only
     max_drop: float = 1.0                       # points of top-1 agreement INT8 may lose vs FP32
+    min_speedup: float = 1.2                    # INT8 replaces FP32 only when at least this much faster
     latency_runs: int = 50
     threads: int = 0                            # 0: physical cores
 

@@ -21,7 +21,7 @@ def end_nodes(model_proto) -> list[str]:
     return [weighted[0], weighted[-1]] if len(weighted) > 1 else weighted
 
 
-def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, metadata: ModelMetadata, **options) -> Path:
+def quantize_onnx(fp32: Path, out: Path, calib_data: np.ndarray, metadata: ModelMetadata, **options) -> Path:
     """ONNX Runtime static quantization. ``options``: format QDQ|QOperator, activations U8|S8,
     weights S8|U8, per_channel, skip_ends (keep first and last layer FP32), calibration MinMax|Entropy|Percentile."""
     import onnx
@@ -33,7 +33,7 @@ def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, metadata: Mode
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{"images": calibration[i:i + 1]} for i in range(len(calibration))])
+            self.it = iter([{"images": calib_data[i:i + 1]} for i in range(len(calib_data))])
 
         def get_next(self):
             return next(self.it, None)

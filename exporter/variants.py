@@ -135,7 +135,8 @@ def measure(path: Path, val: np.ndarray, reference: np.ndarray, teacher: np.ndar
 
 
 def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray, teacher: np.ndarray,
-               max_drop: float, runs: int = 50, threads: int | None = None, on_variant=None) -> dict:
+               max_drop: float, runs: int = 50, threads: int | None = None, on_variant=None,
+               min_speedup: float = 1.0) -> dict:
     """Build, measure and rank the variants; returns the export part of report.json."""
     ctx.val, ctx.reference, ctx.max_drop = val, reference, max_drop
     rows = {}
@@ -160,26 +161,34 @@ def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray
         rows[name] = row
         if on_variant:
             on_variant(name, row)
-    deployable, notes = select(rows, max_drop)
+    deployable, notes = select(rows, max_drop, min_speedup)
     notes += [f"{n}: failed to build ({why})" for n, why in failed.items()]
     return {"variants": rows, "failed": failed, "deployable": rows[deployable]["file"], "deployable_variant": deployable,
-            "max_drop": max_drop, "notes": notes}
+            "max_drop": max_drop, "min_speedup": min_speedup, "notes": notes}
 
 
-def select(rows: dict, max_drop: float) -> tuple[str, list[str]]:
+def select(rows: dict, max_drop: float, min_speedup: float = 1.0) -> tuple[str, list[str]]:
     """Mark the fastest variant within ``max_drop`` points of agreement as deployable.
 
-    Every row gets a ``status`` saying why it was or was not picked; FP32 variants are always
-    eligible, so if no INT8 variant qualifies FP32 ships and the notes say so.
+    An INT8 variant replaces FP32 only when it is at least ``min_speedup`` times faster than the
+    fastest FP32 variant: a lossy model is not worth a few percent. Every row gets a ``status``
+    saying why it was or was not picked; if no INT8 variant qualifies FP32 ships and the notes say so.
     """
     notes, ok = [], []
+    fp32 = [n for n, r in rows.items() if r["precision"] == "fp32"]
+    fp32_p50 = min((rows[n]["latency_ms"]["p50"] for n in fp32), default=float("inf"))
     for name, r in rows.items():
         drop = 100 * (1 - r["agreement"])
         r["drop_points"] = round(drop, 2)
-        if drop <= max_drop or r["precision"] == "fp32":
+        speedup = fp32_p50 / r["latency_ms"]["p50"]
+        if r["precision"] == "fp32":
             ok.append(name)
-        else:
+        elif drop > max_drop:
             r["status"] = f"loses {drop:.1f} points of top-1 agreement (max_drop {max_drop})"
+        elif speedup < min_speedup:
+            r["status"] = f"only {speedup:.2f}x faster than FP32 (min_speedup {min_speedup})"
+        else:
+            ok.append(name)
     best = min(ok, key=lambda n: rows[n]["latency_ms"]["p50"])
     p50 = rows[best]["latency_ms"]["p50"]
     for name in ok:
@@ -190,7 +199,7 @@ def select(rows: dict, max_drop: float) -> tuple[str, list[str]]:
     if int8 and rows[best]["precision"] == "fp32":
         lost = [n for n in int8 if rows[n]["drop_points"] > max_drop]
         why = ("every INT8 variant lost more than max_drop" if len(lost) == len(int8) else
-               "no INT8 variant within max_drop was faster on this CPU")
+               f"no INT8 variant within max_drop was {min_speedup}x faster than FP32 on this CPU")
         notes.append(f"shipping FP32 ({best}): {why}")
     for n in int8:
         if rows[n]["drop_points"] > max_drop:

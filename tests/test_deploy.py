@@ -31,7 +31,16 @@ def test_select_with_max_drop_zero_ships_fp32_and_says_so():
     assert any("shipping FP32" in n and "every INT8 variant lost more than max_drop" in n for n in notes)
     rows = {"onnx-fp32": _row("fp32", 1.0, 1.0), "onnx-int8": _row("int8", 1.0, 3.0)}
     best, notes = select(rows, max_drop=1.0)
-    assert best == "onnx-fp32" and any("no INT8 variant within max_drop was faster" in n for n in notes)
+    assert best == "onnx-fp32" and any("no INT8 variant within max_drop was 1.0x faster than FP32" in n for n in notes)
+
+
+def test_int8_must_be_min_speedup_faster_than_fp32():
+    rows = {"openvino-fp32": _row("fp32", 1.0, 1.5), "openvino-int8": _row("int8", 1.0, 1.37)}
+    best, notes = select(rows, max_drop=1.0, min_speedup=1.2)
+    assert best == "openvino-fp32"
+    assert rows["openvino-int8"]["status"] == "only 1.09x faster than FP32 (min_speedup 1.2)"
+    assert any("no INT8 variant within max_drop was 1.2x faster" in n for n in notes)
+    assert select(rows, max_drop=1.0, min_speedup=1.05)[0] == "openvino-int8"
 
 
 def test_every_registered_variant_has_a_distinct_file():
@@ -56,10 +65,11 @@ def _copy_run(smoke_run, dst, **export):
 def test_repair_and_candidate_variants_on_a_real_student(smoke_run, tmp_path):
     from distiller.pipeline import Run, export_stage
     run = _copy_run(smoke_run, tmp_path, max_drop=0.0, latency_runs=5,
-                    variants=["onnx-fp32", "onnx-int8-skip-ends", "onnx-int8-qop", "openvino-int8-acc"])
+                    variants=["onnx-fp32", "onnx-int8-skip-ends", "onnx-int8-percentile", "openvino-int8-acc"])
     report = export_stage(Run(run))
     rows = report["export"]["variants"]
-    assert set(rows) == {"onnx-fp32", "openvino-fp32", "onnx-int8-skip-ends", "onnx-int8-qop", "openvino-int8-acc"}
+    assert set(rows) == {"onnx-fp32", "openvino-fp32", "onnx-int8-skip-ends", "onnx-int8-percentile", "openvino-int8-acc"}
+    assert report["export"]["failed"] == {}
     # NNCF's accuracy control validates on the same val images we measure: it must keep the drop within 0
     assert rows["openvino-int8-acc"]["agreement"] == 1.0
     best = report["export"]["deployable_variant"]
@@ -86,8 +96,12 @@ def test_bench_select_rewrites_deployable(smoke_run, tmp_path, capsys):
     rows = report["export"]["variants"]
     best = report["export"]["deployable_variant"]
     assert report["deployable"] == rows[best]["file"] == result["deployable"]
-    eligible = [n for n, r in rows.items() if r["drop_points"] <= report["export"]["max_drop"] or r["precision"] == "fp32"]
-    assert best == min(eligible, key=lambda n: result["models"][n]["latency_ms"]["p50"])
+    p50 = {n: result["models"][n]["latency_ms"]["p50"] for n in rows}
+    fastest_fp32 = min(p50[n] for n, r in rows.items() if r["precision"] == "fp32")
+    exp = report["export"]
+    eligible = [n for n, r in rows.items() if r["precision"] == "fp32" or
+                (r["drop_points"] <= exp["max_drop"] and fastest_fp32 / p50[n] >= exp["min_speedup"])]
+    assert best == min(eligible, key=p50.get)
 
 
 def test_bench_model_files_and_errors(smoke_run, capsys):

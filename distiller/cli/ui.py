@@ -10,6 +10,9 @@ from rich.table import Table
 
 console = Console()
 err = Console(stderr=True)
+for _c in (console, err):  # logs and pipes: wide enough for the tables, not rich's 80 columns
+    if not _c.is_terminal:
+        _c.width = 120
 
 
 class RichReporter:
