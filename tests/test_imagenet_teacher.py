@@ -97,12 +97,16 @@ def test_bn_synthesis_raises_confidence_on_the_target(lite0):
     assert probs[1] > 20 * probs[0] and probs[1] > 0.02, probs
 
 
+def _lite_make(out, name, *extra):
+    """A seconds-long offline `make` with EfficientNet-Lite0 at 64 px."""
+    sets = ["teacher.input_size=64", "synthesis.images_per_class=8", "synthesis.shard_size=4", "synthesis.steps=3",
+            "synthesis.crops=1", "distill.epochs=2", 'export.variants=["onnx-fp32"]', "export.latency_runs=3"]
+    return ["make", "--classes", "cats,dogs", "--teacher", "efficientnet-lite0", "--recipe", "smoke", "--offline",
+            "--device", "cpu", "--out", str(out), "--name", name, *[a for s in sets for a in ("--set", s)], *extra]
+
+
 def test_offline_make_with_an_imagenet_teacher(tmp_path, capsys):
-    args = ["make", "--classes", "cats,dogs", "--teacher", "efficientnet-lite0", "--recipe", "smoke", "--offline",
-            "--device", "cpu", "--out", str(tmp_path), "--name", "lite", "--quiet",
-            "--set", "teacher.input_size=64", "--set", "synthesis.images_per_class=8", "--set", "synthesis.shard_size=4",
-            "--set", "synthesis.steps=3", "--set", "synthesis.crops=1", "--set", "distill.epochs=2",
-            "--set", 'export.variants=["onnx-fp32"]', "--set", "export.latency_runs=3"]
+    args = _lite_make(tmp_path, "lite", "--quiet")
     assert main(args) == 0
     run = tmp_path / "lite"
     report = json.loads((run / "report.json").read_text())
@@ -111,7 +115,7 @@ def test_offline_make_with_an_imagenet_teacher(tmp_path, capsys):
     assert len(recs) == 16 and {r["style_name"] for r in recs} == {"plain"}
     assert not (run / "styles.pt").exists() and not (run / "text_embeddings.pt").exists()
     capsys.readouterr()
-    assert main(args[:-2] + ["--prompts", "contrastive", "--name", "styled"]) == 2
+    assert main(_lite_make(tmp_path, "styled", "--quiet", "--prompts", "contrastive")) == 2
     assert "prompt styles do not apply to ImageNet-classifier teachers" in capsys.readouterr().err
     assert not (tmp_path / "styled").exists()
 
@@ -129,12 +133,7 @@ def test_pretrained_student_init_offline():
 
 def test_held_out_judge_scores_the_bank(tmp_path, capsys):
     from distiller.pipeline import Run, judge_stage
-    args = ["make", "--classes", "cats,dogs", "--teacher", "efficientnet-lite0", "--recipe", "smoke", "--offline",
-            "--device", "cpu", "--out", str(tmp_path), "--name", "judged",
-            "--set", "teacher.input_size=64", "--set", "synthesis.images_per_class=8", "--set", "synthesis.shard_size=4",
-            "--set", "synthesis.steps=3", "--set", "synthesis.crops=1", "--set", "distill.epochs=1",
-            "--set", 'export.variants=["onnx-fp32"]', "--set", "export.latency_runs=3", "--set", "teacher.judge_min=1.01"]
-    assert main(args) == 0
+    assert main(_lite_make(tmp_path, "judged", "--set", "teacher.judge_min=1.01")) == 0
     out = capsys.readouterr()
     run = tmp_path / "judged"
     judge = json.loads((run / "judge.json").read_text())
