@@ -165,21 +165,28 @@ def evaluate(predict: Callable[[list[Path]], np.ndarray], data: Dataset, batch_s
     return {"rows": rows, "unreadable": unreadable, "skipped_folders": data.skipped_folders}
 
 
-def runtime_predictor(clf) -> Callable[[list[Path]], np.ndarray]:
-    """A Classifier as a paths -> logits function; unreadable images give NaN rows."""
+def batch_predictor(prepare: Callable[[Path], np.ndarray], run: Callable[[np.ndarray], np.ndarray],
+                    num_classes: int) -> Callable[[list[Path]], np.ndarray]:
+    """paths -> logits [N, K]: ``prepare`` each image (CHW array), ``run`` the stack; an image that
+    cannot be read (UserError) gives a row of NaN, which ``evaluate`` counts as unreadable."""
     def predict(paths):
-        out = np.full((len(paths), len(clf.labels)), np.nan, dtype=np.float32)
+        out = np.full((len(paths), num_classes), np.nan, dtype=np.float32)
         arrays, idx = [], []
         for i, p in enumerate(paths):
             try:
-                arrays.append(clf.preprocess([p])[0])
+                arrays.append(prepare(p))
                 idx.append(i)
             except UserError:
                 pass
         if arrays:
-            out[idx] = clf.logits(np.stack(arrays))
+            out[idx] = run(np.stack(arrays))
         return out
     return predict
+
+
+def runtime_predictor(clf) -> Callable[[list[Path]], np.ndarray]:
+    """A runtime Classifier as a paths -> logits function."""
+    return batch_predictor(lambda p: clf.preprocess([p])[0], clf.logits, len(clf.labels))
 
 
 def teacher_predictor(teacher, device="cpu") -> Callable[[list[Path]], np.ndarray]:
@@ -195,16 +202,6 @@ def teacher_predictor(teacher, device="cpu") -> Callable[[list[Path]], np.ndarra
                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))   # [0, 1]; the teacher normalises itself
 
     @torch.no_grad()
-    def predict(paths):
-        out = np.full((len(paths), teacher.num_classes), np.nan, dtype=np.float32)
-        arrays, idx = [], []
-        for i, p in enumerate(paths):
-            try:
-                arrays.append(preprocess(p, pre))
-                idx.append(i)
-            except UserError:
-                pass
-        if arrays:
-            out[idx] = teacher.logits(torch.from_numpy(np.stack(arrays)).to(device)).float().cpu().numpy()
-        return out
-    return predict
+    def run(x: np.ndarray) -> np.ndarray:
+        return teacher.logits(torch.from_numpy(x).to(device)).float().cpu().numpy()
+    return batch_predictor(lambda p: preprocess(p, pre), run, teacher.num_classes)
