@@ -114,29 +114,24 @@ def init_run(root: Path, recipe: Recipe, concepts: list[Concept], exist_ok: bool
 
 def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) -> None:
     """Every check that can fail on user input, before anything is written."""
+    from exporter import VARIANTS
+
     from .bank import BankPlan
-    from .prompts import PROMPT_SOURCES
+    from .prompts import check_source
     from .students import student_spec
-    from .teachers import check_teacher
+    from .teachers import check_teacher, judge_cfg, resolve_family
     resolve_device(recipe.device)
     syn = recipe.synthesis
     BankPlan(tuple(c.label for c in concepts), ("plain",), syn.images_per_class, syn.shard_size,
              syn.resolution, syn.val_every, recipe.seed).validate()
-    if recipe.prompts.source != "auto":
-        PROMPT_SOURCES.get(recipe.prompts.source)
     student_spec(recipe, len(concepts))
-    from exporter import VARIANTS
     for v in recipe.export.variants:
         VARIANTS.get(v)
     check_teacher(recipe.teacher, offline, concepts)
-    from .teachers import judge_cfg
+    check_source(recipe.prompts, resolve_family(recipe.teacher.model).styles)
     judge = judge_cfg(recipe.teacher)
     if judge is not None:
         check_teacher(judge, offline, concepts)
-    from .teachers import resolve_family
-    if not resolve_family(recipe.teacher.model).styles and recipe.prompts.source not in ("auto", "plain", "classes"):
-        raise UserError(f"--prompts {recipe.prompts.source}: prompt styles do not apply to ImageNet-classifier teachers: "
-                        f"use --prompts auto")
 
 
 def coverage_warnings(teacher) -> list[str]:

@@ -215,10 +215,20 @@ def default_source(teacher) -> str:
     return "contrastive" if getattr(teacher, "tokenizer", None) is not None else "plain"
 
 
+UNSTYLED = ("auto", "plain", "classes")
+
+
+def check_source(cfg, styles: bool) -> None:
+    """The recipe's prompt source exists and fits a teacher with (``styles``) or without a text tower."""
+    if cfg.source != "auto":
+        PROMPT_SOURCES.get(cfg.source)
+    if not styles and cfg.source not in UNSTYLED:
+        raise UserError(f"--prompts {cfg.source}: prompt styles do not apply to ImageNet-classifier teachers: use --prompts auto")
+
+
 def source_name(teacher, cfg) -> str:
     if getattr(teacher, "members", None) is not None:
-        if cfg.source not in ("auto", "plain", "classes"):
-            raise UserError(f"--prompts {cfg.source}: prompt styles do not apply to ImageNet-classifier teachers: use --prompts auto")
+        check_source(cfg, styles=False)
         return "classes"
     return default_source(teacher) if cfg.source == "auto" else cfg.source
 

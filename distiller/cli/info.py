@@ -41,8 +41,9 @@ def concepts(
     """What each class covers in ImageNet: its WordNet synset and the ImageNet classes beneath it."""
     from ..concepts import parse_concepts
     from ..imagenet_concepts import map_concepts, warnings_for
+    from ..teachers import resolve_family
     from .ui import err, escape
-    if not (teacher.startswith("efficientnet-lite") or teacher.startswith("timm:")):
+    if resolve_family(teacher).styles:
         from runtime.errors import UserError
         raise UserError(f"concepts maps classes for ImageNet-classifier teachers; {teacher!r} is not one: "
                         f"a CLIP teacher reads the class text itself")
