@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.classifier import Classifier, physical_cores
+from runtime.classifier import Classifier, model_size_bytes, onnx_session, physical_cores
 from runtime.errors import UserError
 from runtime.preprocess import preprocess
 from runtime.timing import latency_stats, timed
@@ -38,8 +38,7 @@ def versions() -> dict:
 
 
 def _size_mb(path: Path) -> float:
-    size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
-    return round(size / 2**20, 3)
+    return round(model_size_bytes(path) / 2**20, 3)
 
 
 def val_images(run: Path, limit: int = 256) -> tuple[list[np.ndarray], np.ndarray | None]:
@@ -179,11 +178,7 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3) -> dict | None:
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
         tmp.replace(onnx_path)
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or physical_cores()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    sess = onnx_session(onnx_path, threads)
     x = np.random.default_rng(0).random((1, 3, teacher.input_size, teacher.input_size), dtype=np.float32)
     lat = timed(lambda: sess.run(None, {"images": x}), runs, warmup)
     return {"file": str(onnx_path), "model": r.recipe.teacher.model, "size_mb": _size_mb(onnx_path),

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from distiller.registry import Registry
-from runtime.classifier import Classifier
+from runtime.classifier import Classifier, model_size_bytes
 from runtime.metadata import ModelMetadata
 from runtime.timing import latency_stats, timed
 
@@ -156,7 +156,7 @@ def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray
             continue
         ctx.built[name] = path
         row = {"file": v.file, "format": v.format, "precision": v.precision, "description": v.description,
-               "size_mb": round(_size(path) / 2**20, 3), "build_s": round(time.perf_counter() - t0, 2)}
+               "size_mb": round(model_size_bytes(path) / 2**20, 3), "build_s": round(time.perf_counter() - t0, 2)}
         row.update(measure(path, val, reference, teacher, runs, threads))
         rows[name] = row
         if on_variant:
@@ -205,10 +205,3 @@ def select(rows: dict, max_drop: float, min_speedup: float = 1.0) -> tuple[str, 
         if rows[n]["drop_points"] > max_drop:
             notes.append(f"{n}: {rows[n]['status']}: not deployable")
     return best, notes
-
-
-def _size(path: Path) -> int:
-    path = Path(path)
-    if path.suffix == ".xml":
-        return path.stat().st_size + path.with_suffix(".bin").stat().st_size
-    return path.stat().st_size

@@ -59,8 +59,14 @@ def backends() -> list[str]:
     return list(_BACKENDS)
 
 
-@register_backend("onnxruntime", (".onnx",))
-def _open_onnxruntime(path: Path, threads: int | None):
+def model_size_bytes(path: Path) -> int:
+    """On-disk size of a model: an OpenVINO .xml counts with its .bin."""
+    path = Path(path)
+    return path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
+
+
+def onnx_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session with our defaults: no thread spinning, one thread per physical core."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -71,9 +77,14 @@ def _open_onnxruntime(path: Path, threads: int | None):
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
         raise UserError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+
+
+@register_backend("onnxruntime", (".onnx",))
+def _open_onnxruntime(path: Path, threads: int | None):
+    sess = onnx_session(path, threads)
     name = sess.get_inputs()[0].name
     meta = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     return (lambda batch: sess.run(None, {name: batch})[0]), meta
