@@ -95,20 +95,22 @@ def build(out: Path, wheels: dict[str, Path]) -> dict[str, int]:
 
 
 def score_run(run: Path, out: Path) -> None:
+    """`distiller eval RUN --data SET` on every set: each variant, the teacher and the free baseline."""
     from rich.console import Console
 
     from distiller.cli.ui import eval_table
-    from distiller.evaluation import evaluate, load_image_folder, runtime_predictor
-    from runtime import Classifier, UserError
-    clf = Classifier.load(run)
+    from distiller.evaluation import evaluate_models
+    from runtime import UserError
     con = Console()
     for name in ("vlcs", "pacs", "cifar10", "imagenet"):
         try:
-            data = load_image_folder(out / name, clf.labels)
+            data, results, notes = evaluate_models(run, out / name)
         except UserError as exc:
             con.print(f"{name}: not scored ({exc})")
             continue
-        con.print(eval_table(f"{name}: {len(data.samples)} images", {str(clf.path): evaluate(runtime_predictor(clf), data)}))
+        con.print(eval_table(f"{name}: {len(data.samples)} images", results))
+        for note in notes:
+            con.print(note)
 
 
 def main(argv=None) -> int:

@@ -97,6 +97,10 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
         raise ValueError("relabel needs the teacher")
     for epoch in range(start, cfg.epochs):
         student.train()
+        if cfg.freeze_bn:   # keep the running statistics a pretrained student learnt on photos
+            for m in student.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         gen = torch.Generator().manual_seed(seed * 100003 + epoch)
         perm = torch.randperm(n, generator=gen)
         running = 0.0

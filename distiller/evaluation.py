@@ -205,3 +205,55 @@ def teacher_predictor(teacher, device="cpu") -> Callable[[list[Path]], np.ndarra
     def run(x: np.ndarray) -> np.ndarray:
         return teacher.logits(torch.from_numpy(x).to(device)).float().cpu().numpy()
     return batch_predictor(lambda p: preprocess(p, pre), run, teacher.num_classes)
+
+
+FREE_BASELINE = ("efficientnet-lite0", 128)   # the smallest offline ImageNet net, at the cpu student's size
+
+
+def baseline_predictor(concepts, device="cpu") -> Callable[[list[Path]], np.ndarray]:
+    """The free baseline: EfficientNet-Lite0's own ImageNet head restricted to the concepts (logsumexp
+    over each concept's member classes) at 128 px. No synthesis, no training: what a student must beat."""
+    from .recipe import TeacherCfg
+    from .teachers import build_teacher
+    model, size = FREE_BASELINE
+    return teacher_predictor(build_teacher(TeacherCfg(model=model, input_size=size), concepts, device), device)
+
+
+def run_variants(run: Path) -> list[Path]:
+    """Every exported model file of a finished run."""
+    report = run / "report.json"
+    if not report.exists():
+        raise UserError(f"{run}: no report.json: pass a model file or a finished run folder")
+    rep = json.loads(report.read_text())
+    return [run / v["file"] for v in rep["export"]["variants"].values()]
+
+
+def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = None, teacher: bool = True,
+                    baseline: bool = True, offline: bool = False) -> tuple[Dataset, dict, list[str]]:
+    """Score a model file, or every variant of a run folder plus (train install) its teacher and the
+    free baseline, on an ImageFolder tree. Returns (dataset, {name: evaluate(...)}, notes)."""
+    from runtime import Classifier
+    path = Path(path)
+    files = run_variants(path) if path.is_dir() else [path]
+    clfs = {str(f.relative_to(path) if path.is_dir() else f): Classifier.load(f) for f in files}
+    dataset = load_image_folder(data, next(iter(clfs.values())).labels, labels_map)
+    results = {name: evaluate(runtime_predictor(c), dataset) for name, c in clfs.items()}
+    notes = []
+    if not path.is_dir() or not (teacher or baseline):
+        return dataset, results, notes
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return dataset, results, ["teacher and free baseline not scored: torch is not installed (runtime-only install)"]
+    from .pipeline import Run
+    run = Run(path, device="cpu", offline=offline)
+    if teacher:
+        results["teacher"] = evaluate(teacher_predictor(run.teacher(), run.device), dataset)
+    if baseline:
+        try:
+            pred = baseline_predictor(run.concepts)
+        except UserError as exc:
+            notes.append(f"free baseline not scored: {exc}")
+        else:
+            results[f"free baseline ({FREE_BASELINE[0]} head @ {FREE_BASELINE[1]}px)"] = evaluate(pred, dataset)
+    return dataset, results, notes

@@ -124,7 +124,7 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
     syn = recipe.synthesis
     BankPlan(tuple(c.label for c in concepts), ("plain",), syn.images_per_class, syn.shard_size,
              syn.resolution, syn.val_every, recipe.seed).validate()
-    student_spec(recipe, len(concepts))
+    student_spec(recipe, concepts)
     for v in recipe.export.variants:
         VARIANTS.get(v)
     check_teacher(recipe.teacher, offline, concepts)
@@ -235,7 +235,7 @@ def distill_stage(run: Run) -> None:
             run.reporter.log("student: trained, skipped")
             return
     t0 = time.perf_counter()
-    spec = student_spec(rec, len(run.concepts))
+    spec = student_spec(rec, run.concepts)
     student = create_student(spec, rec.student.init)
     teacher = run.teacher() if rec.distill.relabel else None
     bank = Bank(run.paths.bank)
@@ -278,7 +278,7 @@ def export_stage(run: Run) -> dict:
         raise UserError(f"{run.paths.root} has no trained student: run `distiller distill {run.paths.root}` first")
     t0 = time.perf_counter()
     rec = run.recipe
-    spec = student_spec(rec, len(run.concepts))
+    spec = student_spec(rec, run.concepts)
     student = load_student(spec, best)
     bank = Bank(run.paths.bank)
     tr_img, _, _ = bank.load("train")

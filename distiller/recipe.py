@@ -71,7 +71,8 @@ class SynthesisCfg:
 class StudentCfg:
     model: str = ""                             # timm name; empty: the target's default
     input_size: int = 0                         # 0: the target's default
-    init: str = "scratch"                       # scratch (pretrained comes with ImageNet teachers)
+    init: str = "scratch"                       # scratch | pretrained (the target's offline ImageNet student)
+    head: str = "auto"                          # auto | fresh | imagenet (pretrained: own ImageNet rows per concept)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class DistillCfg:
     relabel: bool = False                       # teacher relabels every augmented view (costly on CPU)
     crop_scale: tuple[float, float] = (0.35, 1.0)
     mixup: float = 0.0                          # mixup alpha; needs relabel
+    freeze_bn: bool = False                     # keep batch-norm running statistics (pretrained students)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,14 @@ def test_eval_run_folder_scores_variants_and_teacher(smoke_run, folder, capsys):
     root, lm = folder
     assert main(["eval", str(smoke_run), "--data", str(root), "--labels-map", str(lm), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
-    assert set(results) == {"student.onnx", "student.int8.onnx", "openvino/student.xml", "openvino/student.int8.xml", "teacher"}
+    baseline = "free baseline (efficientnet-lite0 head @ 128px)"
+    assert set(results) == {"student.onnx", "student.int8.onnx", "openvino/student.xml", "openvino/student.int8.xml", "teacher",
+                            baseline}
+    # the free baseline row is lite0's concept head, scored through the same loader
+    from distiller.concepts import load_concepts
+    from distiller.evaluation import baseline_predictor, evaluate
+    ds = load_image_folder(root, ["cat", "dog"], {"hund": "dog"})
+    assert results[baseline]["rows"] == json.loads(json.dumps(evaluate(baseline_predictor(load_concepts(smoke_run / "concepts.json")), ds)["rows"]))
     # the teacher labelled these images itself (bank logits), so it must score its own argmax perfectly
     teacher_all = {r["domain"]: r for r in results["teacher"]["rows"]}["all"]
     imgs, logits, recs = Bank(smoke_run / "bank").load("val")

@@ -122,8 +122,9 @@ def test_offline_make_with_an_imagenet_teacher(tmp_path, capsys):
 
 def test_pretrained_student_init_offline():
     from distiller.students import create_student, student_spec
-    rec = load_recipe("smoke", {"student.model": "tf_efficientnet_lite0", "student.init": "pretrained"})
-    spec = student_spec(rec, 3)
+    from distiller.concepts import parse_concepts
+    rec = load_recipe("smoke", {"student.model": "tf_efficientnet_lite0", "student.init": "pretrained", "student.head": "fresh"})
+    spec = student_spec(rec, parse_concepts("bird,car,dog"))
     model = create_student(spec, "pretrained")
     assert model.get_classifier().out_features == 3
     from distiller.teachers.imagenet import create_classifier

@@ -39,7 +39,7 @@ def test_every_artifact_exists(smoke_run, report):
 @pytest.fixture(scope="module")
 def student_and_val(smoke_run):
     run = Run(smoke_run)
-    spec = student_spec(run.recipe, 2)
+    spec = student_spec(run.recipe, run.concepts)
     model = load_student(spec, smoke_run / "checkpoints/best.pt")
     va_img, va_logit, _ = Bank(smoke_run / "bank").load("val")
     batch = np.stack([preprocess(im, spec.preprocess) for im in va_img])

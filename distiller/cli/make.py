@@ -30,7 +30,8 @@ def make(
     classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Comma-separated class names; label=teacher text allowed."),
     classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="A file with one class per line."),
     target: Optional[str] = typer.Option(None, help="Deployment target: picks the student (cpu, cpu-large, tiny)."),
-    recipe: str = typer.Option("cpu", "--recipe", "-r", help="Recipe name (see `distiller recipes`) or .toml path."),
+    recipe: str = typer.Option("auto", "--recipe", "-r", help="Recipe name (see `distiller recipes`) or .toml path; "
+                               "auto: cpu-imagenet for ImageNet teachers, else cpu."),
     teacher: Optional[str] = typer.Option(None, help="open_clip model name (ViT-B-32), model-config .json path, "
                                           "efficientnet-lite0|1|2 (offline ImageNet teachers) or timm:NAME."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or a local weights file."),
@@ -55,6 +56,9 @@ def make(
                  "prompts.source": prompts, "prompts.styles": styles, "device": device, "seed": seed,
                  "student.init": student_init}
     overrides.update(parse_set(set_ or []))
+    if recipe == "auto":
+        from ..teachers import auto_recipe
+        recipe = auto_recipe(teacher)
     rec = load_recipe(recipe, overrides)
     from ..pipeline import make as make_run
     from ..pipeline import preflight

@@ -76,53 +76,25 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="ImageFolder tree: DIR/label/* or DIR/domain/label/*."),
     labels_map: Optional[Path] = typer.Option(None, "--labels-map", help="folder=label lines (or JSON) for folder names that differ."),
     teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also score the run's teacher (needs the train install)."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also score the free baseline: EfficientNet-Lite0's "
+                                  "own ImageNet head restricted to the run's classes at 128 px (train install)."),
     offline: bool = typer.Option(False, "--offline"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Accuracy on real labelled images, per domain, with Wilson 95% intervals."""
-    from runtime import Classifier
-
-    from ..evaluation import evaluate as run_eval
-    from ..evaluation import load_image_folder, read_labels_map, runtime_predictor
-    path = Path(model)
-    files = _run_variants(path) if path.is_dir() else [path]
-    clfs = {str(f.relative_to(path) if path.is_dir() else f): Classifier.load(f) for f in files}
-    labels = next(iter(clfs.values())).labels
-    dataset = load_image_folder(data, labels, read_labels_map(labels_map))
-    results = {name: run_eval(runtime_predictor(c), dataset) for name, c in clfs.items()}
-    if teacher and path.is_dir():
-        pred = _teacher_predictor(path, offline)
-        if pred is not None:
-            results["teacher"] = run_eval(pred, dataset)
+    from ..evaluation import evaluate_models, read_labels_map
+    dataset, results, notes = evaluate_models(Path(model), data, read_labels_map(labels_map), teacher, baseline, offline)
     if as_json:
-        sys.stdout.write(json.dumps({"data": str(data), "labels": labels, "results": results}) + "\n")
+        sys.stdout.write(json.dumps({"data": str(data), "labels": dataset.labels, "results": results}) + "\n")
         return
-    console.print(eval_table(f"{data}: {len(dataset.samples)} images, labels {', '.join(labels)}", results))
+    console.print(eval_table(f"{data}: {len(dataset.samples)} images, labels {', '.join(dataset.labels)}", results))
+    for note in notes:
+        err.print(f"[dim]{escape(note)}[/dim]")
     first = next(iter(results.values()))
     if first["skipped_folders"]:
         err.print(f"[yellow]skipped folders matching no label:[/yellow] {escape(', '.join(first['skipped_folders']))} (use --labels-map)")
     if first["unreadable"]:
         err.print(f"[yellow]unreadable images skipped:[/yellow] {len(first['unreadable'])}")
-
-
-def _run_variants(run: Path) -> list[Path]:
-    report = run / "report.json"
-    if not report.exists():
-        raise UserError(f"{run}: no report.json: pass a model file or a finished run folder")
-    rep = json.loads(report.read_text())
-    return [run / v["file"] for v in rep["export"]["variants"].values()]
-
-
-def _teacher_predictor(run: Path, offline: bool):
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        err.print("[dim]teacher not scored: torch is not installed (runtime-only install)[/dim]")
-        return None
-    from ..evaluation import teacher_predictor
-    from ..pipeline import Run
-    r = Run(run, device="cpu", offline=offline)
-    return teacher_predictor(r.teacher(), r.device)
 
 
 @app.command()

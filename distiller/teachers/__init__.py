@@ -25,6 +25,7 @@ class TeacherFamily:
     check: Callable                  # (cfg, offline, concepts) -> None; raises UserError before any work starts
     styles: bool = True              # whether prompt styles (a text tower) apply
     judge: Callable = lambda name: None   # a held-out family member that scores the bank, or None
+    recipe: str = "cpu"              # what `make --recipe auto` uses with this family's teachers
 
 
 TEACHERS: Registry[TeacherFamily] = Registry("teacher family")
@@ -40,6 +41,12 @@ def resolve_family(name: str) -> TeacherFamily:
     near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(near)}" if near else "pass an open_clip model name (e.g. ViT-B-32) or a model-config .json path"
     raise UserError(f"unknown teacher {name!r}: {hint}")
+
+
+def auto_recipe(teacher: str | None) -> str:
+    """The recipe for ``--recipe auto``: the teacher family's (``cpu`` without a --teacher)."""
+    from ..recipe import DEFAULT_RECIPE
+    return resolve_family(teacher).recipe if teacher else DEFAULT_RECIPE
 
 
 def check_teacher(cfg, offline=False, concepts=None) -> None:

@@ -155,6 +155,7 @@ def lite_judge(name: str) -> str:
 
 TEACHERS.register("efficientnet-lite", TeacherFamily(matches=_is_lite, build=build_imagenet_teacher,
                                                      names=lambda: list(LITE), check=check_imagenet, styles=False,
-                                                     judge=lite_judge))
+                                                     judge=lite_judge, recipe="cpu-imagenet"))
 TEACHERS.register("timm", TeacherFamily(matches=_is_timm, build=build_imagenet_teacher, names=lambda: [],
-                                                         check=check_imagenet, styles=False, judge=lambda n: "efficientnet-lite0"))
+                                                         check=check_imagenet, styles=False, judge=lambda n: "efficientnet-lite0",
+                                                         recipe="cpu-imagenet"))

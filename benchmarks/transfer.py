@@ -1,0 +1,265 @@
+"""Does synthesis transfer? Students trained only on surrogate images, scored on real photos.
+
+Teacher T = EfficientNet-Lite2 at 128 px; concepts bird, car, dog; real images: VLCS-mini's 146
+photos of them (caltech, labelme, sun), built by ``benchmarks/real_images.py``. Every experiment is
+a ``distiller make`` with recipe overrides; experiments marked ``bank_from`` reuse another's bank
+(a prefix of its shards for a smaller budget), so they differ only after synthesis.
+
+For each: the student's class-balanced accuracy with a Wilson 95% interval, its retention of the
+teacher's (student / teacher, with a paired bootstrap 95% interval: images resampled within each
+class, both models scored on the same draw), its paired difference to the free baseline (lite0's
+own ImageNet head restricted to the concepts at 128 px: no synthesis, no training), and its cost
+in minutes of `make` on this machine's 2 cores (synthesis + judge + distillation; the bank's
+share for prefix runs).
+
+    python benchmarks/transfer.py --real .cache/real_images --runs runs/transfer            # all
+    python benchmarks/transfer.py --only scratch,pretrained --budgets 16,48                  # some
+    python benchmarks/transfer.py --list
+
+Runs resume: a finished run is scored again, not remade. Results: RUNS/results.json and a
+markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CLASSES = "bird,car,dog"
+COMMON = {"teacher.model": "efficientnet-lite2", "teacher.input_size": 128, "synthesis.resolution": 128,
+          "synthesis.shard_size": 8, "synthesis.val_every": 6, "synthesis.steps": 80,
+          "export.variants": ["onnx-fp32", "openvino-fp32", "openvino-int8"], "export.latency_runs": 50}
+SCRATCH = {"student.init": "scratch", "student.head": "fresh", "student.model": "mobilenetv3_small_100",
+           "student.input_size": 128, "distill.epochs": 60, "distill.lr": 0.002, "distill.batch_size": 32,
+           "distill.temperature": 4.0, "distill.weight_decay": 0.05, "distill.crop_scale": [0.5, 1.0]}
+PRETRAINED = {"student.init": "pretrained", "student.model": "tf_efficientnet_lite0", "student.input_size": 128,
+              "distill.epochs": 15, "distill.lr": 0.0003, "distill.batch_size": 32, "distill.temperature": 2.0,
+              "distill.weight_decay": 0.01, "distill.crop_scale": [0.5, 1.0], "distill.freeze_bn": True}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    idea: str
+    sets: dict = field(default_factory=dict)
+    recipe: str = "cpu-imagenet"
+    per_class: int = 48               # images per class in its own bank (or the prefix taken)
+    bank_from: str | None = None      # reuse this experiment's bank
+
+
+# Ranked shortlist: cheapest idea first; each row says what it changes.
+EXPERIMENTS = [
+    Experiment("scratch", "the cpu recipe's scratch mobilenetv3_small@128; Fourier image, robust views, BN prior",
+               {"distill.epochs": 60}, recipe="cpu"),
+    Experiment("scratch-relabel-mixup", "same bank; teacher-in-the-loop KD: T relabels every mixed (mixup 0.4) view",
+               {**SCRATCH, "distill.relabel": True, "distill.mixup": 0.4}, bank_from="scratch"),
+    Experiment("scratch-long", "2x synthesis steps (160) per image, half the images: same cost as scratch-48",
+               {"distill.epochs": 60, "synthesis.steps": 160}, recipe="cpu", per_class=24),
+    Experiment("pretrained-fresh", "pretrained lite0@128 backbone, fresh concept head",
+               {**PRETRAINED, "student.head": "fresh", "distill.epochs": 30, "distill.lr": 0.001}, bank_from="scratch"),
+    Experiment("pretrained", "pretrained lite0@128, its own ImageNet rows as concept head (= free baseline at step 0)",
+               {**PRETRAINED, "student.head": "imagenet"}, bank_from="scratch"),
+    Experiment("pretrained-bn-drift", "pretrained + imagenet head, batch-norm statistics updated on surrogate images",
+               {**PRETRAINED, "student.head": "imagenet", "distill.freeze_bn": False}, bank_from="scratch"),
+    Experiment("pretrained-relabel-mixup", "pretrained + imagenet head; T relabels mixup views",
+               {**PRETRAINED, "student.head": "imagenet", "distill.relabel": True, "distill.mixup": 0.4}, bank_from="scratch"),
+    Experiment("cpu-imagenet", "the cpu-imagenet recipe as shipped (its own bank)", {}, per_class=32),
+]
+
+
+def run_sets(exp: Experiment, per_class: int) -> dict:
+    if not exp.sets:   # the shipped recipe: only the teacher and the budget are fixed
+        return {"teacher.model": "efficientnet-lite2", "synthesis.images_per_class": per_class}
+    return {**COMMON, **exp.sets, "synthesis.images_per_class": per_class}
+
+
+def make_cmd(exp: Experiment, run: Path, per_class: int) -> list[str]:
+    sets = run_sets(exp, per_class)
+    cmd = [sys.executable, "-m", "distiller", "make", "--classes", CLASSES, "--recipe", exp.recipe, "--offline", "-q",
+           "--out", str(run.parent), "--name", run.name]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={json.dumps(v)}"]
+    return cmd
+
+
+def seed_bank(src: Path, dst: Path, per_class: int) -> None:
+    """Copy the first shards of ``src``'s bank that a ``per_class`` budget needs (same seeds, same images)."""
+    from distiller.bank import Bank, BankPlan
+    plan = Bank(src / "bank").plan()
+    sub = BankPlan(**{**plan.__dict__, "images_per_class": per_class})
+    if sub.num_shards > plan.num_shards:
+        raise SystemExit(f"{src} has {plan.images_per_class} images per class, fewer than {per_class}")
+    (dst / "bank").mkdir(parents=True, exist_ok=True)
+    for i in range(sub.num_shards):
+        if not (dst / "bank" / f"shard_{i:05d}").exists():
+            shutil.copytree(src / "bank" / f"shard_{i:05d}", dst / "bank" / f"shard_{i:05d}")
+    Bank(dst / "bank").start(sub)
+    Bank(dst / "bank").write_manifest()
+    shutil.copy(src / "teacher.json", dst / "teacher.json")
+    share = sub.num_shards / plan.num_shards
+    t = json.loads((src / "timings.json").read_text())
+    (dst / "bank_cost.json").write_text(json.dumps({"from": src.name, "share": share,
+                                                    "synthesize": t.get("synthesize", 0) * share}))
+
+
+def cost_minutes(run: Path) -> dict:
+    t = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+    bank = json.loads((run / "bank_cost.json").read_text()) if (run / "bank_cost.json").exists() else None
+    syn = bank["synthesize"] if bank else t.get("synthesize", 0)
+    train = syn + t.get("judge", 0) + t.get("distill", 0)
+    return {"synthesize": syn / 60, "distill": t.get("distill", 0) / 60, "to_student": train / 60,
+            "with_export": (train + t.get("export", 0)) / 60}
+
+
+def ensure_run(exp: Experiment, runs: Path, per_class: int) -> Path:
+    run = runs / f"{exp.name}-{per_class}"
+    if (run / "report.json").exists():
+        return run
+    if exp.bank_from:
+        src = runs / f"{exp.bank_from}-{max(per_class, dict((e.name, e.per_class) for e in EXPERIMENTS)[exp.bank_from])}"
+        if not (src / "report.json").exists():
+            ensure_run(next(e for e in EXPERIMENTS if e.name == exp.bank_from), runs, int(src.name.rsplit("-", 1)[1]))
+        if not (run / "recipe.toml").exists():   # the run folder first, as make would write it, then the bank
+            from distiller.concepts import parse_concepts
+            from distiller.pipeline import init_run
+            from distiller.recipe import load_recipe
+            init_run(run, load_recipe(exp.recipe, run_sets(exp, per_class)), parse_concepts(CLASSES))
+        seed_bank(src, run, per_class)
+    print(f"[{time.strftime('%H:%M:%S')}] make {run.name}", flush=True)
+    subprocess.run(make_cmd(exp, run, per_class), check=True)
+    return run
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+def correct_vectors(run: Path, data, cache: Path) -> dict[str, np.ndarray]:
+    """Per-image correctness of the student (deployable), its teacher and the free baseline."""
+    import torch
+
+    from distiller.concepts import load_concepts
+    from distiller.evaluation import FREE_BASELINE, baseline_predictor, runtime_predictor, teacher_predictor
+    from distiller.recipe import TeacherCfg
+    from distiller.teachers import build_teacher
+    from runtime import Classifier
+    torch.set_num_threads(2)
+    truth = np.array([s.label for s in data.samples])
+    paths = [s.path for s in data.samples]
+
+    def predict(fn):
+        return np.concatenate([fn(paths[i:i + 32]) for i in range(0, len(paths), 32)]).argmax(1) == truth
+
+    out = {"student": predict(runtime_predictor(Classifier.load(run)))}
+    concepts = load_concepts(run / "concepts.json")
+    rec = json.loads((run / "teacher.json").read_text())
+    cache.mkdir(parents=True, exist_ok=True)
+    for key, file, make in (
+            ("teacher", f"teacher-{rec['model']}-{rec['input_size']}.npy",
+             lambda: teacher_predictor(build_teacher(TeacherCfg(model=rec["model"], input_size=rec["input_size"]), concepts))),
+            ("baseline", "baseline-{}-{}.npy".format(*FREE_BASELINE), lambda: baseline_predictor(concepts))):
+        if not (cache / file).exists():
+            np.save(cache / file, predict(make()))
+        out[key] = np.load(cache / file)
+    return out
+
+
+def balanced(correct: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([correct[truth == c].mean() for c in np.unique(truth)]))
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, truth: np.ndarray, reps: int = 2000, seed: int = 0):
+    """95% intervals of balanced(a) / balanced(b) and balanced(a) - balanced(b) over stratified resamples."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(truth == c) for c in np.unique(truth)]
+    ratios, diffs = [], []
+    for _ in range(reps):
+        idx = [rng.choice(g, len(g)) for g in groups]
+        ra = np.mean([a[i].mean() for i in idx])
+        rb = np.mean([b[i].mean() for i in idx])
+        ratios.append(ra / rb if rb else np.nan)
+        diffs.append(ra - rb)
+    return tuple(np.nanpercentile(ratios, [2.5, 97.5])), tuple(np.percentile(diffs, [2.5, 97.5]))
+
+
+def score_run(run: Path, data, cache: Path) -> dict:
+    from distiller.evaluation import wilson
+    truth = np.array([s.label for s in data.samples])
+    c = correct_vectors(run, data, cache)
+    n = len(truth)
+    acc = {k: balanced(v, truth) for k, v in c.items()}
+    ret_ci, _ = paired_bootstrap(c["student"], c["teacher"], truth)
+    _, diff_ci = paired_bootstrap(c["student"], c["baseline"], truth)
+    report = json.loads((run / "report.json").read_text())
+    dep = report["deployable"]
+    variant = next((k for k, v in report["export"]["variants"].items() if v.get("file") == dep), dep)
+    lat = report["export"]["variants"].get(variant, {}).get("latency_ms") or {}
+    judge = report.get("judge") or {}
+    return {"run": run.name, "n": n, "student": acc["student"], "student_ci": wilson(acc["student"] * n, n),
+            "teacher": acc["teacher"], "baseline": acc["baseline"],
+            "retention": acc["student"] / acc["teacher"], "retention_ci": ret_ci,
+            "vs_baseline": acc["student"] - acc["baseline"], "vs_baseline_ci": diff_ci,
+            "per_class": {lab: float(c["student"][truth == k].mean()) for k, lab in enumerate(data.labels)},
+            "judge": judge.get("per_concept"), "cost_min": cost_minutes(run),
+            "student_model": f"{report['student']['model']}@{report['student']['input_size']}",
+            "deployable": variant, "latency_ms": lat.get("p50")}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| run | student | balanced acc [95% CI] | retention [95% CI] | vs free baseline [95% CI] | "
+            "bird / car / dog | minutes to student |")
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        pc = " / ".join(f"{100 * v:.0f}" for v in r["per_class"].values())
+        lines.append(f"| {r['run']} | {r['student_model']} | {100 * r['student']:.1f} [{100 * r['student_ci'][0]:.1f}, "
+                     f"{100 * r['student_ci'][1]:.1f}] | {100 * r['retention']:.0f}% [{100 * r['retention_ci'][0]:.0f}, "
+                     f"{100 * r['retention_ci'][1]:.0f}] | {100 * r['vs_baseline']:+.1f} [{100 * r['vs_baseline_ci'][0]:+.1f}, "
+                     f"{100 * r['vs_baseline_ci'][1]:+.1f}] | {pc} | {r['cost_min']['to_student']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--real", type=Path, default=Path(".cache/real_images"), help="real_images.py --out folder")
+    ap.add_argument("--runs", type=Path, default=Path("runs/transfer"))
+    ap.add_argument("--only", help="comma-separated experiment names")
+    ap.add_argument("--budgets", help="images per class, comma-separated (prefixes of bank_from banks)")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    if args.list:
+        for e in EXPERIMENTS:
+            print(f"{e.name:26s} {e.idea}")
+        return 0
+    from distiller.concepts import parse_concepts
+    from distiller.evaluation import load_image_folder
+    labels = [c.label for c in parse_concepts(CLASSES)]
+    data = load_image_folder(args.real / "vlcs", labels)
+    chosen = [e for e in EXPERIMENTS if not args.only or e.name in args.only.split(",")]
+    results_file = args.runs / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for exp in chosen:
+        budgets = [int(b) for b in args.budgets.split(",")] if args.budgets and exp.bank_from else [exp.per_class]
+        for k in budgets:
+            run = ensure_run(exp, args.runs, k)
+            results[run.name] = {"experiment": exp.name, "idea": exp.idea, "per_class": k,
+                                 **score_run(run, data, args.runs / "cache")}
+            args.runs.mkdir(parents=True, exist_ok=True)
+            results_file.write_text(json.dumps(results, indent=1))
+    rows = [results[k] for k in results]
+    first = rows[0] if rows else None
+    if first:
+        print(f"VLCS-mini bird/car/dog, {first['n']} photos; teacher lite2@128 {100 * first['teacher']:.1f}, "
+              f"free baseline lite0@128 {100 * first['baseline']:.1f} (balanced)")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
