@@ -64,6 +64,8 @@ EXPERIMENTS = [
                {**SCRATCH, "distill.relabel": True, "distill.mixup": 0.4}, bank_from="scratch"),
     Experiment("scratch-long", "2x synthesis steps (160) per image, half the images: same cost as scratch-48",
                {"distill.epochs": 60, "synthesis.steps": 160}, recipe="cpu", per_class=24),
+    Experiment("scratch-fast", "quantity over quality: 20 synthesis steps per image, 4x the images of scratch-24",
+               {"distill.epochs": 60, "synthesis.steps": 20}, recipe="cpu", per_class=96),
     Experiment("pretrained-fresh", "pretrained lite0@128 backbone, fresh concept head",
                {**PRETRAINED, "student.head": "fresh", "distill.epochs": 30, "distill.lr": 0.001}, bank_from="scratch"),
     Experiment("pretrained", "pretrained lite0@128, its own ImageNet rows as concept head (= free baseline at step 0)",
