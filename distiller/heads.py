@@ -6,7 +6,8 @@ import torch
 
 class ConceptHead(torch.nn.Module):
     """Linear rows of the member ImageNet classes; a concept's logit is the logsumexp of its rows,
-    the same pooling the ImageNet teachers use. Exports to ONNX as Gemm, Slice, ReduceLogSumExp."""
+    the same pooling the ImageNet teachers use. Written out (max, exp, sum, log, keepdim, concat) so
+    the ONNX graph is plain ReduceMax/ReduceSum ops: OpenVINO mis-converted ReduceLogSumExp + Unsqueeze."""
 
     def __init__(self, in_features: int, groups):
         super().__init__()
@@ -18,4 +19,9 @@ class ConceptHead(torch.nn.Module):
 
     def forward(self, x):
         z = self.fc(x)
-        return torch.stack([torch.logsumexp(z[:, a:b], 1) for a, b in self.bounds], 1)
+        out = []
+        for a, b in self.bounds:
+            part = z[:, a:b]
+            m = part.amax(1, keepdim=True).detach()
+            out.append(m + (part - m).exp().sum(1, keepdim=True).log())
+        return torch.cat(out, 1)

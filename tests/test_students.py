@@ -40,8 +40,11 @@ def test_imagenet_head_student_is_the_free_baseline_and_exports(tmp_path):
         torch.testing.assert_close(load_student(spec, tmp_path / "best.pt")((x - 0.5) / 0.5), ours)
     meta = ModelMetadata(labels=("cats", "dogs"), preprocess=spec.preprocess, student=spec.model)
     export_onnx(student, 128, tmp_path / "s.onnx", meta)
-    clf = Classifier.load(tmp_path / "s.onnx", backend="onnxruntime")
-    np.testing.assert_allclose(clf.logits(((x - 0.5) / 0.5).numpy()), ours.numpy(), atol=1e-3, rtol=1e-3)
+    from exporter.quantize import onnx_to_openvino
+    onnx_to_openvino(tmp_path / "s.onnx", tmp_path / "s.xml", meta)
+    for path, backend in ((tmp_path / "s.onnx", "onnxruntime"), (tmp_path / "s.xml", "openvino")):
+        clf = Classifier.load(path, backend=backend)
+        np.testing.assert_allclose(clf.logits(((x - 0.5) / 0.5).numpy()), ours.numpy(), atol=1e-3, rtol=1e-3)
 
 
 def test_student_head_choices():
