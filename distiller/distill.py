@@ -3,7 +3,8 @@
 KL divergence at temperature T on augmented views of bank images; the teacher relabels each
 view (``relabel = true``) or the cached logits of the whole image are used. AdamW, linear warm-up
 then cosine decay. ``last.pt`` after every epoch (resume continues from it), ``best.pt`` by
-validation agreement with the teacher. Knows nothing about export.
+validation agreement with the teacher. Epoch 0, the student as initialised, is scored and is a
+candidate too: ``epochs = 0`` ships a pretrained student as it starts (the free baseline). Knows nothing about export.
 """
 from __future__ import annotations
 
@@ -95,6 +96,23 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
         start, best, history = state["epoch"], state["best"], state["history"]
     if cfg.relabel and teacher is None:
         raise ValueError("relabel needs the teacher")
+
+    def checkpoint(rec, epoch):
+        nonlocal best
+        history.append(rec)
+        if rec["val_agreement"] > best:
+            best = rec["val_agreement"]
+            save_atomic({"model": student.state_dict(), "student": spec.model, "num_classes": spec.num_classes,
+                         "epoch": epoch, "val_agreement": best}, ckpt_dir / "best.pt")
+        save_atomic({"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch, "best": best, "history": history}, last)
+        if on_epoch:
+            on_epoch(rec)
+
+    if not history:   # epoch 0: the student as initialised
+        val = student_logits(student, spec, va_img, device)
+        checkpoint({"epoch": 0, "loss": None, "val_agreement": agreement(val, va_logit),
+                    "val_kl": float(kd_loss(val, va_logit, 1.0))}, 0)
     for epoch in range(start, cfg.epochs):
         student.train()
         if cfg.freeze_bn:   # keep the running statistics a pretrained student learnt on photos
@@ -130,17 +148,8 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
             if on_step:
                 on_step(epoch * steps + s + 1, total)
         val = student_logits(student, spec, va_img, device)
-        rec = {"epoch": epoch + 1, "loss": running / steps, "val_agreement": agreement(val, va_logit),
-               "val_kl": float(kd_loss(val, va_logit, 1.0))}
-        history.append(rec)
-        if rec["val_agreement"] > best:
-            best = rec["val_agreement"]
-            save_atomic({"model": student.state_dict(), "student": spec.model, "num_classes": spec.num_classes,
-                         "epoch": epoch + 1, "val_agreement": best}, ckpt_dir / "best.pt")
-        save_atomic({"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch + 1, "best": best, "history": history}, last)
-        if on_epoch:
-            on_epoch(rec)
+        checkpoint({"epoch": epoch + 1, "loss": running / steps, "val_agreement": agreement(val, va_logit),
+                    "val_kl": float(kd_loss(val, va_logit, 1.0))}, epoch + 1)
     return history
 
 

@@ -250,7 +250,9 @@ def distill_stage(run: Run) -> None:
 
         train_student(student, spec, bank, rec.distill, run.paths.checkpoints, rec.seed, teacher, run.device,
                       run.autocast(), on_step=on_step,
-                      on_epoch=lambda r: run.reporter.log(f"epoch {r['epoch']}: loss {r['loss']:.3f}, val agreement {r['val_agreement']:.3f}"))
+                      on_epoch=lambda r: run.reporter.log(
+                          f"epoch {r['epoch']}: " + ("as initialised" if r["loss"] is None else f"loss {r['loss']:.3f}")
+                          + f", val agreement {r['val_agreement']:.3f}"))
     run.record_time("distill", time.perf_counter() - t0)
 
 

@@ -97,3 +97,18 @@ def test_readme_example_runs_offline_with_the_imagenet_recipe(tmp_path, capsys):
     ours = np.stack([clf.logits(clf.preprocess([p]))[0] for p in paths])
     ref = baseline_predictor(load_concepts(run / "concepts.json"))(paths)
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=1e-3)
+    # epoch 0 (the student as initialised) is scored and kept: epochs = 0 ships the free baseline as is
+    import dataclasses
+
+    from distiller.bank import Bank
+    from distiller.distill import load_student, train_student
+    from distiller.pipeline import Run
+    r = Run(run)
+    spec = student_spec(r.recipe, r.concepts)
+    history = train_student(create_student(spec, "pretrained"), spec, Bank(run / "bank"),
+                            dataclasses.replace(r.recipe.distill, epochs=0), tmp_path / "ck", seed=0)
+    assert [h["epoch"] for h in history] == [0] and history[0]["loss"] is None
+    assert torch.load(tmp_path / "ck/best.pt", weights_only=False)["epoch"] == 0
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(load_student(spec, tmp_path / "ck/best.pt")(x), create_student(spec, "pretrained").eval()(x))

@@ -25,10 +25,10 @@ def recipes():
                   str(d.get("synthesis", {}).get("steps", "")), str(d.get("distill", {}).get("epochs", "")))
     console.print(t)
     t = Table(title="targets (--target NAME)", title_justify="left")
-    for c in ("name", "student", "input px", "description"):
+    for c in ("name", "scratch student", "pretrained student (offline)", "description"):
         t.add_column(c)
     for n, tg in TARGETS.items():
-        t.add_row(n, tg.student, str(tg.input_size), tg.description)
+        t.add_row(n, f"{tg.student} @ {tg.input_size}px", f"{tg.pretrained[0]} @ {tg.pretrained[1]}px", tg.description)
     console.print(t)
 
 
