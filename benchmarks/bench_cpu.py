@@ -1,6 +1,6 @@
 """Deployment numbers for one run: `distiller bench` on it, plus the ratios users ask about.
 
-    python benchmarks/bench_cpu.py runs/cats-dogs          # a run made with --recipe cpu
+    python benchmarks/bench_cpu.py runs/cats-dogs          # any finished run
 
 Prints the bench table and: teacher image tower (ONNX FP32) vs the deployable student at batch 1,
 the deployable variant vs plain ONNX Runtime FP32, INT8 vs the FP32 it replaces, and the overhead
@@ -40,6 +40,12 @@ def main(argv=None) -> int:
     if result["teacher"]:
         ratios["teacher_p50_ms"] = result["teacher"]["latency_ms"]["p50"]
         ratios["teacher_vs_deployable"] = ratios["teacher_p50_ms"] / p50[dep]
+    info = report.get("teacher") or {}
+    if info.get("family") == "imagenet":   # also the teacher at its own size (the run may use a smaller one)
+        native = teacher_baseline(args.run, args.threads, input_size=0)
+        if native["input_size"] != result["teacher"]["input_size"]:
+            ratios[f"teacher_{native['input_size']}px_p50_ms"] = native["latency_ms"]["p50"]
+            ratios[f"teacher_{native['input_size']}px_vs_deployable"] = native["latency_ms"]["p50"] / p50[dep]
     if rows[dep]["precision"] == "int8":
         fp32 = "openvino-fp32" if dep.startswith("openvino") else "onnx-fp32"
         ratios["int8_vs_its_fp32"] = p50[fp32] / p50[dep]

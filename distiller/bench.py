@@ -146,16 +146,24 @@ def select_for_device(run: Path, result: dict) -> dict:
     return report
 
 
-def teacher_baseline(run: Path, threads=None, runs=30, warmup=3) -> dict | None:
-    """The teacher's image tower exported to ONNX FP32 and timed like the students (needs torch)."""
+def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int | None = None) -> dict | None:
+    """The teacher's image tower exported to ONNX FP32 and timed like the students (needs torch).
+    ``input_size`` (ImageNet teachers; 0: the network's own size) times it at another size than the run's."""
     try:
         import torch
     except ImportError:
         return None
     from .pipeline import Run
     r = Run(run, device="cpu")
-    onnx_path = run / "teacher_image.onnx"
-    teacher = r.teacher()
+    if input_size is None:
+        onnx_path = run / "teacher_image.onnx"
+        teacher = r.teacher()
+    else:
+        import dataclasses
+
+        from .teachers import build_teacher
+        teacher = build_teacher(dataclasses.replace(r.recipe.teacher, input_size=input_size), r.concepts)
+        onnx_path = run / f"teacher_image_{teacher.input_size}.onnx"
     if not onnx_path.exists():
         tmp = onnx_path.with_name(".teacher_image.onnx.tmp")
 
@@ -181,5 +189,5 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3) -> dict | None:
     sess = onnx_session(onnx_path, threads)
     x = np.random.default_rng(0).random((1, 3, teacher.input_size, teacher.input_size), dtype=np.float32)
     lat = timed(lambda: sess.run(None, {"images": x}), runs, warmup)
-    return {"file": str(onnx_path), "model": r.recipe.teacher.model, "size_mb": _size_mb(onnx_path),
+    return {"file": str(onnx_path), "model": r.recipe.teacher.model, "input_size": teacher.input_size, "size_mb": _size_mb(onnx_path),
             "latency_ms": latency_stats(lat)}
