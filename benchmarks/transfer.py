@@ -268,7 +268,22 @@ def main(argv=None) -> int:
         print(f"VLCS-mini bird/car/dog, {first['n']} photos; teacher lite2@128 {100 * first['teacher']:.1f}, "
               f"free baseline lite0@128 {100 * first['baseline']:.1f} (balanced)")
     print(table(rows))
+    print(curve(rows))
     return 0
+
+
+def curve(rows: list[dict]) -> str:
+    """Retention against minutes to a student, per experiment with several budgets (the free
+    baseline is the 0-minute point: it needs no synthesis)."""
+    lines = []
+    for name in dict.fromkeys(r["experiment"] for r in rows):
+        pts = sorted((r["cost_min"]["to_student"], r["retention"], r["per_class"]) for r in rows if r["experiment"] == name)
+        if len(pts) < 2:
+            continue
+        base = rows[0]["baseline"] / rows[0]["teacher"]
+        lines.append(f"{name}: retention vs minutes: free baseline 0 min {100 * base:.0f}%, "
+                     + ", ".join(f"{m:.1f} min {100 * r:.0f}%" for m, r, _ in pts))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
