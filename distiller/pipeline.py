@@ -260,6 +260,9 @@ def _manifest(bank):
     return [json.loads(line) for line in (bank.root / "manifest.jsonl").read_text().splitlines() if line]
 
 
+FIDELITY_IMAGES = 256   # bank images on which INT8 variants must agree with FP32
+
+
 def export_stage(run: Run) -> dict:
     import numpy as np
     import torch
@@ -287,7 +290,12 @@ def export_stage(run: Run) -> dict:
     va_img, va_logit, _ = bank.load("val")
     pick = np.linspace(0, len(tr_img) - 1, min(rec.export.calibration_images, len(tr_img))).round().astype(int)
     calib = np.stack([preprocess(im, spec.preprocess) for im in tr_img[pick]])
-    val = np.stack([preprocess(im, spec.preprocess) for im in va_img])
+    # INT8 fidelity is numeric, not generalisation: check it on the val shards plus train images (up to
+    # FIDELITY_IMAGES); "vs teacher" agreement stays on the val shards (NaN teacher rows are skipped)
+    extra = np.linspace(0, len(tr_img) - 1, max(0, min(len(tr_img), FIDELITY_IMAGES - len(va_img)))).round().astype(int)
+    check = np.concatenate([va_img, tr_img[extra]]) if len(extra) else va_img
+    va_logit = np.concatenate([va_logit, np.full((len(extra), va_logit.shape[1]), np.nan, np.float32)])
+    val = np.stack([preprocess(im, spec.preprocess) for im in check])
     with torch.no_grad():
         reference = student(torch.from_numpy(val)).numpy()
     meta = ModelMetadata(
@@ -300,6 +308,7 @@ def export_stage(run: Run) -> dict:
         result = export_all(ctx, rec.export.variants, val, reference, va_logit, rec.export.max_drop,
                             rec.export.latency_runs, rec.export.threads or None, on_variant=lambda n, r: advance(),
                             min_speedup=rec.export.min_speedup)
+    result["fidelity_images"] = len(val)
     for note in result["notes"]:
         run.reporter.warn(note)
     run.record_time("export", time.perf_counter() - t0)

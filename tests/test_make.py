@@ -88,6 +88,10 @@ def test_int8_close_to_fp32(report):
         assert row["cosine"] >= 0.99, (name, row)
         assert row["agreement"] >= 0.9, (name, row)
     assert report["deployable"] in {r["file"] for r in report["export"]["variants"].values()}
+    # fidelity is checked on every bank image (96: 24 val + 72 train), teacher agreement on the val shards only
+    assert report["export"]["fidelity_images"] == 96
+    fp32 = report["export"]["variants"]["onnx-fp32"]
+    assert fp32["teacher_agreement"] * 24 == pytest.approx(round(fp32["teacher_agreement"] * 24))
 
 
 def test_runtime_classifies_without_torch(smoke_run, tmp_path):
