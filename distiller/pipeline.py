@@ -241,7 +241,8 @@ def distill_stage(run: Run) -> None:
     bank = Bank(run.paths.bank)
     n_train = sum(1 for r in _manifest(bank) if r["split"] == "train")
     steps = rec.distill.epochs * max(1, n_train // min(rec.distill.batch_size, n_train))
-    with run.reporter.task(f"distill {spec.model} @ {spec.preprocess.size}px", steps) as advance:
+    what = f"distill {spec.model} @ {spec.preprocess.size}px" if steps else f"student {spec.model} @ {spec.preprocess.size}px as initialised (distill.epochs = 0)"
+    with run.reporter.task(what, steps or 1) as advance:
         done = {"n": 0}
 
         def on_step(step, total):
@@ -253,6 +254,8 @@ def distill_stage(run: Run) -> None:
                       on_epoch=lambda r: run.reporter.log(
                           f"epoch {r['epoch']}: " + ("as initialised" if r["loss"] is None else f"loss {r['loss']:.3f}")
                           + f", val agreement {r['val_agreement']:.3f}"))
+        if not steps:
+            advance()
     run.record_time("distill", time.perf_counter() - t0)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,28 @@ def end_nodes(model_proto) -> list[str]:
     """Names of the first and the last weighted node (Conv / Gemm / MatMul): the usual FP32 islands."""
     weighted = [n.name for n in model_proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     return [weighted[0], weighted[-1]] if len(weighted) > 1 else weighted
+
+
+@contextmanager
+def quiet_tools():
+    """The quantizers' own chatter (ORT graph warnings, "consider pre-processing", NNCF progress bars
+    on stdout, torch's no-CUDA note) stays out of the user's terminal; errors still surface."""
+    import logging
+    root, cpp = logging.getLogger(), logging.getLogger("torch.utils.cpp_extension")
+    levels = root.level, cpp.level
+    root.setLevel(logging.ERROR)
+    cpp.setLevel(logging.ERROR)
+    try:
+        import onnxruntime as ort
+        ort.set_default_logger_severity(3)
+    except ImportError:
+        pass
+    try:
+        with open(os.devnull, "w") as sink, redirect_stdout(sink):
+            yield
+    finally:
+        root.setLevel(levels[0])
+        cpp.setLevel(levels[1])
 
 
 def quantize_onnx(fp32: Path, out: Path, calib_data: np.ndarray, metadata: ModelMetadata, **options) -> Path:
@@ -40,10 +63,11 @@ def quantize_onnx(fp32: Path, out: Path, calib_data: np.ndarray, metadata: Model
 
     exclude = end_nodes(onnx.load(str(fp32))) if opts["skip_ends"] else []
     tmp = out.with_name(f".{out.name}.raw.tmp")
-    quantize_static(str(fp32), str(tmp), Reader(), quant_format=QuantFormat[opts["format"]],
-                    per_channel=opts["per_channel"], activation_type=types[opts["activations"]],
-                    weight_type=types[opts["weights"]], calibrate_method=CalibrationMethod[opts["calibration"]],
-                    nodes_to_exclude=exclude)
+    with quiet_tools():
+        quantize_static(str(fp32), str(tmp), Reader(), quant_format=QuantFormat[opts["format"]],
+                        per_channel=opts["per_channel"], activation_type=types[opts["activations"]],
+                        weight_type=types[opts["weights"]], calibrate_method=CalibrationMethod[opts["calibration"]],
+                        nodes_to_exclude=exclude)
     proto = onnx.load(str(tmp))
     tmp.unlink()
     set_onnx_metadata(proto, metadata)
@@ -107,8 +131,10 @@ def quantize_openvino(fp32_xml: Path, out: Path, calibration: np.ndarray, metada
             hits = [int(np.argmax(compiled(x)[out]) == y) for x, y in items]
             return float(np.mean(hits))
 
-        q = nncf.quantize_with_accuracy_control(model, data, val_data, validate, max_drop=max_drop,
-                                                drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+        with quiet_tools():
+            q = nncf.quantize_with_accuracy_control(model, data, val_data, validate, max_drop=max_drop,
+                                                    drop_type=nncf.DropType.ABSOLUTE, **kwargs)
     else:
-        q = nncf.quantize(model, data, **kwargs)
+        with quiet_tools():
+            q = nncf.quantize(model, data, **kwargs)
     return save_openvino(q, out, metadata)
