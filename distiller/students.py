@@ -99,11 +99,9 @@ def create_student(spec: StudentSpec, init: str = "scratch"):
         return timm.create_model(spec.model, pretrained=False, num_classes=spec.num_classes)
     if init != "pretrained":
         raise UserError(f"unknown student init {init!r}: use scratch or pretrained")
-    from .teachers.imagenet import LITE, lite_state_dict
-    lite = {arch: name for name, (arch, *_rest) in LITE.items()}
-    model = timm.create_model(spec.model, pretrained=False)
-    if spec.model in lite:
-        model.load_state_dict(lite_state_dict(lite[spec.model], model))
+    from .teachers.imagenet import LITE_BY_ARCH, lite_model
+    if spec.model in LITE_BY_ARCH:
+        model = lite_model(LITE_BY_ARCH[spec.model])
     else:
         try:
             model = timm.create_model(spec.model, pretrained=True)

