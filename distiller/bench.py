@@ -165,7 +165,7 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
         teacher = build_teacher(dataclasses.replace(r.recipe.teacher, input_size=input_size), r.concepts)
         onnx_path = run / f"teacher_image_{teacher.input_size}.onnx"
     if not onnx_path.exists():
-        tmp = onnx_path.with_name(".teacher_image.onnx.tmp")
+        tmp = onnx_path.with_name(f".{onnx_path.name}.tmp")
 
         class Tower(torch.nn.Module):
             def __init__(self, t):

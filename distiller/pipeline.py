@@ -296,7 +296,7 @@ def export_stage(run: Run) -> dict:
     # INT8 fidelity is numeric, not generalisation: check it on the val shards plus train images (up to
     # FIDELITY_IMAGES); "vs teacher" agreement stays on the val shards (NaN teacher rows are skipped)
     extra = np.linspace(0, len(tr_img) - 1, max(0, min(len(tr_img), FIDELITY_IMAGES - len(va_img)))).round().astype(int)
-    check = np.concatenate([va_img, tr_img[extra]]) if len(extra) else va_img
+    check = np.concatenate([va_img, tr_img[extra]])
     va_logit = np.concatenate([va_logit, np.full((len(extra), va_logit.shape[1]), np.nan, np.float32)])
     val = np.stack([preprocess(im, spec.preprocess) for im in check])
     with torch.no_grad():
