@@ -103,9 +103,11 @@ def make_cmd(exp: Experiment, run: Path, per_class: int) -> list[str]:
 
 def seed_bank(src: Path, dst: Path, per_class: int) -> None:
     """Copy the first shards of ``src``'s bank that a ``per_class`` budget needs (same seeds, same images)."""
-    from distiller.bank import Bank, BankPlan
+    import dataclasses
+
+    from distiller.bank import Bank
     plan = Bank(src / "bank").plan()
-    sub = BankPlan(**{**plan.__dict__, "images_per_class": per_class})
+    sub = dataclasses.replace(plan, images_per_class=per_class)
     if sub.num_shards > plan.num_shards:
         raise SystemExit(f"{src} has {plan.images_per_class} images per class, fewer than {per_class}")
     (dst / "bank").mkdir(parents=True, exist_ok=True)
@@ -135,9 +137,8 @@ def ensure_run(exp: Experiment, runs: Path, per_class: int) -> Path:
     if (run / "report.json").exists():
         return run
     if exp.bank_from:
-        src = runs / f"{exp.bank_from}-{max(per_class, dict((e.name, e.per_class) for e in EXPERIMENTS)[exp.bank_from])}"
-        if not (src / "report.json").exists():
-            ensure_run(next(e for e in EXPERIMENTS if e.name == exp.bank_from), runs, int(src.name.rsplit("-", 1)[1]))
+        base = next(e for e in EXPERIMENTS if e.name == exp.bank_from)
+        src = ensure_run(base, runs, max(per_class, base.per_class))
         if not (run / "recipe.toml").exists():   # the run folder first, as make would write it, then the bank
             from distiller.concepts import parse_concepts
             from distiller.pipeline import init_run
@@ -155,10 +156,8 @@ def correct_vectors(run: Path, data, cache: Path) -> dict[str, np.ndarray]:
     """Per-image correctness of the student (deployable), its teacher and the free baseline."""
     import torch
 
-    from distiller.concepts import load_concepts
     from distiller.evaluation import FREE_BASELINE, baseline_predictor, runtime_predictor, teacher_predictor
-    from distiller.recipe import TeacherCfg
-    from distiller.teachers import build_teacher
+    from distiller.pipeline import Run
     from runtime import Classifier
     torch.set_num_threads(2)
     truth = np.array([s.label for s in data.samples])
@@ -168,13 +167,12 @@ def correct_vectors(run: Path, data, cache: Path) -> dict[str, np.ndarray]:
         return np.concatenate([fn(paths[i:i + 32]) for i in range(0, len(paths), 32)]).argmax(1) == truth
 
     out = {"student": predict(runtime_predictor(Classifier.load(run)))}
-    concepts = load_concepts(run / "concepts.json")
-    rec = json.loads((run / "teacher.json").read_text())
+    r = Run(run, device="cpu")   # the run's teacher, built as the pipeline builds it
     cache.mkdir(parents=True, exist_ok=True)
     for key, file, make in (
-            ("teacher", f"teacher-{rec['model']}-{rec['input_size']}.npy",
-             lambda: teacher_predictor(build_teacher(TeacherCfg(model=rec["model"], input_size=rec["input_size"]), concepts))),
-            ("baseline", "baseline-{}-{}.npy".format(*FREE_BASELINE), lambda: baseline_predictor(concepts))):
+            ("teacher", f"teacher-{r.recipe.teacher.model}-{r.recipe.teacher.input_size}.npy",
+             lambda: teacher_predictor(r.teacher())),
+            ("baseline", "baseline-{}-{}.npy".format(*FREE_BASELINE), lambda: baseline_predictor(r.concepts))):
         if not (cache / file).exists():
             np.save(cache / file, predict(make()))
         out[key] = np.load(cache / file)
