@@ -22,10 +22,14 @@ def end_nodes(model_proto) -> list[str]:
     return [weighted[0], weighted[-1]] if len(weighted) > 1 else weighted
 
 
+ORT_DEFAULT_SEVERITY = 2   # onnxruntime's own default: warnings and above
+
+
 @contextmanager
 def quiet_tools():
     """The quantizers' own chatter (ORT graph warnings, "consider pre-processing", NNCF progress bars
-    on stdout, torch's no-CUDA note) stays out of the user's terminal; errors still surface."""
+    on stdout, torch's no-CUDA note) stays out of the user's terminal; errors still surface.
+    ONNX Runtime has no getter for its default log level: it goes back to ORT's default (warning)."""
     import logging
     root, cpp = logging.getLogger(), logging.getLogger("torch.utils.cpp_extension")
     levels = root.level, cpp.level
@@ -40,6 +44,11 @@ def quiet_tools():
         with open(os.devnull, "w") as sink, redirect_stdout(sink):
             yield
     finally:
+        try:
+            import onnxruntime as ort
+            ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
+        except ImportError:
+            pass
         root.setLevel(levels[0])
         cpp.setLevel(levels[1])
 

@@ -71,6 +71,28 @@ def test_auto_recipe_follows_the_teacher_family():
     assert load_recipe("cpu-imagenet").teacher.model == "efficientnet-lite2"
 
 
+@pytest.mark.parametrize("args, recipe", [(["--teacher", "efficientnet-lite2"], "cpu-imagenet"),
+                                          (["--set", "teacher.model=efficientnet-lite2"], "cpu-imagenet"),
+                                          (["--teacher", "efficientnet-lite2", "--set", "teacher.model=ViT-B-32"], "cpu"),
+                                          ([], "cpu")])
+def test_make_recipe_auto_sees_the_teacher_however_it_is_named(args, recipe, tmp_path, monkeypatch):
+    import distiller.pipeline as pipeline
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_make(run_dir, rec, concepts, reporter, **kw):
+        seen["recipe"], seen["teacher"] = rec.name, rec.teacher.model
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "make", fake_make)
+    monkeypatch.setattr(pipeline, "preflight", lambda *a, **k: None)
+    with pytest.raises(Stop):
+        main(["make", "--classes", "cats,dogs", "--out", str(tmp_path), "-q", *args])
+    assert seen["recipe"] == recipe
+
+
 def test_readme_example_runs_offline_with_the_imagenet_recipe(tmp_path, capsys):
     """`distiller make --classes cats,dogs --teacher efficientnet-lite2 --target cpu`, tiny budgets. With a
     zero learning rate the shipped model must be exactly the free baseline, through export and runtime."""

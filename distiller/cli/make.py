@@ -58,7 +58,7 @@ def make(
     overrides.update(parse_set(set_ or []))
     if recipe == "auto":
         from ..teachers import auto_recipe
-        recipe = auto_recipe(teacher)
+        recipe = auto_recipe(overrides.get("teacher.model"))   # --teacher or --set teacher.model=
     rec = load_recipe(recipe, overrides)
     from ..pipeline import make as make_run
     from ..pipeline import preflight
