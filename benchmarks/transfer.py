@@ -83,6 +83,15 @@ EXPERIMENTS = [
                {"teacher.model": "efficientnet-lite2", "distill.epochs": 15}, per_class=32, common=False),
     Experiment("cpu-imagenet", "the cpu-imagenet recipe as shipped", {"teacher.model": "efficientnet-lite2"},
                per_class=16, common=False),
+    Experiment("scratch-kd", "scratch mobilenetv3_small@128, plain KD (the SCRATCH settings) on the scratch bank",
+               SCRATCH, bank_from="scratch"),
+    Experiment("ensemble", "teacher ensemble: lite2 + lite1 in the synthesis loss (judge lite0); pretrained + imagenet head, KD",
+               {**PRETRAINED, "student.head": "imagenet", "synthesis.ensemble": ["efficientnet-lite1"]}, per_class=24),
+    Experiment("ensemble-scratch", "the ensemble bank; scratch mobilenetv3_small@128, plain KD",
+               {**SCRATCH, "synthesis.ensemble": ["efficientnet-lite1"]}, bank_from="ensemble", per_class=24),
+    Experiment("adversarial", "DeepInversion Adaptive: + 0.5 x (1 - JS(lite2, student as initialised)) (judge lite1); "
+               "pretrained + imagenet head, KD", {**PRETRAINED, "student.head": "imagenet", "synthesis.adversarial": 0.5},
+               per_class=24),
 ]
 
 

@@ -154,8 +154,9 @@ class Bank:
 
 
 def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", autocast=None,
-              on_shard: Callable[[int, int], None] | None = None, on_step=None) -> None:
-    """Synthesize every missing shard of ``plan`` into ``bank`` (resumable)."""
+              on_shard: Callable[[int, int], None] | None = None, on_step=None, objective=None) -> None:
+    """Synthesize every missing shard of ``plan`` into ``bank`` (resumable). The images minimise
+    ``objective`` (default: the teacher's own loss); the teacher labels them."""
     import torch
 
     from .synthesis import synthesize, teacher_logits
@@ -171,7 +172,7 @@ def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", au
         cls = torch.tensor([plan.class_of(g) for g in idx])
         sty = torch.tensor([plan.style_of(g) for g in idx])
         targets = source.targets(cls, sty, gen)
-        images, loss = synthesize(teacher, targets, cls, cfg, plan.resolution, gen, device, autocast, on_step)
+        images, loss = synthesize(objective or teacher, targets, cls, cfg, plan.resolution, gen, device, autocast, on_step)
         logits = teacher_logits(teacher, images, device=device)
         records = [
             {"index": g, "shard": i, "class": int(c), "label": plan.labels[int(c)], "style": int(s),

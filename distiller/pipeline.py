@@ -129,9 +129,33 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
         VARIANTS.get(v)
     check_teacher(recipe.teacher, offline, concepts)
     check_source(recipe.prompts, resolve_family(recipe.teacher.model).styles)
-    judge = judge_cfg(recipe.teacher)
+    judge = judge_cfg(recipe.teacher, synthesis_networks(recipe, concepts))
     if judge is not None:
         check_teacher(judge, offline, concepts)
+    check_synthesis(recipe, concepts, offline)
+
+
+def check_synthesis(recipe: Recipe, concepts: list[Concept], offline: bool = False) -> None:
+    """Ensemble members share the teacher's targets (ImageNet classes); the adversarial term needs a
+    pretrained student to disagree with (a scratch one at step 0 is noise) and an ImageNet teacher."""
+    import dataclasses
+
+    from .students import student_spec
+    from .teachers import check_teacher, resolve_family
+    syn, teacher = recipe.synthesis, recipe.teacher.model
+    targets = resolve_family(teacher).targets
+    for name in syn.ensemble:
+        if name == teacher or resolve_family(name).targets != "imagenet" or targets != "imagenet":
+            raise UserError(f"synthesis.ensemble = {list(syn.ensemble)}: members must be ImageNet classifiers other than "
+                            f"the teacher (efficientnet-lite0|1|2, timm:NAME) with an ImageNet teacher; {name!r} is not")
+        check_teacher(dataclasses.replace(recipe.teacher, model=name), offline, concepts)
+    if syn.adversarial < 0:
+        raise UserError(f"synthesis.adversarial = {syn.adversarial}: use a weight >= 0 (0 turns it off)")
+    if syn.adversarial and (recipe.student.init != "pretrained" or targets != "imagenet"
+                            or not student_spec(recipe, concepts).groups):
+        raise UserError("synthesis.adversarial needs an ImageNet teacher and a pretrained student with its ImageNet "
+                        "head (student.init = pretrained, student.head = auto|imagenet): the student as initialised "
+                        "is what the images are pushed to disagree with. Set it to 0 otherwise")
 
 
 def coverage_warnings(teacher) -> list[str]:
@@ -176,11 +200,44 @@ def synthesize_stage(run: Run) -> None:
     plan = BankPlan(tuple(run.labels), tuple(source.style_names), rec.synthesis.images_per_class,
                     rec.synthesis.shard_size, res, rec.synthesis.val_every, rec.seed)
     torch.manual_seed(rec.seed)
+    objective = synthesis_objective(run, teacher) if not bank.is_complete() else None
     with run.reporter.task(f"synthesis ({plan.total} images, {rec.synthesis.steps} steps)", plan.num_shards) as advance:
         advance(len(bank.complete()))
-        fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(), on_shard=lambda i, n: advance())
+        fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(), on_shard=lambda i, n: advance(),
+                  objective=objective)
     write_samples(bank, run.paths.samples)
     run.record_time("synthesize", time.perf_counter() - t0)
+
+
+def synthesis_objective(run: Run, teacher):
+    """The teacher, or an ``Objective`` with the recipe's ensemble and adversarial competitor."""
+    import dataclasses
+
+    from .synthesis import Competitor, Objective
+    from .teachers import build_teacher
+    syn, rec = run.recipe.synthesis, run.recipe
+    if not syn.ensemble and not syn.adversarial:
+        return teacher
+    extra = [build_teacher(dataclasses.replace(rec.teacher, model=name, judge="none"), run.concepts, run.device, run.offline)
+             for name in syn.ensemble]
+    competitor = None
+    if syn.adversarial:
+        from .students import create_student, student_spec
+        spec = student_spec(rec, run.concepts)
+        p = spec.preprocess
+        competitor = Competitor(create_student(spec, rec.student.init), p.size, p.mean, p.std).to(run.device)
+    return Objective(teacher, extra, competitor, syn.adversarial)
+
+
+def synthesis_networks(recipe, concepts) -> tuple[str, ...]:
+    """Networks besides the teacher that shaped the bank (so none of them may judge it)."""
+    used = list(recipe.synthesis.ensemble)
+    if recipe.synthesis.adversarial:
+        from .students import student_spec
+        from .teachers.imagenet import LITE_BY_ARCH
+        model = student_spec(recipe, concepts).model
+        used.append(LITE_BY_ARCH.get(model, model))
+    return tuple(used)
 
 
 def judge_stage(run: Run) -> dict | None:
@@ -197,7 +254,7 @@ def judge_stage(run: Run) -> dict | None:
     from .teachers import build_teacher, judge_cfg
 
     rec = run.recipe
-    cfg = judge_cfg(rec.teacher)
+    cfg = judge_cfg(rec.teacher, synthesis_networks(rec, run.concepts))
     if cfg is None:
         return None
     name = cfg.model

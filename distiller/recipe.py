@@ -65,6 +65,8 @@ class SynthesisCfg:
     tv_weight: float = 0.0
     class_weight: float = 0.1                   # CLIP: zero-shot cross-entropy on the image's class
     bn_weight: float = 1.0                      # ImageNet teachers: batch-norm statistics prior
+    ensemble: tuple[str, ...] = ()              # more teachers whose synthesis loss is averaged in (same target space)
+    adversarial: float = 0.0                    # weight of disagreement with the student as initialised (pretrained)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,58 @@ class FourierImage(torch.nn.Module):
         return torch.sigmoid(img)
 
 
+class Objective:
+    """What synthesis minimises per image, beyond one teacher's own loss (DeepInversion and its kin).
+
+    ``extra`` teachers (an ensemble sharing the teacher's targets): their losses are averaged in, so
+    an image must convince every network rather than exploit one network's quirks. ``competitor``
+    (the student as initialised): DeepInversion's Adaptive term, ``adversarial`` x (1 - JS(teacher,
+    competitor)) with JS in [0, 1] over the concepts, pushes images to where the student still
+    disagrees with the teacher. Quacks like a teacher for ``synthesize`` (input_size, synthesis_loss).
+    """
+
+    def __init__(self, teacher, extra=(), competitor=None, adversarial: float = 0.0):
+        self.teacher, self.extra = teacher, list(extra)
+        self.competitor, self.adversarial = competitor, float(adversarial)
+        self.input_size = teacher.input_size
+
+    def synthesis_loss(self, views, targets, classes, cfg) -> torch.Tensor:
+        if self.competitor is not None and self.adversarial:
+            loss, logits = self.teacher.synthesis_loss(views, targets, classes, cfg, return_logits=True)
+        else:
+            loss, logits = self.teacher.synthesis_loss(views, targets, classes, cfg), None
+        for t in self.extra:
+            loss = loss + t.synthesis_loss(views, targets, classes, cfg)
+        loss = loss / (1 + len(self.extra))
+        if logits is not None:
+            loss = loss + self.adversarial * (1 - js_divergence(logits.float(), self.competitor(views).float()))
+        return loss
+
+
+def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Per row Jensen-Shannon divergence of two softmax distributions, in bits (0 same, 1 disjoint)."""
+    pa, pb = logits_a.softmax(-1), logits_b.softmax(-1)
+    m = (0.5 * (pa + pb)).clamp_min(1e-12).log()
+    kl = lambda p, lp: (p * (lp - m)).sum(-1)   # noqa: E731
+    return (0.5 * kl(pa, logits_a.log_softmax(-1)) + 0.5 * kl(pb, logits_b.log_softmax(-1))) / np.log(2.0)
+
+
+class Competitor(torch.nn.Module):
+    """A frozen student taking synthesis views ([0, 1], any size) through its own size and normalisation."""
+
+    def __init__(self, model, size: int, mean, std):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.size = size
+        self.register_buffer("_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        if views.shape[-1] != self.size:
+            views = torch.nn.functional.interpolate(views, size=(self.size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+        return self.model((views - self._mean) / self._std)
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., :, 1:] - x[..., :, :-1]).abs().mean((1, 2, 3))
 

@@ -24,7 +24,8 @@ class TeacherFamily:
     names: Callable[[], list[str]]   # known model names, for hints
     check: Callable                  # (cfg, offline, concepts) -> None; raises UserError before any work starts
     styles: bool = True              # whether prompt styles (a text tower) apply
-    judge: Callable = lambda name: None   # a held-out family member that scores the bank, or None
+    judge: Callable = lambda name, used=(): None   # a held-out network (not in ``used``) that scores the bank, or None
+    targets: str = "text"            # what synthesis aims at: text embeddings, or ImageNet class indices (ensembles share these)
     recipe: str = "cpu"              # what `make --recipe auto` uses with this family's teachers
 
 
@@ -54,12 +55,13 @@ def check_teacher(cfg, offline=False, concepts=None) -> None:
     resolve_family(cfg.model).check(cfg, offline, concepts)
 
 
-def judge_cfg(cfg):
-    """The ``[teacher]`` slice for the held-out judge ("auto": the family's choice), or None."""
+def judge_cfg(cfg, used=()):
+    """The ``[teacher]`` slice for the held-out judge ("auto": the family's choice of a network not in
+    ``used``, the other networks that shaped the bank), or None."""
     import dataclasses
     if cfg.judge in ("", "none"):
         return None
-    name = resolve_family(cfg.model).judge(cfg.model) if cfg.judge == "auto" else cfg.judge
+    name = resolve_family(cfg.model).judge(cfg.model, tuple(used)) if cfg.judge == "auto" else cfg.judge
     if name is None:
         return None
     size = cfg.input_size if not resolve_family(name).styles else 0

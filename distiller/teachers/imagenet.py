@@ -117,11 +117,14 @@ class ImageNetTeacher(torch.nn.Module):
         return self.model((images - self._mean) / self._std)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        full = self.imagenet_logits(images)
+        return self.concept_logits(self.imagenet_logits(images))
+
+    def concept_logits(self, full: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.logsumexp(full[:, m.to(full.device)], dim=1) for m in self.members], 1)
 
-    def synthesis_loss(self, images, targets, classes, cfg) -> torch.Tensor:
-        """Per image: cross-entropy to its ImageNet target class + ``cfg.bn_weight`` x the batch's BN prior."""
+    def synthesis_loss(self, images, targets, classes, cfg, return_logits: bool = False):
+        """Per image: cross-entropy to its ImageNet target class + ``cfg.bn_weight`` x the batch's BN prior
+        (with ``return_logits``, also the concept logits of the same forward pass)."""
         self.bn.terms, self.bn.active = [], True
         try:
             full = self.imagenet_logits(images)
@@ -130,7 +133,7 @@ class ImageNetTeacher(torch.nn.Module):
         loss = F.cross_entropy(full, targets, reduction="none")
         if cfg.bn_weight and self.bn.terms:
             loss = loss + cfg.bn_weight * torch.stack(self.bn.terms).mean()
-        return loss
+        return (loss, self.concept_logits(full)) if return_logits else loss
 
     def describe(self) -> dict:
         return {"family": "imagenet", "model": self.name, "arch": self.arch, "weights": self.weights,
@@ -156,14 +159,14 @@ def check_imagenet(cfg, offline=False, concepts=None) -> None:
         map_concepts(concepts)
 
 
-def lite_judge(name: str) -> str:
-    """Another EfficientNet-Lite than the teacher: the judge never took part in synthesis."""
-    return "efficientnet-lite1" if name == "efficientnet-lite0" else "efficientnet-lite0"
+def lite_judge(name: str, used=()) -> str | None:
+    """An EfficientNet-Lite that took no part in synthesis (not the teacher, not in ``used``), or None."""
+    return next((n for n in LITE if n != name and n not in used), None)
 
 
 TEACHERS.register("efficientnet-lite", TeacherFamily(matches=_is_lite, build=build_imagenet_teacher,
                                                      names=lambda: list(LITE), check=check_imagenet, styles=False,
-                                                     judge=lite_judge, recipe="cpu-imagenet"))
+                                                     judge=lite_judge, recipe="cpu-imagenet", targets="imagenet"))
 TEACHERS.register("timm", TeacherFamily(matches=_is_timm, build=build_imagenet_teacher, names=lambda: [],
-                                                         check=check_imagenet, styles=False, judge=lambda n: "efficientnet-lite0",
-                                                         recipe="cpu-imagenet"))
+                                                         check=check_imagenet, styles=False, judge=lite_judge,
+                                                         recipe="cpu-imagenet", targets="imagenet"))

@@ -1,0 +1,120 @@
+"""Synthesis objectives beyond one teacher: an ensemble of teachers, and DeepInversion's Adaptive
+term against the student as initialised. Real EfficientNet-Lite weights, 64 px, a few steps."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from distiller.cli import main
+from distiller.concepts import parse_concepts
+from distiller.recipe import load_recipe
+from distiller.synthesis import Competitor, Objective, js_divergence, synthesize
+from distiller.teachers import build_teacher, judge_cfg
+
+CONCEPTS = parse_concepts("cats,dogs")
+
+
+@pytest.fixture(scope="module")
+def lites():
+    rec = load_recipe("smoke", {"teacher.model": "efficientnet-lite0", "teacher.input_size": 64})
+    t = {n: build_teacher(dataclasses.replace(rec.teacher, model=f"efficientnet-lite{n}"), CONCEPTS) for n in (0, 1)}
+    return rec, t
+
+
+def _targets(t):
+    cls = torch.tensor([0, 1, 0, 1])
+    return torch.stack([t.members[int(c)][0] for c in cls]), cls
+
+
+def _synth(objective, rec, targets, cls, steps=10):
+    cfg = dataclasses.replace(rec.synthesis, steps=steps, crops=1, lr=0.1, crop_scale=(0.8, 1.0))
+    img, _ = synthesize(objective, targets, cls, cfg, 64, torch.Generator().manual_seed(0))
+    return img.permute(0, 3, 1, 2).float() / 255
+
+
+def _target_prob(t, x, targets):
+    with torch.no_grad():
+        return float(t.imagenet_logits(x).softmax(-1)[torch.arange(len(targets)), targets].mean())
+
+
+def test_js_divergence_is_in_bits():
+    a = torch.tensor([[8.0, -8.0], [1.0, 2.0]])
+    assert js_divergence(a, a).abs().max() < 1e-6
+    assert float(js_divergence(a[:1], a[:1].flip(-1))) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_ensemble_loss_is_the_members_mean(lites):
+    rec, t = lites
+    targets, cls = _targets(t[0])
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        both = Objective(t[0], [t[1]]).synthesis_loss(x, targets, cls, rec.synthesis)
+        parts = [t[i].synthesis_loss(x, targets, cls, rec.synthesis) for i in (0, 1)]
+    assert torch.allclose(both, (parts[0] + parts[1]) / 2, atol=1e-5)
+
+
+def test_ensemble_images_convince_the_other_member_too(lites):
+    rec, t = lites
+    targets, cls = _targets(t[0])
+    alone = _synth(t[0], rec, targets, cls, steps=20)
+    ensemble = _synth(Objective(t[0], [t[1]]), rec, targets, cls, steps=20)
+    # lite0 alone makes images lite1 barely sees (measured 0.008); with lite1 in the loss it sees them (0.38)
+    assert _target_prob(t[1], ensemble, targets) > 10 * _target_prob(t[1], alone, targets)
+    assert _target_prob(t[0], ensemble, targets) > 0.1
+
+
+def test_adversarial_term_pushes_images_to_where_the_student_disagrees(lites):
+    from distiller.students import create_student, student_spec
+    rec, t = lites
+    rec = rec.replace({"student.init": "pretrained", "student.head": "imagenet", "student.model": "", "student.input_size": 64})
+    spec = student_spec(rec, CONCEPTS)
+    comp = Competitor(create_student(spec, "pretrained"), spec.preprocess.size, spec.preprocess.mean, spec.preprocess.std)
+    targets, cls = _targets(t[1])
+
+    def disagreement(x):
+        with torch.no_grad():
+            return float(js_divergence(t[1].logits(x), comp(x)).mean())
+    plain = _synth(Objective(t[1], [], comp, 0.0), rec, targets, cls)
+    pushed = _synth(Objective(t[1], [], comp, 2.0), rec, targets, cls)
+    assert disagreement(pushed) > disagreement(plain) + 0.1, (disagreement(pushed), disagreement(plain))
+
+
+def test_the_judge_is_none_of_the_networks_that_shaped_the_bank():
+    rec = load_recipe("cpu-imagenet")
+    assert judge_cfg(rec.teacher).model == "efficientnet-lite0"
+    assert judge_cfg(rec.teacher, ("efficientnet-lite0",)).model == "efficientnet-lite1"
+    assert judge_cfg(rec.teacher, ("efficientnet-lite0", "efficientnet-lite1")) is None
+
+
+def _make(tmp_path, name, *sets):
+    base = ["teacher.input_size=64", "synthesis.resolution=64", "synthesis.images_per_class=4", "synthesis.shard_size=4",
+            "synthesis.steps=2", "synthesis.crops=1", "distill.epochs=1", 'export.variants=["onnx-fp32"]',
+            "export.latency_runs=3", "student.input_size=64"]
+    return ["make", "--classes", "cats,dogs", "--teacher", "efficientnet-lite0", "--offline", "--device", "cpu", "-q",
+            "--out", str(tmp_path), "--name", name, *[a for s in (*base, *sets) for a in ("--set", s)]]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (['synthesis.ensemble=["efficientnet-lite0"]'], "other than the teacher"),
+    (['synthesis.ensemble=["ViT-B-32"]'], "must be ImageNet classifiers"),
+    (["synthesis.adversarial=0.5", "student.init=scratch"], "needs an ImageNet teacher and a pretrained student"),
+    (["synthesis.adversarial=-1"], "use a weight >= 0"),
+])
+def test_bad_synthesis_settings_exit_2_before_any_work(sets, message, tmp_path, capsys):
+    assert main(_make(tmp_path, "bad", *sets)) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and len(err.strip().splitlines()) <= 3
+    assert not (tmp_path / "bad").exists()
+
+
+def test_make_with_an_ensemble_and_the_adversarial_term(tmp_path):
+    """Teacher lite0, lite1 in the synthesis loss, the pretrained lite0 student as competitor: the judge
+    must be lite2, the only Lite that took no part in making the bank."""
+    assert main(_make(tmp_path, "ens", 'synthesis.ensemble=["efficientnet-lite1"]', "synthesis.adversarial=0.5")) == 0
+    run = tmp_path / "ens"
+    judge = json.loads((run / "judge.json").read_text())
+    assert judge["judge"] == "efficientnet-lite2" and judge["images"] == 8
+    assert json.loads((run / "report.json").read_text())["deployable"]
