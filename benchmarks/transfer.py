@@ -92,6 +92,11 @@ EXPERIMENTS = [
     Experiment("adversarial", "DeepInversion Adaptive: + 0.5 x (1 - JS(lite2, student as initialised)) (judge lite1); "
                "pretrained + imagenet head, KD", {**PRETRAINED, "student.head": "imagenet", "synthesis.adversarial": 0.5},
                per_class=24),
+    Experiment("generator", "amortised: a conditional generator trained 1200 steps on the synthesis objective (concept "
+               "cross-entropy + BN prior, robust views), 96 images per class sampled; pretrained + imagenet head, KD",
+               {**PRETRAINED, "student.head": "imagenet", "synthesis.generator_steps": 1200}, per_class=96),
+    Experiment("generator-scratch", "the generator bank; scratch mobilenetv3_small@128, plain KD",
+               {**SCRATCH, "synthesis.generator_steps": 1200}, bank_from="generator", per_class=96),
 ]
 
 

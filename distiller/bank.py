@@ -154,9 +154,10 @@ class Bank:
 
 
 def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", autocast=None,
-              on_shard: Callable[[int, int], None] | None = None, on_step=None, objective=None) -> None:
+              on_shard: Callable[[int, int], None] | None = None, on_step=None, objective=None, produce=None) -> None:
     """Synthesize every missing shard of ``plan`` into ``bank`` (resumable). The images minimise
-    ``objective`` (default: the teacher's own loss); the teacher labels them."""
+    ``objective`` (default: the teacher's own loss), or come from ``produce(targets, classes, gen)``
+    (a trained generator); the teacher labels them."""
     import torch
 
     from .synthesis import synthesize, teacher_logits
@@ -172,7 +173,10 @@ def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", au
         cls = torch.tensor([plan.class_of(g) for g in idx])
         sty = torch.tensor([plan.style_of(g) for g in idx])
         targets = source.targets(cls, sty, gen)
-        images, loss = synthesize(objective or teacher, targets, cls, cfg, plan.resolution, gen, device, autocast, on_step)
+        if produce is not None:
+            images, loss = produce(targets, cls, gen)
+        else:
+            images, loss = synthesize(objective or teacher, targets, cls, cfg, plan.resolution, gen, device, autocast, on_step)
         logits = teacher_logits(teacher, images, device=device)
         records = [
             {"index": g, "shard": i, "class": int(c), "label": plan.labels[int(c)], "style": int(s),

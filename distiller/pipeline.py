@@ -149,6 +149,9 @@ def check_synthesis(recipe: Recipe, concepts: list[Concept], offline: bool = Fal
             raise UserError(f"synthesis.ensemble = {list(syn.ensemble)}: members must be ImageNet classifiers other than "
                             f"the teacher (efficientnet-lite0|1|2, timm:NAME) with an ImageNet teacher; {name!r} is not")
         check_teacher(dataclasses.replace(recipe.teacher, model=name), offline, concepts)
+    if syn.generator_steps < 0 or syn.generator_lr <= 0:
+        raise UserError(f"synthesis.generator_steps = {syn.generator_steps}, generator_lr = {syn.generator_lr}: "
+                        "use steps >= 0 (0: optimise each image) and a learning rate > 0")
     if syn.adversarial < 0:
         raise UserError(f"synthesis.adversarial = {syn.adversarial}: use a weight >= 0 (0 turns it off)")
     if syn.adversarial and (recipe.student.init != "pretrained" or targets != "imagenet"
@@ -201,10 +204,22 @@ def synthesize_stage(run: Run) -> None:
                     rec.synthesis.shard_size, res, rec.synthesis.val_every, rec.seed)
     torch.manual_seed(rec.seed)
     objective = synthesis_objective(run, teacher) if not bank.is_complete() else None
+    produce = None
+    if rec.synthesis.generator_steps and objective is not None:
+        from .generator import sampler, train_generator
+        with run.reporter.task(f"generator ({rec.synthesis.generator_steps} steps)", rec.synthesis.generator_steps) as advance:
+            done = [0]
+
+            def step(i, loss):
+                advance(i - done[0])
+                done[0] = i
+            g = train_generator(objective, source, len(run.labels), len(source.style_names), rec.synthesis, res,
+                                run.paths.generator, rec.seed, run.device, on_step=step)
+        produce = sampler(g, objective, rec.synthesis, run.device)
     with run.reporter.task(f"synthesis ({plan.total} images, {rec.synthesis.steps} steps)", plan.num_shards) as advance:
         advance(len(bank.complete()))
         fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(), on_shard=lambda i, n: advance(),
-                  objective=objective)
+                  objective=objective, produce=produce)
     write_samples(bank, run.paths.samples)
     run.record_time("synthesize", time.perf_counter() - t0)
 

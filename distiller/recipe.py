@@ -67,6 +67,8 @@ class SynthesisCfg:
     bn_weight: float = 1.0                      # ImageNet teachers: batch-norm statistics prior
     ensemble: tuple[str, ...] = ()              # more teachers whose synthesis loss is averaged in (same target space)
     adversarial: float = 0.0                    # weight of disagreement with the student as initialised (pretrained)
+    generator_steps: int = 0                    # 0: optimise each image; > 0: train a generator this long, sample the bank
+    generator_lr: float = 0.001
 
 
 @dataclass(frozen=True)

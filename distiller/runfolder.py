@@ -25,6 +25,7 @@ class RunPaths:
     timings = property(lambda s: s.root / "timings.json")
     judge = property(lambda s: s.root / "judge.json")
     teacher = property(lambda s: s.root / "teacher.json")
+    generator = property(lambda s: s.root / "generator.pt")   # synthesis.generator_steps > 0
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -123,17 +123,22 @@ class ImageNetTeacher(torch.nn.Module):
         return torch.stack([torch.logsumexp(full[:, m.to(full.device)], dim=1) for m in self.members], 1)
 
     def synthesis_loss(self, images, targets, classes, cfg, return_logits: bool = False):
-        """Per image: cross-entropy to its ImageNet target class + ``cfg.bn_weight`` x the batch's BN prior
-        (with ``return_logits``, also the concept logits of the same forward pass)."""
+        """Per image: cross-entropy to its ImageNet target class (``targets`` None: to its concept, over the
+        pooled concept logits) + ``cfg.bn_weight`` x the batch's BN prior (with ``return_logits``, also the
+        concept logits of the same forward pass)."""
         self.bn.terms, self.bn.active = [], True
         try:
             full = self.imagenet_logits(images)
         finally:
             self.bn.active = False
-        loss = F.cross_entropy(full, targets, reduction="none")
+        concepts = self.concept_logits(full)
+        if targets is None:
+            loss = F.cross_entropy(concepts, classes, reduction="none")
+        else:
+            loss = F.cross_entropy(full, targets, reduction="none")
         if cfg.bn_weight and self.bn.terms:
             loss = loss + cfg.bn_weight * torch.stack(self.bn.terms).mean()
-        return (loss, self.concept_logits(full)) if return_logits else loss
+        return (loss, concepts) if return_logits else loss
 
     def describe(self) -> dict:
         return {"family": "imagenet", "model": self.name, "arch": self.arch, "weights": self.weights,
