@@ -55,6 +55,7 @@ class Experiment:
     per_class: int = 48               # images per class in its own bank (or the prefix taken)
     bank_from: str | None = None      # reuse this experiment's bank
     common: bool = True               # False: the recipe as shipped plus only ``sets``
+    control: str | None = None        # a run of the same student at a similar cost without this idea: paired difference
 
 
 # Ranked shortlist: cheapest idea first; each row says what it changes.
@@ -86,17 +87,27 @@ EXPERIMENTS = [
     Experiment("scratch-kd", "scratch mobilenetv3_small@128, plain KD (the SCRATCH settings) on the scratch bank",
                SCRATCH, bank_from="scratch"),
     Experiment("ensemble", "teacher ensemble: lite2 + lite1 in the synthesis loss (judge lite0); pretrained + imagenet head, KD",
-               {**PRETRAINED, "student.head": "imagenet", "synthesis.ensemble": ["efficientnet-lite1"]}, per_class=24),
+               {**PRETRAINED, "student.head": "imagenet", "synthesis.ensemble": ["efficientnet-lite1"]}, per_class=24,
+               control="pretrained-24"),
     Experiment("ensemble-scratch", "the ensemble bank; scratch mobilenetv3_small@128, plain KD",
-               {**SCRATCH, "synthesis.ensemble": ["efficientnet-lite1"]}, bank_from="ensemble", per_class=24),
+               {**SCRATCH, "synthesis.ensemble": ["efficientnet-lite1"]}, bank_from="ensemble", per_class=24,
+               control="scratch-kd-24"),
     Experiment("adversarial", "DeepInversion Adaptive: + 0.5 x (1 - JS(lite2, student as initialised)) (judge lite1); "
                "pretrained + imagenet head, KD", {**PRETRAINED, "student.head": "imagenet", "synthesis.adversarial": 0.5},
-               per_class=24),
+               per_class=24, control="pretrained-24"),
     Experiment("generator", "amortised: a conditional generator trained 1200 steps on the synthesis objective (concept "
                "cross-entropy + BN prior, robust views), 96 images per class sampled; pretrained + imagenet head, KD",
-               {**PRETRAINED, "student.head": "imagenet", "synthesis.generator_steps": 1200}, per_class=96),
+               {**PRETRAINED, "student.head": "imagenet", "synthesis.generator_steps": 1200}, per_class=96,
+               control="pretrained-24"),
     Experiment("generator-scratch", "the generator bank; scratch mobilenetv3_small@128, plain KD",
-               {**SCRATCH, "synthesis.generator_steps": 1200}, bank_from="generator", per_class=96),
+               {**SCRATCH, "synthesis.generator_steps": 1200}, bank_from="generator", per_class=96,
+               control="scratch-kd-24"),
+    Experiment("generator-diverse", "the generator + MSGAN's mode-seeking term (weight 0.1): without it, one image "
+               "per class", {**PRETRAINED, "student.head": "imagenet", "synthesis.generator_steps": 1200,
+                             "synthesis.generator_diversity": 0.1}, per_class=96, control="pretrained-24"),
+    Experiment("generator-diverse-scratch", "the diverse generator's bank; scratch mobilenetv3_small@128, plain KD",
+               {**SCRATCH, "synthesis.generator_steps": 1200, "synthesis.generator_diversity": 0.1},
+               bank_from="generator-diverse", per_class=96, control="scratch-kd-24"),
 ]
 
 
@@ -211,10 +222,15 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, truth: np.ndarray, reps: int 
     return tuple(np.nanpercentile(ratios, [2.5, 97.5])), tuple(np.percentile(diffs, [2.5, 97.5]))
 
 
-def score_run(run: Path, data, cache: Path) -> dict:
+def score_run(run: Path, data, cache: Path, control: Path | None = None) -> dict:
     from distiller.evaluation import wilson
     truth = np.array([s.label for s in data.samples])
     c = correct_vectors(run, data, cache)
+    vs_control = None
+    if control is not None and (control / "report.json").exists():
+        ctl = correct_vectors(control, data, cache)["student"]
+        _, ci = paired_bootstrap(c["student"], ctl, truth)
+        vs_control = {"run": control.name, "diff": balanced(c["student"], truth) - balanced(ctl, truth), "ci": ci}
     n = len(truth)
     acc = {k: balanced(v, truth) for k, v in c.items()}
     ret_ci, _ = paired_bootstrap(c["student"], c["teacher"], truth)
@@ -231,7 +247,7 @@ def score_run(run: Path, data, cache: Path) -> dict:
             "per_class": {lab: float(c["student"][truth == k].mean()) for k, lab in enumerate(data.labels)},
             "judge": judge.get("per_concept"), "cost_min": cost_minutes(run),
             "student_model": f"{report['student']['model']}@{report['student']['input_size']}",
-            "deployable": variant, "latency_ms": lat.get("p50")}
+            "deployable": variant, "latency_ms": lat.get("p50"), "vs_control": vs_control}
 
 
 def table(rows: list[dict]) -> str:
@@ -270,8 +286,9 @@ def main(argv=None) -> int:
         budgets = [int(b) for b in args.budgets.split(",")] if args.budgets and exp.bank_from else [exp.per_class]
         for k in budgets:
             run = ensure_run(exp, args.runs, k)
+            control = args.runs / exp.control if exp.control else None
             results[run.name] = {"experiment": exp.name, "idea": exp.idea, "per_class": k,
-                                 **score_run(run, data, args.runs / "cache")}
+                                 **score_run(run, data, args.runs / "cache", control)}
             args.runs.mkdir(parents=True, exist_ok=True)
             results_file.write_text(json.dumps(results, indent=1))
     rows = [results[k] for k in results]
@@ -281,6 +298,11 @@ def main(argv=None) -> int:
               f"free baseline lite0@128 {100 * first['baseline']:.1f} (balanced)")
     print(table(rows))
     print(curve(rows))
+    for r in rows:
+        v = r.get("vs_control")
+        if v:
+            print(f"{r['run']} - {v['run']} (paired: the same student, similar cost, without the idea): {100 * v['diff']:+.1f} "
+                  f"[{100 * v['ci'][0]:+.1f}, {100 * v['ci'][1]:+.1f}] points")
     return 0
 
 

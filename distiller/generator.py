@@ -84,10 +84,13 @@ def train_generator(objective, source, labels: int, styles: int, cfg, size: int,
         opt.load_state_dict(ck["opt"])
         step, gen = ck["step"], _generator_from(ck["rng"])
     b = cfg.shard_size
+    pairs = cfg.generator_diversity > 0 and b >= 2
     while step < cfg.generator_steps:
         g.train()
-        cls = torch.randint(labels, (b,), generator=gen)
-        sty = torch.randint(styles, (b,), generator=gen)
+        cls = torch.randint(labels, (b // 2 if pairs else b,), generator=gen)
+        sty = torch.randint(styles, (len(cls),), generator=gen)
+        if pairs:   # each (class, style) twice, with two z: the mode-seeking term compares the two images
+            cls, sty = cls.repeat(2), sty.repeat(2)
         targets = source.targets(cls, sty, gen).to(device)
         z = torch.randn(b, g.zdim, generator=gen).to(device)
         img = g(z, _condition(targets, cls).to(device))
@@ -95,6 +98,8 @@ def train_generator(objective, source, labels: int, styles: int, cfg, size: int,
                            for _ in range(cfg.crops)])
         rep = None if _indexed(targets) else targets.repeat(cfg.crops, 1)
         loss = objective.synthesis_loss(views, rep, cls.to(device).repeat(cfg.crops), cfg).float().mean()
+        if pairs:
+            loss = loss + cfg.generator_diversity * mode_seeking(img, z)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -104,6 +109,15 @@ def train_generator(objective, source, labels: int, styles: int, cfg, size: int,
         if step % SAVE_EVERY == 0 or step == cfg.generator_steps:
             save_atomic({"model": g.state_dict(), "opt": opt.state_dict(), "step": step, "rng": gen.get_state()}, path)
     return g.eval()
+
+
+def mode_seeking(img: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """MSGAN's mode-seeking term for a batch whose halves share their conditions: 1 / (image distance /
+    z distance). A generator that ignores z (one image per class: what 1200 steps gave here without it)
+    pays for it."""
+    h = len(img) // 2
+    ratio = (img[:h] - img[h:2 * h]).abs().mean() / (z[:h] - z[h:2 * h]).abs().mean()
+    return 1.0 / (ratio + 1e-5)
 
 
 def _generator_from(state: torch.Tensor) -> torch.Generator:

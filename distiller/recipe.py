@@ -69,6 +69,7 @@ class SynthesisCfg:
     adversarial: float = 0.0                    # weight of disagreement with the student as initialised (pretrained)
     generator_steps: int = 0                    # 0: optimise each image; > 0: train a generator this long, sample the bank
     generator_lr: float = 0.001
+    generator_diversity: float = 0.0            # mode-seeking term: samples of one class must differ with z
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,23 @@ def test_generator_learns_to_make_each_concept(lites, tmp_path):
     assert x.std(0).mean() > 0.02   # the samples of one batch are not one image
 
 
+def test_mode_seeking_term_spreads_one_concept_over_z(lites, tmp_path):
+    from distiller.generator import sampler, train_generator
+    from distiller.prompts import build_prompt_source
+    rec, t = lites
+    src = build_prompt_source(t[0], rec.prompts)
+    cls = torch.zeros(8, dtype=torch.long)
+    targets = torch.stack([t[0].members[0][0]] * 8)
+    spread = []
+    for w in (0.0, 0.5):
+        cfg = dataclasses.replace(_gen_cfg(rec, 60), generator_diversity=w)
+        g = train_generator(t[0], src, 2, 1, cfg, 64, tmp_path / f"d{w}.pt", seed=0)
+        img, _ = sampler(g, t[0], cfg)(targets, cls, torch.Generator().manual_seed(7))
+        x = img.float() / 255
+        spread.append(float((x[:, None] - x[None]).abs().mean()))   # mean pairwise distance, one concept
+    assert spread[1] > 1.5 * spread[0], spread
+
+
 def test_generator_training_resumes_exactly(lites, tmp_path):
     from distiller.generator import train_generator
     from distiller.prompts import build_prompt_source
