@@ -184,3 +184,14 @@ def test_make_with_a_generator(tmp_path):
     from distiller.bank import Bank
     imgs, logits, recs = Bank(run / "bank").load()
     assert imgs.shape == (8, 64, 64, 3) and imgs.reshape(8, -1).std(0).mean() > 0.1   # 8 different images
+
+
+def test_generator_with_a_clip_teacher_conditions_on_text_embeddings(tiny_clip, tmp_path):
+    """CLIP targets are text embeddings (class x style), not class indices: the generator takes them as its
+    condition and the make runs through to a deployable model."""
+    from conftest import smoke_args
+    args = smoke_args(tiny_clip, tmp_path, "clipgen", "--set", "synthesis.generator_steps=2", "--set", "synthesis.steps=1")
+    assert main(args) == 0
+    g = torch.load(tmp_path / "clipgen" / "generator.pt", weights_only=False)
+    assert g["step"] == 2 and g["model"]["embed.weight"].dim() == 2 and "embed.bias" in g["model"]   # a Linear
+    assert json.loads((tmp_path / "clipgen" / "report.json").read_text())["deployable"]
