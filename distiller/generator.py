@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .augment import random_views
+from .synthesis import robust_loss
 
 SAVE_EVERY = 50
 
@@ -68,6 +68,11 @@ def _condition(targets: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return classes if _indexed(targets) else targets
 
 
+def _aim(targets: torch.Tensor):
+    """What the objective aims each image at: None (its concept) when the generator sees the concept."""
+    return None if _indexed(targets) else targets
+
+
 def train_generator(objective, source, labels: int, styles: int, cfg, size: int, path: Path, seed: int,
                     device="cpu", on_step=None) -> Generator:
     """Train (or resume, or load) the generator for ``cfg.generator_steps`` steps of batch ``cfg.shard_size``."""
@@ -94,10 +99,7 @@ def train_generator(objective, source, labels: int, styles: int, cfg, size: int,
         targets = source.targets(cls, sty, gen).to(device)
         z = torch.randn(b, g.zdim, generator=gen).to(device)
         img = g(z, _condition(targets, cls).to(device))
-        views = torch.cat([random_views(img, objective.input_size, gen, cfg.crop_scale, cfg.rotate_deg, True, cfg.noise)
-                           for _ in range(cfg.crops)])
-        rep = None if _indexed(targets) else targets.repeat(cfg.crops, 1)
-        loss = objective.synthesis_loss(views, rep, cls.to(device).repeat(cfg.crops), cfg).float().mean()
+        loss = robust_loss(objective, img, _aim(targets), cls.to(device), cfg, gen).mean()
         if pairs:
             loss = loss + cfg.generator_diversity * mode_seeking(img, z)
         opt.zero_grad(set_to_none=True)
@@ -131,9 +133,9 @@ def sampler(g: Generator, objective, cfg, device="cpu"):
     @torch.no_grad()
     def produce(targets, classes, gen):
         z = torch.randn(len(targets), g.zdim, generator=gen).to(device)
-        img = g(z, _condition(targets, classes).to(device))
-        aim = None if _indexed(targets) else targets.to(device)
-        loss = objective.synthesis_loss(img, aim, classes.to(device), cfg).float().cpu()
+        targets, classes = targets.to(device), classes.to(device)
+        img = g(z, _condition(targets, classes))
+        loss = objective.synthesis_loss(img, _aim(targets), classes, cfg).float().cpu()
         out = (img * 255).round().clamp(0, 255).to(torch.uint8)
         return out.permute(0, 2, 3, 1).cpu().contiguous(), loss
     return produce

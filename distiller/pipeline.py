@@ -203,18 +203,13 @@ def synthesize_stage(run: Run) -> None:
     plan = BankPlan(tuple(run.labels), tuple(source.style_names), rec.synthesis.images_per_class,
                     rec.synthesis.shard_size, res, rec.synthesis.val_every, rec.seed)
     torch.manual_seed(rec.seed)
-    objective = synthesis_objective(run, teacher) if not bank.is_complete() else None
+    objective = synthesis_objective(run, teacher)
     produce = None
-    if rec.synthesis.generator_steps and objective is not None:
+    if rec.synthesis.generator_steps:
         from .generator import sampler, train_generator
         with run.reporter.task(f"generator ({rec.synthesis.generator_steps} steps)", rec.synthesis.generator_steps) as advance:
-            done = [0]
-
-            def step(i, loss):
-                advance(i - done[0])
-                done[0] = i
             g = train_generator(objective, source, len(run.labels), len(source.style_names), rec.synthesis, res,
-                                run.paths.generator, rec.seed, run.device, on_step=step)
+                                run.paths.generator, rec.seed, run.device, on_step=advance_to(advance))
         produce = sampler(g, objective, rec.synthesis, run.device)
     with run.reporter.task(f"synthesis ({plan.total} images, {rec.synthesis.steps} steps)", plan.num_shards) as advance:
         advance(len(bank.complete()))
@@ -315,20 +310,24 @@ def distill_stage(run: Run) -> None:
     steps = rec.distill.epochs * max(1, n_train // min(rec.distill.batch_size, n_train))
     what = f"distill {spec.model} @ {spec.preprocess.size}px" if steps else f"student {spec.model} @ {spec.preprocess.size}px as initialised (distill.epochs = 0)"
     with run.reporter.task(what, steps or 1) as advance:
-        done = {"n": 0}
-
-        def on_step(step, total):
-            advance(step - done["n"])
-            done["n"] = step
-
         train_student(student, spec, bank, rec.distill, run.paths.checkpoints, rec.seed, teacher, run.device,
-                      run.autocast(), on_step=on_step,
+                      run.autocast(), on_step=advance_to(advance),
                       on_epoch=lambda r: run.reporter.log(
                           f"epoch {r['epoch']}: " + ("as initialised" if r["loss"] is None else f"loss {r['loss']:.3f}")
                           + f", val agreement {r['val_agreement']:.3f}"))
         if not steps:
             advance()
     run.record_time("distill", time.perf_counter() - t0)
+
+
+def advance_to(advance):
+    """An ``on_step(step, ...)`` callback that moves a progress bar to ``step`` (callers report counts so far)."""
+    done = [0]
+
+    def on_step(step, *_):
+        advance(step - done[0])
+        done[0] = step
+    return on_step
 
 
 def _manifest(bank):

@@ -97,23 +97,27 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., :, 1:] - x[..., :, :-1]).abs().mean((1, 2, 3))
 
 
+def robust_loss(objective, img: torch.Tensor, targets, classes: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
+    """Per image of ``img`` [B, 3, H, W]: ``objective``'s synthesis loss averaged over ``cfg.crops`` random
+    views (crop, flip, rotation, noise). ``targets`` None: the objective aims at ``classes`` itself."""
+    b = img.shape[0]
+    views = torch.cat([random_views(img, objective.input_size, generator, cfg.crop_scale, cfg.rotate_deg, True, cfg.noise)
+                       for _ in range(cfg.crops)])
+    rep = None if targets is None else targets.repeat(cfg.crops, *([1] * (targets.dim() - 1)))
+    return objective.synthesis_loss(views, rep, classes.repeat(cfg.crops), cfg).float().view(cfg.crops, b).mean(0)
+
+
 def synthesize(teacher, targets: torch.Tensor, classes: torch.Tensor, cfg, size: int, generator: torch.Generator, device="cpu", autocast=None, on_step=None):
     """Optimise ``len(targets)`` images (``classes``: each one's concept index) of ``size`` px; returns (uint8 [B, H, W, 3] CPU tensor, final loss [B])."""
     b = targets.shape[0]
     image = FourierImage(b, size, generator, cfg.decay_power).to(device)
     opt = torch.optim.Adam(image.parameters(), lr=cfg.lr)
-    targets = targets.to(device)
-    rep = targets.repeat(cfg.crops, *([1] * (targets.dim() - 1)))
-    rep_cls = classes.to(device).repeat(cfg.crops)
+    targets, classes = targets.to(device), classes.to(device)
     loss_per = torch.zeros(b)
     for step in range(cfg.steps):
         img = image()
-        views = torch.cat([
-            random_views(img, teacher.input_size, generator, cfg.crop_scale, cfg.rotate_deg, True, cfg.noise)
-            for _ in range(cfg.crops)
-        ])
         with autocast() if autocast else _null():
-            loss = teacher.synthesis_loss(views, rep, rep_cls, cfg).float().view(cfg.crops, b).mean(0)
+            loss = robust_loss(teacher, img, targets, classes, cfg, generator)
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight * total_variation(img)
         opt.zero_grad(set_to_none=True)

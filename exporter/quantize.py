@@ -37,18 +37,16 @@ def quiet_tools():
     cpp.setLevel(logging.ERROR)
     try:
         import onnxruntime as ort
-        ort.set_default_logger_severity(3)
     except ImportError:
-        pass
+        ort = None
+    if ort is not None:
+        ort.set_default_logger_severity(3)
     try:
         with open(os.devnull, "w") as sink, redirect_stdout(sink):
             yield
     finally:
-        try:
-            import onnxruntime as ort
+        if ort is not None:
             ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
-        except ImportError:
-            pass
         root.setLevel(levels[0])
         cpp.setLevel(levels[1])
 
