@@ -4,17 +4,19 @@
     bank/shard_00000/images.npy   uint8 [N, H, W, 3]
                     logits.npy    float32 [N, K] teacher logits over the plain class embeddings
                     records.json  one record per image: index, class, label, style, seed, split
-    bank/manifest.jsonl           every record of every complete shard, with its logits
+    bank/manifest.jsonl           every record of every shard with its logits, written once the bank is complete
 
 A shard is written into a temporary folder and renamed when complete, so a kill never leaves
 half a shard; resume counts the complete shards and continues with the next one. Each shard is
 seeded from (run seed, shard index), so a resumed bank is byte-identical to an uninterrupted one.
+Each shard's records travel with the shard: no file is shared between shards (so no two writers
+ever touch one file), and readers order records by shard index. The manifest is derived from the
+shards, once, for people and tools that want one file.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +25,7 @@ import numpy as np
 
 from runtime.errors import UserError
 
-from .runfolder import remove, write_json_atomic, write_text_atomic
+from .atomic import atomic_dir, clean_temporaries, remove, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -104,35 +106,37 @@ class Bank:
                 f"use a new run name, or --exist-ok to start the run over"
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        for tmp in self.root.glob(".shard_*"):  # half-written shards from a killed run
-            remove(tmp)
+        clean_temporaries(self.root)   # half-written shards from a killed run
         if old is None:
-            write_json_atomic(self.root / "plan.json", {**asdict(plan), "labels": list(plan.labels), "style_names": list(plan.style_names)})
+            write_json(self.root / "plan.json", {**asdict(plan), "labels": list(plan.labels), "style_names": list(plan.style_names)})
 
     def write_shard(self, i: int, images: np.ndarray, logits: np.ndarray, records: list[dict]) -> None:
+        """One complete shard, atomically: its images, the teacher's logits and its records."""
         final = self.shard_dir(i)
-        tmp = self.root / f".{final.name}.tmp"
-        remove(tmp)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
-        np.save(tmp / "logits.npy", np.ascontiguousarray(logits, dtype=np.float32))
-        (tmp / "records.json").write_text(json.dumps(records, indent=0) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        self.write_manifest()
+        remove(final)
+        with atomic_dir(final) as tmp:
+            np.save(tmp / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+            np.save(tmp / "logits.npy", np.ascontiguousarray(logits, dtype=np.float32))
+            (tmp / "records.json").write_text(json.dumps(records, indent=0) + "\n")
 
     def records(self, shard: int) -> list[dict]:
         return json.loads((self.shard_dir(shard) / "records.json").read_text())
 
+    def count(self, split: str | None = None) -> int:
+        """Images the plan puts in ``split`` (train | val), or in the whole bank."""
+        plan = self.plan()
+        if plan is None:
+            return 0
+        return sum(len(plan.indices(i)) for i in range(plan.num_shards) if split is None or plan.split(i) == split)
+
     def write_manifest(self) -> None:
+        """manifest.jsonl from the shards' own records, in shard order (once, when the bank is complete)."""
         lines = []
         for i in self.complete():
             logits = np.load(self.shard_dir(i) / "logits.npy")
             for rec, lg in zip(self.records(i), logits):
                 lines.append(json.dumps({**rec, "logits": [round(float(v), 5) for v in lg]}))
-        write_text_atomic(self.root / "manifest.jsonl", "\n".join(lines) + "\n")
+        write_text(self.root / "manifest.jsonl", "\n".join(lines) + "\n")
 
     def is_complete(self) -> bool:
         plan = self.plan()
@@ -187,3 +191,4 @@ def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", au
         bank.write_shard(i, images.numpy(), logits.numpy(), records)
         if on_shard:
             on_shard(i, plan.num_shards)
+    bank.write_manifest()

@@ -5,13 +5,12 @@ runs on the edge device itself; ``select`` rewrites the run's deployable variant
 """
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
 import numpy as np
 
-from runtime.classifier import Classifier, model_size_bytes, onnx_session, physical_cores
+from runtime.classifier import REPORT_FILE, Classifier, model_size_bytes, onnx_session, physical_cores, read_report
 from runtime.errors import UserError
 from runtime.preprocess import preprocess
 from runtime.timing import latency_stats, timed
@@ -43,16 +42,9 @@ def _size_mb(path: Path) -> float:
 
 def val_images(run: Path, limit: int = 256) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The run's validation bank images (uint8 HWC) and the teacher's logits on them."""
-    bank = run / "bank"
-    imgs, logits = [], []
-    for shard in sorted(bank.glob("shard_*")):
-        recs = json.loads((shard / "records.json").read_text())
-        if recs and recs[0]["split"] == "val":
-            imgs.append(np.load(shard / "images.npy"))
-            logits.append(np.load(shard / "logits.npy"))
-    if not imgs:
-        raise UserError(f"{run}: its bank has no validation shards")
-    return list(np.concatenate(imgs)[:limit]), np.concatenate(logits)[:limit]
+    from .bank import Bank
+    imgs, logits, _ = Bank(run / "bank").load("val")
+    return list(imgs[:limit]), logits[:limit]
 
 
 def bench_models(models: dict[str, Path], images: list[np.ndarray], teacher_logits: np.ndarray | None = None,
@@ -101,7 +93,7 @@ def _photo_like(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def bench_run(run: Path, threads=None, runs=100, warmup=10, batch=32, include_preprocess=False, on_model=None) -> dict:
-    report = json.loads((run / "report.json").read_text())
+    report = read_report(run)
     models = {name: run / v["file"] for name, v in report["export"]["variants"].items()}
     images, teacher = val_images(run)
     return bench_models(models, images, teacher, threads, runs, warmup, batch, include_preprocess, on_model)
@@ -125,9 +117,9 @@ def select_for_device(run: Path, result: dict) -> dict:
 
     from exporter.variants import select
 
-    from .runfolder import write_json_atomic
-    path = run / "report.json"
-    report = json.loads(path.read_text())
+    from .atomic import write_json
+    path = run / REPORT_FILE
+    report = read_report(run)
     rows = report["export"]["variants"]
     measured = {name: r for name, r in rows.items() if name in result["models"]}
     if not measured:
@@ -138,11 +130,12 @@ def select_for_device(run: Path, result: dict) -> dict:
     for name, r in rows.items():
         if name not in measured:
             r["status"] = f"not measured on this machine: {result.get('skipped', {}).get(name, 'not benched')}"
+            r["eligible"] = False
     report["export"].update(deployable=rows[best]["file"], deployable_variant=best, notes=notes)
     report["deployable"] = rows[best]["file"]
     report["selected_on"] = {"cpu": result["cpu"], "threads": result["threads"],
                              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_json_atomic(path, report)
+    write_json(path, report)
     return report
 
 
@@ -165,7 +158,6 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
         teacher = build_teacher(dataclasses.replace(r.recipe.teacher, input_size=input_size), r.concepts)
         onnx_path = run / f"teacher_image_{teacher.input_size}.onnx"
     if not onnx_path.exists():
-        tmp = onnx_path.with_name(f".{onnx_path.name}.tmp")
 
         class Tower(torch.nn.Module):
             def __init__(self, t):
@@ -176,16 +168,17 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
                 return self.t.logits(x)
         x = torch.zeros(1, 3, teacher.input_size, teacher.input_size)
         import warnings
+
+        from .atomic import atomic_path
         fast = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)   # the fused attention kernel has no ONNX export
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), atomic_path(onnx_path) as tmp:
                 warnings.simplefilter("ignore")
                 torch.onnx.export(Tower(teacher).eval(), (x,), str(tmp), dynamo=False, opset_version=17,
                                   input_names=["images"], output_names=["logits"])
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
-        tmp.replace(onnx_path)
     sess = onnx_session(onnx_path, threads)
     x = np.random.default_rng(0).random((1, 3, teacher.input_size, teacher.input_size), dtype=np.float32)
     lat = timed(lambda: sess.run(None, {"images": x}), runs, warmup)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,7 +42,17 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip())
 
 
-def parse_concepts(spec: str | None = None, file: str | Path | None = None) -> list[Concept]:
+def check_printable(item: str) -> None:
+    """Labels are what the model answers and what terminals and JSON show: no control, format
+    (zero-width, bidi) or unassigned characters, which make two labels that print alike."""
+    bad = next((ch for ch in item if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn")), None)
+    if bad is not None:
+        name = unicodedata.name(bad, f"U+{ord(bad):04X}")
+        raise UserError(f"class {item.encode('unicode_escape').decode()!r} holds an invisible or control character "
+                        f"(U+{ord(bad):04X} {name}): type the class names as plain text")
+
+
+def parse_concepts(spec: str | None = None, file: str | Path | None = None, minimum: int = 2) -> list[Concept]:
     """Concepts from ``--classes a,b`` or a file with one per line; ``label=teacher text`` allowed."""
     if (spec is None) == (file is None):
         raise UserError("name the classes with --classes cats,dogs or --classes-file FILE (one of them)")
@@ -49,7 +60,13 @@ def parse_concepts(spec: str | None = None, file: str | Path | None = None) -> l
         path = Path(file)
         if not path.is_file():
             raise UserError(f"classes file {path} does not exist")
-        items = [ln for ln in path.read_text().splitlines() if not ln.strip().startswith("#")]
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\x00" in text:
+            raise UserError(f"classes file {path} is not UTF-8 text: write one class name per line")
+        items = [ln for ln in text.splitlines() if not ln.strip().startswith("#")]
     else:
         items = spec.split(",")
     concepts, seen = [], {}
@@ -57,6 +74,7 @@ def parse_concepts(spec: str | None = None, file: str | Path | None = None) -> l
         item = _norm(raw)
         if not item:
             continue
+        check_printable(item)
         if "=" in item:
             label, text = (_norm(s) for s in item.split("=", 1))
             if not label or not text:
@@ -68,14 +86,14 @@ def parse_concepts(spec: str | None = None, file: str | Path | None = None) -> l
             raise UserError(f"classes {seen[key]!r} and {label!r} are the same class: list each class once")
         seen[key] = label
         concepts.append(Concept(label=label, text=text))
-    if len(concepts) < 2:
-        raise UserError(f"need at least 2 classes, got {len(concepts)}: e.g. --classes cats,dogs")
+    if len(concepts) < minimum:
+        raise UserError(f"need at least {minimum} class{'es' if minimum > 1 else ''}, got {len(concepts)}: e.g. --classes cats,dogs")
     return concepts
 
 
 def save_concepts(concepts: list[Concept], path: Path) -> None:
-    from .runfolder import write_text_atomic
-    write_text_atomic(path, json.dumps([asdict(c) for c in concepts], indent=1) + "\n")
+    from .atomic import write_text
+    write_text(path, json.dumps([asdict(c) for c in concepts], indent=1) + "\n")
 
 
 def load_concepts(path: Path) -> list[Concept]:

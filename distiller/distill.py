@@ -9,7 +9,6 @@ candidate too: ``epochs = 0`` ships a pretrained student as it starts (the free 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import load_torch, save_torch
 from .augment import random_views, resize_center
 
 
@@ -25,12 +25,48 @@ def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
     return F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="batchmean") * t * t
 
 
-def save_atomic(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class Checkpoints:
+    """The distill stage's artefacts: ``last.pt`` (resume: model, optimiser, schedule, history) after
+    every epoch and ``best.pt`` (the model at the best validation agreement). Other stages read them
+    through this, never by their keys."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    best = property(lambda s: s.folder / "best.pt")
+    last = property(lambda s: s.folder / "last.pt")
+
+    def state(self, device="cpu") -> dict | None:
+        return load_torch(self.last, map_location=device) if self.last.exists() else None
+
+    def last_epoch(self) -> int:
+        """The last finished epoch (0: the student as initialised was scored), -1 before that."""
+        state = self.state()
+        return -1 if state is None else int(state["epoch"])
+
+    def history(self) -> list[dict]:
+        state = self.state()
+        return [] if state is None else list(state["history"])
+
+    def complete(self, epochs: int) -> bool:
+        return self.best.exists() and self.last_epoch() >= epochs
+
+    def best_model_state(self, device="cpu") -> dict:
+        return load_torch(self.best, map_location=device)["model"]
+
+    def save(self, state: dict, best: dict | None = None) -> None:
+        if best is not None:
+            save_torch(best, self.best)
+        save_torch(state, self.last)
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return max(1, n_train // max(1, min(batch_size, n_train)))
+
+
+def total_steps(bank, cfg) -> int:
+    """Optimiser steps the whole KD loop takes on this bank (the distill stage's progress total)."""
+    return cfg.epochs * steps_per_epoch(bank.count("train"), cfg.batch_size)
 
 
 class Normalizer(torch.nn.Module):
@@ -73,7 +109,7 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
     tr_img, tr_logit = torch.from_numpy(tr_img), torch.from_numpy(tr_logit)
     va_logit = torch.from_numpy(va_logit)
     n, bs = len(tr_img), min(cfg.batch_size, len(tr_img))
-    steps = max(1, n // bs)
+    steps = steps_per_epoch(n, cfg.batch_size)
     total = cfg.epochs * steps
     warm = cfg.warmup_epochs * steps
     student.to(device)
@@ -87,9 +123,9 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start, best, history = 0, -1.0, []
-    last = ckpt_dir / "last.pt"
-    if last.exists():
-        state = torch.load(last, map_location=device, weights_only=False)
+    ckpts = Checkpoints(ckpt_dir)
+    state = ckpts.state(device)
+    if state is not None:
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -100,12 +136,13 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
     def checkpoint(rec, epoch):
         nonlocal best
         history.append(rec)
-        if rec["val_agreement"] > best:
+        improved = rec["val_agreement"] > best
+        if improved:
             best = rec["val_agreement"]
-            save_atomic({"model": student.state_dict(), "student": spec.model, "num_classes": spec.num_classes,
-                         "epoch": epoch, "val_agreement": best}, ckpt_dir / "best.pt")
-        save_atomic({"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "best": best, "history": history}, last)
+        ckpts.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "epoch": epoch, "best": best, "history": history},
+                   best={"model": student.state_dict(), "student": spec.model, "num_classes": spec.num_classes,
+                         "epoch": epoch, "val_agreement": best} if improved else None)
         if on_epoch:
             on_epoch(rec)
 
@@ -156,6 +193,5 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
 def load_student(spec, ckpt: Path, device="cpu"):
     from .students import create_student
     model = create_student(spec)
-    state = torch.load(ckpt, map_location=device, weights_only=False)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(load_torch(ckpt, map_location=device)["model"])
     return model.eval()

@@ -193,13 +193,9 @@ def teacher_predictor(teacher, device="cpu") -> Callable[[list[Path]], np.ndarra
     """The torch teacher as a paths -> logits function, with its own eval preprocessing."""
     import torch
 
-    from runtime.metadata import Preprocess
     from runtime.preprocess import preprocess
 
-    size = teacher.input_size
-    resize = int(size / getattr(teacher, "crop_pct", 1.0))   # CLIP: resize to the crop; ImageNet nets: crop_pct
-    pre = Preprocess(size=size, resize=resize, interpolation=getattr(teacher, "interpolation", "bicubic"),
-                     mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))   # [0, 1]; the teacher normalises itself
+    pre = teacher.eval_preprocess()   # ends in [0, 1]: the teacher normalises itself
 
     @torch.no_grad()
     def run(x: np.ndarray) -> np.ndarray:
@@ -219,13 +215,20 @@ def baseline_predictor(concepts, device="cpu") -> Callable[[list[Path]], np.ndar
     return teacher_predictor(build_teacher(TeacherCfg(model=model, input_size=size), concepts, device), device)
 
 
-def run_variants(run: Path) -> list[Path]:
-    """Every exported model file of a finished run."""
-    report = run / "report.json"
-    if not report.exists():
-        raise UserError(f"{run}: no report.json: pass a model file or a finished run folder")
-    rep = json.loads(report.read_text())
-    return [run / v["file"] for v in rep["export"]["variants"].values()]
+def run_variants(run: Path) -> tuple[list[Path], list[str]]:
+    """Every exported model file of a finished run that an installed backend can run, and notes on
+    the ones skipped (a runtime-only install has ONNX Runtime, not OpenVINO)."""
+    from runtime.classifier import backend_for, installed, read_report
+    files, notes = [], []
+    for v in read_report(run)["export"]["variants"].values():
+        b = backend_for(v["file"])
+        if b is not None and installed(b.name):
+            files.append(run / v["file"])
+        else:
+            notes.append(f"{v['file']} not scored: {b.name if b else 'its backend'} is not installed")
+    if not files:
+        raise UserError(f"{run}: none of its models can run with the installed backends: pip install onnxruntime")
+    return files, notes
 
 
 def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = None, teacher: bool = True,
@@ -234,11 +237,10 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
     free baseline, on an ImageFolder tree. Returns (dataset, {name: evaluate(...)}, notes)."""
     from runtime import Classifier
     path = Path(path)
-    files = run_variants(path) if path.is_dir() else [path]
+    files, notes = run_variants(path) if path.is_dir() else ([path], [])
     clfs = {str(f.relative_to(path) if path.is_dir() else f): Classifier.load(f) for f in files}
     dataset = load_image_folder(data, next(iter(clfs.values())).labels, labels_map)
     results = {name: evaluate(runtime_predictor(c), dataset) for name, c in clfs.items()}
-    notes = []
     if not path.is_dir() or not (teacher or baseline):
         return dataset, results, notes
     try:

@@ -76,7 +76,7 @@ def _aim(targets: torch.Tensor):
 def train_generator(objective, source, labels: int, styles: int, cfg, size: int, path: Path, seed: int,
                     device="cpu", on_step=None) -> Generator:
     """Train (or resume, or load) the generator for ``cfg.generator_steps`` steps of batch ``cfg.shard_size``."""
-    from .distill import save_atomic
+    from .atomic import load_torch, save_torch
     gen = torch.Generator().manual_seed(seed)
     probe = source.targets(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), gen)
     torch.manual_seed(seed)
@@ -84,7 +84,7 @@ def train_generator(objective, source, labels: int, styles: int, cfg, size: int,
     opt = torch.optim.Adam(g.parameters(), lr=cfg.generator_lr, betas=(0.5, 0.999))
     step = 0
     if path.exists():
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = load_torch(path)
         g.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, gen = ck["step"], _generator_from(ck["rng"])
@@ -109,7 +109,7 @@ def train_generator(objective, source, labels: int, styles: int, cfg, size: int,
         if on_step:
             on_step(step, float(loss.detach()))
         if step % SAVE_EVERY == 0 or step == cfg.generator_steps:
-            save_atomic({"model": g.state_dict(), "opt": opt.state_dict(), "step": step, "rng": gen.get_state()}, path)
+            save_torch({"model": g.state_dict(), "opt": opt.state_dict(), "step": step, "rng": gen.get_state()}, path)
     return g.eval()
 
 
@@ -139,3 +139,9 @@ def sampler(g: Generator, objective, cfg, device="cpu"):
         out = (img * 255).round().clamp(0, 255).to(torch.uint8)
         return out.permute(0, 2, 3, 1).cpu().contiguous(), loss
     return produce
+
+
+def trained_steps(path: Path) -> int:
+    """Steps of generator training finished in ``path`` (the generator stage's progress so far)."""
+    from .atomic import load_torch
+    return int(load_torch(path)["step"]) if Path(path).exists() else 0

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from runtime.errors import UserError
 
+from .atomic import load_torch
 from .registry import Registry
 
 PROMPT_SOURCES: Registry = Registry("prompt source")
@@ -41,6 +42,12 @@ class PromptSource:
     num_styles: int
     style_names: list[str]
     class_targets: torch.Tensor
+    styled = False     # whether images differ by style (a pseudo-word slot in the prompt)
+
+    @classmethod
+    def training_steps(cls, cfg) -> int:
+        """Optimisation steps the source spends before it can give targets (0: nothing to learn)."""
+        return 0
 
     def targets(self, class_ids: torch.Tensor, style_ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -48,11 +55,10 @@ class PromptSource:
 
 @PROMPT_SOURCES.register("plain")
 class PlainPrompts(PromptSource):
-    def __init__(self, teacher, cfg, paths=None, seed: int = 0):
-        text = getattr(teacher, "text", None)
-        if text is None:
+    def __init__(self, teacher, cfg, paths=None, seed: int = 0, on_step=None):
+        if teacher.text is None:
             raise UserError("prompt sources need a CLIP teacher: this teacher has no text embeddings")
-        super().__init__("plain", 1, ["plain"], text)
+        super().__init__("plain", 1, ["plain"], teacher.text)
 
     def targets(self, class_ids, style_ids, generator=None):
         return self.class_targets[class_ids]
@@ -63,8 +69,8 @@ class ClassPrompts(PromptSource):
     """For ImageNet-classifier teachers: each image's target is one ImageNet class beneath its concept,
     drawn with the batch's generator (the concept's classes take turns across the bank)."""
 
-    def __init__(self, teacher, cfg, paths=None, seed: int = 0):
-        if getattr(teacher, "members", None) is None:
+    def __init__(self, teacher, cfg, paths=None, seed: int = 0, on_step=None):
+        if teacher.members is None:
             raise UserError("--prompts classes is for ImageNet-classifier teachers: use auto")
         self.members = teacher.members
         super().__init__("classes", 1, ["plain"], None)
@@ -78,10 +84,12 @@ class ClassPrompts(PromptSource):
 class StyledPrompts(PromptSource):
     """Sources whose styles are pseudo-words spliced into ``cfg.template``."""
 
+    styled = True
+
     def __init__(self, name, teacher, cfg, pseudo: torch.Tensor | None, style_names: list[str]):
         self.splice = _splice(teacher, name)
-        self.cfg, self.scale = cfg, teacher.scale
-        self.class_texts = list(teacher.class_texts)
+        self.cfg, self.scale = cfg, teacher.text_tower.scale
+        self.class_texts = list(teacher.text_tower.class_texts)
         self.class_tokens = self.splice.tokens([cfg.template.format(style="*", cls=t) for t in self.class_texts])
         self.style_tokens = self.splice.tokens([cfg.style_template.format(style="*")])
         super().__init__(name, len(style_names), style_names, teacher.text)
@@ -106,9 +114,10 @@ class StyledPrompts(PromptSource):
 
 def _splice(teacher, name: str):
     from .textsplice import SplicedText
-    if getattr(teacher, "tokenizer", None) is None:
+    tower = teacher.text_tower
+    if tower is None:
         raise UserError(f"--prompts {name} needs a CLIP teacher; styles do not apply to this teacher: use --prompts plain")
-    return SplicedText(teacher.model, teacher.tokenizer)
+    return SplicedText(tower.model, tower.tokenizer)
 
 
 def _num_styles(cfg) -> int:
@@ -121,7 +130,7 @@ def read_style_words(path: Path = STYLE_WORDS) -> list[str]:
 
 @PROMPT_SOURCES.register("mix")
 class MixPrompts(StyledPrompts):
-    def __init__(self, teacher, cfg, paths=None, seed: int = 0):
+    def __init__(self, teacher, cfg, paths=None, seed: int = 0, on_step=None):
         words = read_style_words()
         splice = _splice(teacher, "mix")
         emb = torch.stack([splice.word_embedding(w) for w in words])
@@ -138,7 +147,7 @@ class MixPrompts(StyledPrompts):
 
 @PROMPT_SOURCES.register("random")
 class RandomPrompts(StyledPrompts):
-    def __init__(self, teacher, cfg, paths=None, seed: int = 0):
+    def __init__(self, teacher, cfg, paths=None, seed: int = 0, on_step=None):
         n = _num_styles(cfg)
         super().__init__("random", teacher, cfg, None, [f"random-{i}" for i in range(n)])
         table = self.splice.table.float()
@@ -164,17 +173,21 @@ class ContrastivePrompts(StyledPrompts):
         key = {"source": "contrastive", "styles": n, "template": cfg.template, "style_template": cfg.style_template,
                "steps": cfg.train_steps, "lr": cfg.lr, "diversity_weight": cfg.diversity_weight,
                "consistency_weight": cfg.consistency_weight, "seed": seed, "classes": self.class_texts}
-        path = getattr(paths, "styles", None)
-        saved = torch.load(path, weights_only=False) if path is not None and Path(path).exists() else None
+        path = paths.styles if paths is not None else None
+        saved = load_torch(path) if path is not None and Path(path).exists() else None
         if saved is not None and saved.get("key") == key:
             pseudo, self.history = saved["pseudo"].to(self.splice.device), saved["history"]
         else:
             pseudo, self.history = self.learn(n, torch.Generator().manual_seed(seed), on_step)
             if path is not None:
-                from .distill import save_atomic
-                save_atomic({"key": key, "pseudo": pseudo.cpu(), "history": self.history}, Path(path))
+                from .atomic import save_torch
+                save_torch({"key": key, "pseudo": pseudo.cpu(), "history": self.history}, Path(path))
         self.pseudo = pseudo
         self.table = self.encode_pairs(pseudo)
+
+    @classmethod
+    def training_steps(cls, cfg) -> int:
+        return _num_styles(cfg) * cfg.train_steps
 
     def learn(self, n: int, generator: torch.Generator, on_step=None):
         """Learn ``n`` pseudo-words one after another; returns them and per-style loss history."""
@@ -209,12 +222,6 @@ class ContrastivePrompts(StyledPrompts):
         return torch.stack(learned), history
 
 
-def default_source(teacher) -> str:
-    if getattr(teacher, "members", None) is not None:
-        return "classes"
-    return "contrastive" if getattr(teacher, "tokenizer", None) is not None else "plain"
-
-
 UNSTYLED = ("auto", "plain", "classes")
 
 
@@ -226,19 +233,23 @@ def check_source(cfg, styles: bool) -> None:
         raise UserError(f"--prompts {cfg.source}: prompt styles do not apply to ImageNet-classifier teachers: use --prompts auto")
 
 
-def source_name(teacher, cfg) -> str:
-    if getattr(teacher, "members", None) is not None:
+def source_name(cfg, styles: bool) -> str:
+    """The source the ``[prompts]`` slice names for a teacher with (``styles``) or without a text tower:
+    ``auto`` is contrastive for CLIP and the member ImageNet classes for a classifier."""
+    if not styles:
         check_source(cfg, styles=False)
         return "classes"
-    return default_source(teacher) if cfg.source == "auto" else cfg.source
+    return "contrastive" if cfg.source == "auto" else cfg.source
+
+
+def source_class(cfg, styles: bool) -> type[PromptSource]:
+    """The class of that source: what it costs (``training_steps``), whether it is ``styled``."""
+    return PROMPT_SOURCES.get(source_name(cfg, styles))
 
 
 def build_prompt_source(teacher, cfg, paths=None, seed: int = 0, on_step=None) -> PromptSource:
     """The source the recipe's ``[prompts]`` slice names; ``on_step(style, step)`` reports style learning."""
-    cls = PROMPT_SOURCES.get(source_name(teacher, cfg))
-    if on_step is not None and cls is ContrastivePrompts:
-        return cls(teacher, cfg, paths, seed, on_step=on_step)
-    return cls(teacher, cfg, paths, seed)
+    return source_class(cfg, teacher.text_tower is not None)(teacher, cfg, paths, seed, on_step=on_step)
 
 
 @torch.no_grad()

@@ -20,8 +20,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-RECIPE_DIRS = (Path(__file__).resolve().parent.parent / "recipes", Path(__file__).resolve().parent / "recipes")
+RECIPE_DIRS = (Path(__file__).resolve().parent / "recipes",)   # shipped in the wheel (package data)
 DEFAULT_RECIPE = "cpu"
+
+
+def num(default, *, min=None, max=None, above=None):
+    """A numeric setting with its bounds, declared beside it (checked when a recipe is built, before
+    anything is written): ``min``/``max`` inclusive, ``above`` exclusive. Tuples are checked per item."""
+    return field(default=default, metadata={"bounds": (min, max, above)})
 
 
 @dataclass(frozen=True)
@@ -29,87 +35,88 @@ class TeacherCfg:
     model: str = "ViT-B-32"                     # open_clip name or model-config JSON path
     pretrained: str = "laion2b_s34b_b79k"       # open_clip tag or local weights file
     templates: tuple[str, ...] = ("a photo of a {}.",)
-    batch_size: int = 32                        # teacher forward batch when labelling
-    input_size: int = 0                         # ImageNet teachers: inference size; 0: the model's own
+    batch_size: int = num(32, min=1)            # teacher forward batch when labelling
+    input_size: int = num(0, min=0, max=1024)   # ImageNet teachers: inference size; 0: the model's own
     judge: str = "auto"                         # held-out network scoring the bank; auto | none | a teacher name
-    judge_min: float = 0.5                      # warn for concepts the judge agrees on less often
+    judge_min: float = num(0.5, min=0.0, max=1.0)   # warn for concepts the judge agrees on less often
 
 
 @dataclass(frozen=True)
 class PromptsCfg:
     source: str = "auto"                        # auto (contrastive for CLIP) | contrastive | random | mix | plain
-    styles: int = 0                             # number of styles; 0: the source's default (8)
+    styles: int = num(0, min=0, max=4096)       # number of styles; 0: the source's default (8)
     template: str = "a {style} style of a {cls}"
     style_template: str = "a {style} style of a"
-    mix_words: int = 3                          # style words mixed into each Mix-Prompt pseudo-word
-    train_steps: int = 100                      # Contrastive-Prompt: Adam steps per style
-    lr: float = 0.01
-    diversity_weight: float = 1.0
-    consistency_weight: float = 1.0
-    diversity_temperature: float = 0.1
+    mix_words: int = num(3, min=1)              # style words mixed into each Mix-Prompt pseudo-word
+    train_steps: int = num(100, min=0)          # Contrastive-Prompt: Adam steps per style
+    lr: float = num(0.01, above=0.0)
+    diversity_weight: float = num(1.0, min=0.0)
+    consistency_weight: float = num(1.0, min=0.0)
+    diversity_temperature: float = num(0.1, above=0.0)
 
 
 @dataclass(frozen=True)
 class SynthesisCfg:
-    images_per_class: int = 64
-    shard_size: int = 32                        # images optimised together and written as one shard
-    val_every: int = 5                          # every val_every-th shard is validation
-    resolution: int = 0                         # stored image size; 0: the teacher's input size
-    steps: int = 100
-    lr: float = 0.05
-    crops: int = 2                              # augmented views per image per step
-    crop_scale: tuple[float, float] = (0.4, 1.0)
-    rotate_deg: float = 10.0
-    noise: float = 0.02
-    decay_power: float = 1.0                    # Fourier amplitude falls as 1/f^decay_power
-    tv_weight: float = 0.0
-    class_weight: float = 0.1                   # CLIP: zero-shot cross-entropy on the image's class
-    bn_weight: float = 1.0                      # ImageNet teachers: batch-norm statistics prior
+    images_per_class: int = num(64, min=1)
+    shard_size: int = num(32, min=1)            # images optimised together and written as one shard
+    val_every: int = num(5, min=2)              # every val_every-th shard is validation
+    resolution: int = num(0, min=0, max=1024)   # stored image size; 0: the teacher's input size
+    steps: int = num(100, min=1)
+    lr: float = num(0.05, above=0.0)
+    crops: int = num(2, min=1)                  # augmented views per image per step
+    crop_scale: tuple[float, float] = num((0.4, 1.0), above=0.0, max=1.0)
+    rotate_deg: float = num(10.0, min=0.0, max=180.0)
+    noise: float = num(0.02, min=0.0)
+    decay_power: float = num(1.0, min=0.0)      # Fourier amplitude falls as 1/f^decay_power
+    tv_weight: float = num(0.0, min=0.0)
+    class_weight: float = num(0.1, min=0.0)     # CLIP: zero-shot cross-entropy on the image's class
+    bn_weight: float = num(1.0, min=0.0)        # ImageNet teachers: batch-norm statistics prior
     ensemble: tuple[str, ...] = ()              # more teachers whose synthesis loss is averaged in (same target space)
-    adversarial: float = 0.0                    # weight of disagreement with the student as initialised (pretrained)
-    generator_steps: int = 0                    # 0: optimise each image; > 0: train a generator this long, sample the bank
-    generator_lr: float = 0.001
-    generator_diversity: float = 0.0            # mode-seeking term: samples of one class must differ with z
+    adversarial: float = num(0.0, min=0.0)      # weight of disagreement with the student as initialised (pretrained)
+    generator_steps: int = num(0, min=0)        # 0: optimise each image; > 0: train a generator this long, sample the bank
+    generator_lr: float = num(0.001, above=0.0)
+    generator_diversity: float = num(0.0, min=0.0)  # mode-seeking term: samples of one class must differ with z
+    confirm_above: int = num(20000, min=0)      # more planned images than this need `make --yes` (0: never ask)
 
 
 @dataclass(frozen=True)
 class StudentCfg:
     model: str = ""                             # timm name; empty: the target's default
-    input_size: int = 0                         # 0: the target's default
+    input_size: int = num(0, min=0, max=1024)   # 0: the target's default
     init: str = "scratch"                       # scratch | pretrained (the target's offline ImageNet student)
     head: str = "auto"                          # auto | fresh | imagenet (pretrained: own ImageNet rows per concept)
 
 
 @dataclass(frozen=True)
 class DistillCfg:
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    warmup_epochs: int = 1
-    temperature: float = 4.0
+    epochs: int = num(30, min=0)
+    batch_size: int = num(64, min=1)
+    lr: float = num(3e-3, above=0.0)
+    weight_decay: float = num(0.05, min=0.0)
+    warmup_epochs: int = num(1, min=0)
+    temperature: float = num(4.0, above=0.0)
     relabel: bool = False                       # teacher relabels every augmented view (costly on CPU)
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    mixup: float = 0.0                          # mixup alpha; needs relabel
+    crop_scale: tuple[float, float] = num((0.35, 1.0), above=0.0, max=1.0)
+    mixup: float = num(0.0, min=0.0)            # mixup alpha; needs relabel
     freeze_bn: bool = False                     # keep batch-norm running statistics (pretrained students)
 
 
 @dataclass(frozen=True)
 class ExportCfg:
     variants: tuple[str, ...] = ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8")
-    opset: int = 17
-    calibration_images: int = 128               # from the train split only
-    max_drop: float = 1.0                       # points of top-1 agreement INT8 may lose vs FP32
-    min_speedup: float = 1.2                    # INT8 replaces FP32 only when at least this much faster
-    latency_runs: int = 50
-    threads: int = 0                            # 0: physical cores
+    opset: int = num(17, min=13, max=21)
+    calibration_images: int = num(128, min=1)   # from the train split only
+    max_drop: float = num(1.0, min=0.0, max=100.0)   # points of top-1 agreement INT8 may lose vs FP32
+    min_speedup: float = num(1.2, min=0.0)      # INT8 replaces FP32 only when at least this much faster
+    latency_runs: int = num(50, min=1)
+    threads: int = num(0, min=0)                # 0: physical cores
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str = DEFAULT_RECIPE
     description: str = ""
-    seed: int = 0
+    seed: int = num(0, min=0, max=2**63 - 1)
     device: str = "auto"                        # auto | cpu | cuda
     target: str = "cpu"
     teacher: TeacherCfg = field(default_factory=TeacherCfg)
@@ -183,6 +190,16 @@ def _coerce(value, tp, where: str):
     return value
 
 
+def _check_bounds(value, bounds, where: str) -> None:
+    lo, hi, above = bounds
+    for v in value if isinstance(value, tuple) else (value,):
+        if (lo is not None and v < lo) or (hi is not None and v > hi) or (above is not None and v <= above):
+            parts = ([f"> {above}"] if above is not None else []) + ([f">= {lo}"] if lo is not None else []) \
+                + ([f"<= {hi}"] if hi is not None else [])
+            shown = list(value) if isinstance(value, tuple) else value
+            raise UserError(f"{where} = {shown} is out of range: use a value {' and '.join(parts)}")
+
+
 def build(cls, data: dict, where: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
@@ -190,6 +207,9 @@ def build(cls, data: dict, where: str):
     if unknown:
         raise UserError(f"unknown setting {where}.{unknown[0]}: {_near(unknown[0], names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    for f in fields(cls):
+        if "bounds" in f.metadata and f.name in kwargs:
+            _check_bounds(kwargs[f.name], f.metadata["bounds"], f"{where}.{f.name}")
     return cls(**kwargs)
 
 
@@ -213,14 +233,38 @@ def find_recipe(name_or_path: str) -> Path:
     raise UserError(f"unknown recipe {name_or_path!r}: {_near(name_or_path, recipe_names())}")
 
 
-def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None) -> Recipe:
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A recipe file as a plain dict, its ``base`` recipe (by name or path) merged beneath it."""
     path = find_recipe(name_or_path)
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"recipe {path} is not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"recipe {path} is not valid TOML ({exc}): fix the file") from None
     data.setdefault("name", path.stem)
-    recipe = build(Recipe, data, "recipe")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserError(f"recipe {path}: base must be a recipe name or path, got {base!r}")
+    if str(path.resolve()) in _seen:
+        raise UserError(f"recipe {path}: its bases form a loop ({' -> '.join(_seen)}): fix the base keys")
+    if "/" in base or base.endswith(".toml"):   # a path: relative to this recipe's folder
+        base = str(path.parent / base)
+    parent = read_recipe(base, _seen + (str(path.resolve()),))
+    parent.pop("description", None)
+    return _merge(parent, data)
+
+
+def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None) -> Recipe:
+    """A recipe by name or path (with its base), overridden by dotted keys, every bound checked."""
+    recipe = build(Recipe, read_recipe(name_or_path), "recipe")
     return recipe.replace(overrides or {})
 
 

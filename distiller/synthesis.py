@@ -48,7 +48,8 @@ class Objective:
     an image must convince every network rather than exploit one network's quirks. ``competitor``
     (the student as initialised): DeepInversion's Adaptive term, ``adversarial`` x (1 - JS(teacher,
     competitor)) with JS in [0, 1] over the concepts, pushes images to where the student still
-    disagrees with the teacher. Quacks like a teacher for ``synthesize`` (input_size, synthesis_loss).
+    disagrees with the teacher. It is what ``synthesize`` needs of a teacher (``input_size``,
+    ``synthesis_loss``), so either can be handed to it.
     """
 
     def __init__(self, teacher, extra=(), competitor=None, adversarial: float = 0.0):
@@ -58,7 +59,7 @@ class Objective:
 
     def synthesis_loss(self, views, targets, classes, cfg) -> torch.Tensor:
         if self.competitor is not None and self.adversarial:
-            loss, logits = self.teacher.synthesis_loss(views, targets, classes, cfg, return_logits=True)
+            loss, logits = self.teacher.synthesis_loss_and_logits(views, targets, classes, cfg)
         else:
             loss, logits = self.teacher.synthesis_loss(views, targets, classes, cfg), None
         for t in self.extra:

@@ -1,10 +1,10 @@
 """torch student -> ONNX FP32 with the distiller metadata embedded."""
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
+from distiller.atomic import atomic_path, scratch_path
 from runtime.metadata import METADATA_KEY, ModelMetadata
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -21,9 +21,8 @@ def set_onnx_metadata(model_proto, metadata: ModelMetadata) -> None:
 
 def save_onnx_atomic(model_proto, path: Path) -> None:
     import onnx
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(model_proto, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(model_proto, str(tmp))
 
 
 def export_onnx(model, input_size: int, path: Path, metadata: ModelMetadata, opset: int = 17) -> Path:
@@ -33,10 +32,9 @@ def export_onnx(model, input_size: int, path: Path, metadata: ModelMetadata, ops
     import torch
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.raw.tmp")
     model = model.eval().cpu()
     x = torch.zeros(1, 3, input_size, input_size)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), scratch_path(path) as tmp:
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
@@ -45,8 +43,7 @@ def export_onnx(model, input_size: int, path: Path, metadata: ModelMetadata, ops
             batch = torch.export.Dim("batch", min=1, max=4096)
             torch.onnx.export(model, (x,), str(tmp), dynamo=True, opset_version=max(opset, 18), input_names=[INPUT_NAME],
                               output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), external_data=False)
-    proto = onnx.load(str(tmp))
-    tmp.unlink()
+        proto = onnx.load(str(tmp))
     set_onnx_metadata(proto, metadata)
     save_onnx_atomic(proto, path)
     return path

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distiller.atomic import atomic_path, publish, scratch_path, write_text
 from runtime.metadata import ModelMetadata
 
 from .onnx_export import save_onnx_atomic, set_onnx_metadata
@@ -25,16 +26,26 @@ def end_nodes(model_proto) -> list[str]:
 ORT_DEFAULT_SEVERITY = 2   # onnxruntime's own default: warnings and above
 
 
+THIRD_PARTY_LOGGERS = ("", "nncf", "onnxruntime", "openvino", "torch", "torch.utils.cpp_extension", "torch.onnx")
+
+
 @contextmanager
 def quiet_tools():
     """The quantizers' own chatter (ORT graph warnings, "consider pre-processing", NNCF progress bars
-    on stdout, torch's no-CUDA note) stays out of the user's terminal; errors still surface.
-    ONNX Runtime has no getter for its default log level: it goes back to ORT's default (warning)."""
+    on stdout and its logger, Python warnings, torch's no-CUDA note) stays out of the user's terminal;
+    errors still surface. ``--verbose`` (DISTILLER_VERBOSE=1) lets it all through. ONNX Runtime has no
+    getter for its default log level: it goes back to ORT's default (warning)."""
     import logging
-    root, cpp = logging.getLogger(), logging.getLogger("torch.utils.cpp_extension")
-    levels = root.level, cpp.level
-    root.setLevel(logging.ERROR)
-    cpp.setLevel(logging.ERROR)
+    import warnings
+
+    from runtime.classifier import verbose
+    if verbose():
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in THIRD_PARTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         import onnxruntime as ort
     except ImportError:
@@ -42,13 +53,14 @@ def quiet_tools():
     if ort is not None:
         ort.set_default_logger_severity(3)
     try:
-        with open(os.devnull, "w") as sink, redirect_stdout(sink):
+        with open(os.devnull, "w") as sink, redirect_stdout(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
     finally:
         if ort is not None:
             ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
-        root.setLevel(levels[0])
-        cpp.setLevel(levels[1])
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def quantize_onnx(fp32: Path, out: Path, calib_data: np.ndarray, metadata: ModelMetadata, **options) -> Path:
@@ -69,14 +81,12 @@ def quantize_onnx(fp32: Path, out: Path, calib_data: np.ndarray, metadata: Model
             return next(self.it, None)
 
     exclude = end_nodes(onnx.load(str(fp32))) if opts["skip_ends"] else []
-    tmp = out.with_name(f".{out.name}.raw.tmp")
-    with quiet_tools():
+    with quiet_tools(), scratch_path(out) as tmp:
         quantize_static(str(fp32), str(tmp), Reader(), quant_format=QuantFormat[opts["format"]],
                         per_channel=opts["per_channel"], activation_type=types[opts["activations"]],
                         weight_type=types[opts["weights"]], calibrate_method=CalibrationMethod[opts["calibration"]],
                         nodes_to_exclude=exclude)
-    proto = onnx.load(str(tmp))
-    tmp.unlink()
+        proto = onnx.load(str(tmp))
     set_onnx_metadata(proto, metadata)
     save_onnx_atomic(proto, out)
     return out
@@ -88,16 +98,14 @@ def save_openvino(model, xml: Path, metadata: ModelMetadata) -> Path:
 
     from runtime.metadata import METADATA_KEY
     xml = Path(xml)
-    xml.parent.mkdir(parents=True, exist_ok=True)
     model.set_rt_info(metadata.to_json(), [METADATA_KEY])
-    tmp = xml.with_name(f".{xml.stem}.tmp.xml")
-    ov.save_model(model, str(tmp), compress_to_fp16=False)
-    os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
-    side = xml.with_suffix(".json")
-    side_tmp = side.with_name(f".{side.name}.tmp")
-    side_tmp.write_text(metadata.to_json() + "\n")
-    os.replace(side_tmp, side)
-    os.replace(tmp, xml)
+    with atomic_path(xml) as tmp:
+        try:
+            ov.save_model(model, str(tmp), compress_to_fp16=False)
+            publish(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+        finally:
+            tmp.with_suffix(".bin").unlink(missing_ok=True)
+        write_text(xml.with_suffix(".json"), metadata.to_json() + "\n")
     return xml
 
 

@@ -192,6 +192,8 @@ def select(rows: dict, max_drop: float, min_speedup: float = 1.0) -> tuple[str, 
             ok.append(name)
     best = min(ok, key=lambda n: rows[n]["latency_ms"]["p50"])
     p50 = rows[best]["latency_ms"]["p50"]
+    for name, r in rows.items():   # machine-readable: the runtime's fallbacks read this, never ``status``
+        r["eligible"] = name in ok
     for name in ok:
         r = rows[name]
         r["status"] = "deployable: fastest within max_drop" if name == best else \

@@ -65,6 +65,16 @@ def model_size_bytes(path: Path) -> int:
     return path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
 
 
+def verbose() -> bool:
+    """Whether third-party tools may talk (``distiller ... --verbose`` sets DISTILLER_VERBOSE=1)."""
+    return os.environ.get("DISTILLER_VERBOSE", "") not in ("", "0")
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UserError(f"threads = {threads!r}: use a whole number >= 1, or leave it out for one per physical core")
+
+
 def onnx_session(path: Path, threads: int | None = None):
     """An ONNX Runtime CPU session with our defaults: no thread spinning, one thread per physical core."""
     try:
@@ -76,10 +86,12 @@ def onnx_session(path: Path, threads: int | None = None):
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if not verbose():   # graph-optimiser chatter ("Removing initializer ...") is not the user's business
+        opts.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-        raise UserError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: onnxruntime cannot load it ({_first_line(exc)}): re-export it") from None
 
 
 @register_backend("onnxruntime", (".onnx",))
@@ -103,7 +115,13 @@ def _open_openvino(path: Path, threads: int | None):
         core.set_property({"CACHE_DIR": str(cache)})
     except OSError:
         pass
-    model = core.read_model(str(path))
+    if not path.with_suffix(".bin").is_file():
+        raise UserError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing: copy the .xml and .bin together")
+    try:
+        model = core.read_model(str(path))
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+        raise UserError(f"{path}: OpenVINO cannot read it ({_first_line(exc)}): re-export it or copy the .xml and .bin "
+                        "again") from None
     meta = None
     sidecar = path.with_suffix(".json")
     if sidecar.exists():
@@ -111,9 +129,12 @@ def _open_openvino(path: Path, threads: int | None):
     elif model.has_rt_info([METADATA_KEY]):
         meta = model.get_rt_info([METADATA_KEY]).astype(str)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads or physical_cores())}
-    if "int8" not in path.name:
+    if meta is not None and ModelMetadata.from_json(meta, source=str(path)).precision == "fp32":
         config["INFERENCE_PRECISION_HINT"] = "f32"  # CPUs with bf16 would otherwise run FP32 models in bf16
-    compiled = core.compile_model(model, "CPU", config)
+    try:
+        compiled = core.compile_model(model, "CPU", config)
+    except Exception as exc:
+        raise UserError(f"{path}: OpenVINO cannot compile it ({_first_line(exc)}): re-export it") from None
     lock = threading.Lock()
     local = threading.local()
 
@@ -127,30 +148,60 @@ def _open_openvino(path: Path, threads: int | None):
     return run, meta
 
 
-def _installed(backend: str) -> bool:
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's text, cut at a word, for one-line errors."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def installed(backend: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(backend) is not None
 
 
+def read_report(run: str | os.PathLike) -> dict:
+    """A run folder's report.json, which names its deployable model and every variant measured."""
+    report = Path(run) / REPORT_FILE
+    if not report.is_file():
+        raise UserError(f"{run}: a folder was given but it has no {REPORT_FILE}: pass a model file or a finished run folder")
+    try:
+        data = json.loads(report.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("export", {}).get("variants", {}), dict):
+            raise ValueError("not a report object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{report} is damaged ({type(exc).__name__}): run `distiller export {run}` to write it again, "
+                        "or pass a model file") from None
+    return data
+
+
+def backend_for(path: str | os.PathLike) -> Backend | None:
+    """The registered backend that reads this file, by suffix."""
+    return next((b for b in _BACKENDS.values() if Path(path).suffix.lower() in b.suffixes), None)
+
+
+def check_backend(backend: str) -> None:
+    if backend != "auto" and backend not in _BACKENDS:
+        raise UserError(f"unknown backend {backend!r}: use auto, {', '.join(_BACKENDS)}")
+
+
 def resolve_model_path(path: str | os.PathLike, backend: str = "auto") -> Path:
     """A model file, or a run folder: its deployable file, or where that file's backend is not
-    installed (or another backend is asked for), the fastest other variant within max_drop."""
+    installed (or another backend is asked for), the fastest other eligible variant (the exporter
+    marks each variant ``eligible`` when it is within max_drop and fast enough)."""
+    check_backend(backend)
     p = Path(path)
     if p.is_dir():
-        report = p / REPORT_FILE
-        if not report.exists():
-            raise UserError(f"{p}: a folder was given but it has no {REPORT_FILE}: pass a model file or a finished run folder")
-        rep = json.loads(report.read_text())
+        rep = read_report(p)
         if not rep.get("deployable"):
-            raise UserError(f"{report}: names no deployable model: run `distiller export {p}`")
+            raise UserError(f"{p / REPORT_FILE}: names no deployable model: run `distiller export {p}`")
         rows = rep.get("export", {}).get("variants", {})
-        eligible = sorted((r for r in rows.values() if not str(r.get("status", "")).startswith("loses")),
-                          key=lambda r: r["latency_ms"]["p50"])
+        eligible = sorted((r for r in rows.values() if r.get("eligible") is True), key=lambda r: r["latency_ms"]["p50"])
         files = [rep["deployable"]] + [r["file"] for r in eligible if r["file"] != rep["deployable"]]
         usable = []
         for f in files:
-            b = next((b for b in _BACKENDS.values() if Path(f).suffix.lower() in b.suffixes), None)
-            if b is not None and (b.name == backend if backend != "auto" else _installed(b.name)):
+            b = backend_for(f)
+            if b is not None and (b.name == backend if backend != "auto" else installed(b.name)):
                 usable.append(f)
         if not usable:
             raise UserError(f"{p}: none of its models can run with {backend if backend != 'auto' else 'the installed backends'}: "
@@ -177,15 +228,13 @@ class Classifier:
 
     @classmethod
     def load(cls, path, backend: str = "auto", threads: int | None = None) -> "Classifier":
+        check_threads(threads)
         p = resolve_model_path(path, backend)
         if backend == "auto":
-            matches = [b for b in _BACKENDS.values() if p.suffix.lower() in b.suffixes]
-            if not matches:
+            chosen = backend_for(p)
+            if chosen is None:
                 raise UserError(f"{p}: unknown model format {p.suffix!r}: pass an .onnx or OpenVINO .xml file")
-            chosen = matches[0]
         else:
-            if backend not in _BACKENDS:
-                raise UserError(f"unknown backend {backend!r}: use auto, {', '.join(_BACKENDS)}")
             chosen = _BACKENDS[backend]
             if p.suffix.lower() not in chosen.suffixes:
                 raise UserError(f"{p}: the {backend} backend reads {', '.join(chosen.suffixes)} files")
@@ -206,10 +255,12 @@ class Classifier:
 
     def classify(self, images: ImageLike | list, top_k: int = 5):
         """(label, probability) pairs, best first; a list of such lists for a list input."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise UserError(f"top_k = {top_k!r}: use a whole number >= 1")
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
         probs = self.probabilities(batch)
-        k = max(1, min(top_k, len(self.labels)))
+        k = min(top_k, len(self.labels))
         out = []
         for row in probs:
             order = np.argsort(-row, kind="stable")[:k]

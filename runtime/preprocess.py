@@ -75,10 +75,6 @@ def preprocess(image: ImageLike, cfg: Preprocess) -> np.ndarray:
     return to_tensor(img, cfg)
 
 
-def preprocess_batch(images, cfg: Preprocess) -> np.ndarray:
-    return np.stack([preprocess(im, cfg) for im in images])
-
-
 def list_images(root: Path) -> list[Path]:
     """Image files under a folder, sorted, hidden files skipped."""
     return sorted(

@@ -17,7 +17,8 @@ from runtime.errors import UserError
 
 
 def test_imagenet_head_student_is_the_free_baseline_and_exports(tmp_path):
-    from distiller.distill import load_student, save_atomic
+    from distiller.atomic import save_torch
+    from distiller.distill import load_student
     from distiller.evaluation import FREE_BASELINE
     from distiller.recipe import TeacherCfg
     from distiller.teachers import build_teacher
@@ -35,7 +36,7 @@ def test_imagenet_head_student_is_the_free_baseline_and_exports(tmp_path):
         ours = student((x - 0.5) / 0.5)
         torch.testing.assert_close(ours, baseline.logits(x), atol=1e-4, rtol=1e-4)
     # a checkpoint round trip rebuilds the same structure without any weights download
-    save_atomic({"model": student.state_dict()}, tmp_path / "best.pt")
+    save_torch({"model": student.state_dict()}, tmp_path / "best.pt")
     with torch.no_grad():
         torch.testing.assert_close(load_student(spec, tmp_path / "best.pt")((x - 0.5) / 0.5), ours)
     meta = ModelMetadata(labels=("cats", "dogs"), preprocess=spec.preprocess, student=spec.model)

@@ -2,6 +2,11 @@
 
 Heavy libraries (torch, open_clip, timm, openvino) are imported inside commands, so
 ``distiller --help`` and the runtime-only commands start instantly.
+
+``main`` runs the command itself rather than through click's ``main()``, which would turn Ctrl-C
+into an exit code it then drops, and a truncated file's ``EOFError`` into an "abort". Here every
+outcome has one place: a ``UserError`` or a usage error is one ``error:`` line and exit 2, Ctrl-C
+is exit 130 with the resume hint as the last line, anything else is a bug with its traceback.
 """
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ import sys
 import typer
 
 try:  # typer vendors click in recent releases; older ones depend on it
-    from typer._click.exceptions import ClickException
+    from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException
+    from click import exceptions as click_exc
 
 from runtime.errors import UserError
 
@@ -21,23 +26,47 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 
 from . import info, make, models  # noqa: E402  (commands register themselves on app)
 
+INTERRUPTED = "interrupted: run the same command again to resume where it stopped"
+
+
+def _flags_show_no_type(command) -> None:
+    """typer's help prints a type beside every option, flags too (``--exist-ok <bool>``); a flag takes no value."""
+    help_option = command.get_help_option(command.context_class(command))
+    for p in [*command.params, *([help_option] if help_option else [])]:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _flags_show_no_type(sub)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and formats every user error in one place (one line, exit 2)."""
+    from .ui import error_line
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = typer.main.get_command(app)
+    _flags_show_no_type(command)
     try:
-        app(args=argv, standalone_mode=False)
+        try:
+            with command.make_context("distiller", args) as ctx:
+                command.invoke(ctx)
+        except (KeyboardInterrupt, typer.Abort):
+            from .ui import err
+            err.print(INTERRUPTED, highlight=False, soft_wrap=True)
+            return 130
     except UserError as exc:
-        from .ui import err, escape
-        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        error_line(str(exc))
         return 2
-    except typer.Abort:
-        from .ui import err
-        err.print("interrupted: run the same command again to resume where it stopped")
-        return 130
     except typer.Exit as exc:
         return exc.exit_code
-    except ClickException as exc:
-        exc.show()
+    except getattr(click_exc, "NoArgsIsHelpError", ()) as exc:   # click >= 8.2: a bare `distiller`
+        exc.show()   # prints the help
+        return 0
+    except click_exc.UsageError as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        error_line(exc.format_message() + where)
+        return exc.exit_code
+    except click_exc.ClickException as exc:
+        error_line(exc.format_message())
         return exc.exit_code
     return 0
 

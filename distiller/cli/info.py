@@ -11,18 +11,15 @@ from .ui import console
 @app.command()
 def recipes():
     """List the recipes and deployment targets."""
-    import tomllib
-
-    from ..recipe import find_recipe, recipe_names
+    from ..recipe import load_recipe, recipe_names
     from ..students import TARGETS
     t = Table(title="recipes (--recipe NAME)", title_justify="left")
-    for c in ("name", "description", "images/class", "steps", "epochs"):
+    for c in ("name", "description", "teacher", "images/class", "steps", "epochs"):
         t.add_column(c)
     for n in recipe_names():
-        p = find_recipe(n)
-        d = tomllib.loads(p.read_text())
-        t.add_row(n, d.get("description", ""), str(d.get("synthesis", {}).get("images_per_class", "")),
-                  str(d.get("synthesis", {}).get("steps", "")), str(d.get("distill", {}).get("epochs", "")))
+        r = load_recipe(n)   # with its base: every value as a run would use it
+        t.add_row(n, r.description, r.teacher.model, str(r.synthesis.images_per_class), str(r.synthesis.steps),
+                  str(r.distill.epochs))
     console.print(t)
     t = Table(title="targets (--target NAME)", title_justify="left")
     for c in ("name", "scratch student", "pretrained student (offline)", "description"):
@@ -47,7 +44,7 @@ def concepts(
         from runtime.errors import UserError
         raise UserError(f"concepts maps classes for ImageNet-classifier teachers; {teacher!r} is not one: "
                         f"a CLIP teacher reads the class text itself")
-    cov = map_concepts(parse_concepts(classes))
+    cov = map_concepts(parse_concepts(classes, minimum=1))
     t = Table(title=f"concepts for {teacher} (WordNet 3.0 -> ImageNet-1k)", title_justify="left")
     for c in ("class", "synset", "WordNet lemmas", "ImageNet classes", "n"):
         t.add_column(c, justify="right" if c == "n" else "left")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import unicodedata
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,16 +14,29 @@ from . import app
 from .ui import RichReporter, artifacts_table, console, err
 
 RUN_ARG = typer.Argument(..., help="A run folder made by `distiller make`.", show_default=False)
+VERBOSE = typer.Option(False, "--verbose", help="Let third-party tools (ONNX Runtime, NNCF, OpenVINO) print their logs.")
 
 
 def _slug(labels: list[str]) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", "-".join(labels).lower()).strip("-")
+    """A readable folder name from the labels, in any script: letters and digits kept, symbols (emoji)
+    spelt by their Unicode names, everything else a dash (``猫,🐶`` -> ``猫-dog-face``)."""
+    parts = []
+    for ch in "-".join(labels).lower():
+        if ch.isalnum() and ch.isprintable():
+            parts.append(ch)
+        elif unicodedata.category(ch).startswith("S") and unicodedata.name(ch, ""):
+            parts.append("-" + unicodedata.name(ch).lower().replace(" ", "-") + "-")
+        else:
+            parts.append("-")
+    s = re.sub(r"-+", "-", "".join(parts)).strip("-")
     return s[:48].rstrip("-") or "run"
 
 
-def _set_offline(offline: bool) -> None:
+def _set_env(offline: bool, verbose: bool = False) -> None:
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"   # before open_clip / huggingface_hub are imported
+    if verbose:
+        os.environ["DISTILLER_VERBOSE"] = "1"
 
 
 @app.command()
@@ -44,11 +58,15 @@ def make(
     name: Optional[str] = typer.Option(None, help="Run folder name; default from the classes."),
     exist_ok: bool = typer.Option(False, "--exist-ok", help="Overwrite a finished run of the same name."),
     offline: bool = typer.Option(False, "--offline", help="Never reach a model hub; fail fast on missing weights."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Start even above synthesis.confirm_above planned images."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any recipe key: --set synthesis.steps=200"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    verbose: bool = VERBOSE,
 ):
     """Class names in, deployable CPU classifier out: synthesize, distill, quantize, export."""
-    _set_offline(offline)
+    _set_env(offline, verbose)
+    import dataclasses
+
     from ..concepts import parse_concepts
     from ..recipe import load_recipe, parse_set
     concepts = parse_concepts(classes, classes_file)
@@ -60,16 +78,18 @@ def make(
         from ..teachers import auto_recipe
         recipe = auto_recipe(overrides.get("teacher.model"))   # --teacher or --set teacher.model=
     rec = load_recipe(recipe, overrides)
+    from ..pipeline import check_out, preflight
     from ..pipeline import make as make_run
-    from ..pipeline import preflight
+    from ..teachers import resolve_paths
     preflight(rec, concepts, offline)
-    run_dir = out / (name or _slug([c.label for c in concepts]))
+    rec = dataclasses.replace(rec, teacher=resolve_paths(rec.teacher))   # the run works from any folder
+    run_dir = check_out(out, name if name is not None else _slug([c.label for c in concepts]))
     reporter = RichReporter(quiet)
     if not quiet:
         err.print(f"[bold]distiller make[/bold] {', '.join(c.label for c in concepts)} -> {run_dir} "
-                  f"(recipe {rec.name}, target {rec.target}, teacher {rec.teacher.model})")
+                  f"(recipe {rec.name}, target {rec.target}, teacher {rec.teacher.model})", highlight=False)
     t0 = time.perf_counter()
-    report = make_run(run_dir, rec, concepts, reporter, exist_ok=exist_ok, offline=offline)
+    report = make_run(run_dir, rec, concepts, reporter, exist_ok=exist_ok, offline=offline, yes=yes)
     _summary(run_dir, report, time.perf_counter() - t0)
 
 
@@ -90,32 +110,36 @@ def _summary(run_dir: Path, report: dict, seconds: float) -> None:
                   f"  python -c \"from runtime import Classifier; print(Classifier.load('{run_dir}').classify('IMAGE'))\"")
 
 
-def _run(path: Path, device: Optional[str] = None, offline: bool = False, quiet: bool = False):
-    _set_offline(offline)
+def _run(path: Path, device: Optional[str] = None, offline: bool = False, quiet: bool = False, verbose: bool = False):
+    _set_env(offline, verbose)
     from ..pipeline import Run
     return Run(path, RichReporter(quiet), device=device, offline=offline)
 
 
 @app.command()
 def synthesize(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), offline: bool = typer.Option(False, "--offline"),
-               quiet: bool = typer.Option(False, "--quiet", "-q")):
+               quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Fill (or finish) a run's surrogate image bank."""
-    from ..pipeline import synthesize_stage
-    synthesize_stage(_run(run, device, offline, quiet))
+    from ..pipeline import run_stages
+    from ..stages import SYNTHESIS_STAGES
+    run_stages(_run(run, device, offline, quiet, verbose), SYNTHESIS_STAGES)
 
 
 @app.command()
 def distill(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), offline: bool = typer.Option(False, "--offline"),
-            quiet: bool = typer.Option(False, "--quiet", "-q")):
+            quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Train (or resume training) a run's student on its bank."""
-    from ..pipeline import distill_stage
-    distill_stage(_run(run, device, offline, quiet))
+    from ..pipeline import run_stages
+    from ..stages import DistillStage
+    run_stages(_run(run, device, offline, quiet, verbose), [DistillStage()])
 
 
 @app.command()
-def export(run: Path = RUN_ARG, quiet: bool = typer.Option(False, "--quiet", "-q")):
+def export(run: Path = RUN_ARG, quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Export a run's student to ONNX / OpenVINO, FP32 and INT8, and pick the deployable one."""
-    from ..pipeline import export_stage
+    from ..pipeline import run_stages
+    from ..stages import EXPORT_STAGES, read_report
     t0 = time.perf_counter()
-    report = export_stage(_run(run, "cpu", quiet=quiet))
-    _summary(run, report, time.perf_counter() - t0)
+    r = _run(run, "cpu", quiet=quiet, verbose=verbose)
+    run_stages(r, EXPORT_STAGES)
+    _summary(run, read_report(r), time.perf_counter() - t0)

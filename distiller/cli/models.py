@@ -37,10 +37,10 @@ def expand_images(items: list[str]) -> list[Path]:
 def predict(
     model: str = typer.Argument(..., help="A model file (.onnx, .xml) or a run folder."),
     images: List[str] = typer.Argument(..., help="Image files, folders or globs."),
-    top_k: int = typer.Option(3, "--top-k", "-k"),
+    top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="How many labels to show per image."),
     as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout, one per image."),
     backend: str = typer.Option("auto", help="auto, onnxruntime or openvino."),
-    threads: Optional[int] = typer.Option(None, help="Inference threads; default: physical cores."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads; default: physical cores."),
 ):
     """Classify images with an exported model."""
     from runtime import Classifier
@@ -100,10 +100,10 @@ def evaluate(
 @app.command()
 def bench(
     models: List[str] = typer.Argument(..., help="A run folder, or model files (.onnx, .xml)."),
-    threads: Optional[int] = typer.Option(None, help="Inference threads; default: physical cores."),
-    runs: int = typer.Option(100, help="Timed batch-1 runs per model."),
-    warmup: int = typer.Option(10, help="Untimed runs first."),
-    batch: int = typer.Option(32, help="Batch size for the throughput figure."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads; default: physical cores."),
+    runs: int = typer.Option(100, min=1, help="Timed batch-1 runs per model."),
+    warmup: int = typer.Option(10, min=0, help="Untimed runs first."),
+    batch: int = typer.Option(32, min=1, help="Batch size for the throughput figure."),
     include_preprocess: bool = typer.Option(False, "--include-preprocess", help="Time the whole classify() call on a 224 px image."),
     teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="For a run: also time the teacher's image tower (ONNX FP32)."),
     select: bool = typer.Option(False, "--select", help="For a run: rewrite report.json's deployable variant for this machine."),

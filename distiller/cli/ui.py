@@ -39,6 +39,12 @@ class RichReporter:
             yield lambda advance=1, **info: progress.advance(tid, advance)
 
 
+def error_line(message: str) -> None:
+    """The one formatter for errors the user can fix: ``error: ...`` on one line of stderr."""
+    text = " ".join(message.split())   # a message never spans lines, whatever a library put in it
+    err.print(f"[bold red]error:[/bold red] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def fmt_ms(x: float) -> str:
     return f"{x:.2f}" if x < 10 else f"{x:.1f}"
 

@@ -2,19 +2,58 @@
 
 A teacher family registers a ``matches(name) -> bool`` and a ``build(name, concepts, cfg, ...)``.
 ``resolve`` tries the families in registration order; nothing downstream asks which family a
-teacher is. Every teacher offers:
-
-- ``input_size``, ``mean``, ``std``, ``interpolation``: what it expects;
-- ``logits(images)`` over the concepts, images in [0, 1] at ``input_size``, differentiable;
-- ``synthesis_loss(images, targets)``: per-image loss the synthesizer minimises;
-- ``describe()``: what goes into model metadata.
+teacher is. Every teacher implements the ``Teacher`` protocol in full: attributes a family has no
+use for are ``None`` (an ImageNet classifier has no text tower, CLIP no member classes), never
+missing.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from ..registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.metadata import Preprocess
+
+
+class TextTower(NamedTuple):
+    """A CLIP teacher's text side, for prompt styles: the open_clip model, its tokenizer, the class
+    texts the teacher reads, and the zero-shot logit scale."""
+    model: Any
+    tokenizer: Any
+    class_texts: tuple[str, ...]
+    scale: float
+
+
+class Teacher(Protocol):
+    """What every teacher family offers (images are float [B, 3, H, W] in [0, 1], any size)."""
+
+    input_size: int                               # the size it runs at
+    num_classes: int                              # concepts
+    text: "torch.Tensor | None"                   # class text embeddings [K, D] (CLIP), else None
+    text_tower: TextTower | None                  # the text encoder for prompt styles, else None
+    members: "list[torch.Tensor] | None"          # ImageNet classes per concept (classifiers), else None
+
+    def logits(self, images: "torch.Tensor") -> "torch.Tensor":
+        """Differentiable logits over the concepts [B, K]."""
+
+    def synthesis_loss(self, images, targets, classes, cfg) -> "torch.Tensor":
+        """Per-image loss the synthesizer minimises [B]."""
+
+    def synthesis_loss_and_logits(self, images, targets, classes, cfg) -> "tuple[torch.Tensor, torch.Tensor]":
+        """The same loss and the concept logits of the same forward pass."""
+
+    def eval_preprocess(self) -> "Preprocess":
+        """Its eval transform on a file, ending in [0, 1] (the teacher normalises itself)."""
+
+    def warnings(self) -> list[str]:
+        """What the user should know about how it covers the concepts."""
+
+    def describe(self) -> dict:
+        """What goes into metadata and teacher.json (family, model, weights, input_size, ...)."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +66,8 @@ class TeacherFamily:
     judge: Callable = lambda name, used=(): None   # a held-out network (not in ``used``) that scores the bank, or None
     targets: str = "text"            # what synthesis aims at: text embeddings, or ImageNet class indices (ensembles share these)
     recipe: str = "cpu"              # what `make --recipe auto` uses with this family's teachers
+    network_of: Callable[[str], str | None] = lambda arch: None   # teacher name of a student architecture
+    resolve_paths: Callable = lambda cfg: cfg     # the [teacher] slice with its file paths made absolute
 
 
 TEACHERS: Registry[TeacherFamily] = Registry("teacher family")
@@ -55,6 +96,16 @@ def check_teacher(cfg, offline=False, concepts=None) -> None:
     resolve_family(cfg.model).check(cfg, offline, concepts)
 
 
+def network_name(arch: str) -> str:
+    """The teacher name of a network a student is built from (tf_efficientnet_lite0 -> efficientnet-lite0)."""
+    return next((n for _, fam in TEACHERS.items() if (n := fam.network_of(arch))), arch)
+
+
+def resolve_paths(cfg):
+    """The ``[teacher]`` slice with relative file paths made absolute, so the run works from any folder."""
+    return resolve_family(cfg.model).resolve_paths(cfg)
+
+
 def judge_cfg(cfg, used=()):
     """The ``[teacher]`` slice for the held-out judge ("auto": the family's choice of a network not in
     ``used``, the other networks that shaped the bank), or None."""
@@ -68,7 +119,7 @@ def judge_cfg(cfg, used=()):
     return dataclasses.replace(cfg, model=name, judge="none", input_size=size)
 
 
-def build_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None):
+def build_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None) -> Teacher:
     """The teacher a recipe's ``[teacher]`` slice names, with its concept head."""
     fam = resolve_family(cfg.model)
     return fam.build(cfg, concepts, device=device, offline=offline, text_embeddings=text_embeddings)

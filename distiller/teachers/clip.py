@@ -1,6 +1,7 @@
 """CLIP teachers through open_clip: model-config JSON paths and open_clip model names."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 from functools import lru_cache
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from runtime.errors import UserError
+from runtime.metadata import Preprocess
 
-from . import TEACHERS, TeacherFamily
+from . import TEACHERS, TeacherFamily, TextTower
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -39,7 +41,10 @@ def _is_model_name(name: str) -> bool:
 class ClipTeacher(torch.nn.Module):
     """Zero-shot CLIP head over the concepts: logits = exp(logit_scale) * cosine(image, class text)."""
 
-    def __init__(self, model, model_name: str, weights: str, text_embeddings: torch.Tensor, templates):
+    members = None   # no ImageNet classes: CLIP reads the class text
+
+    def __init__(self, model, model_name: str, weights: str, text_embeddings: torch.Tensor, templates, tokenizer,
+                 class_texts):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.model_name, self.weights, self.templates = model_name, weights, tuple(templates)
@@ -53,6 +58,7 @@ class ClipTeacher(torch.nn.Module):
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1))
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1))
         self.scale = float(model.logit_scale.exp().clamp(max=100))
+        self.text_tower = TextTower(self.model, tokenizer, tuple(class_texts), self.scale)
 
     @property
     def num_classes(self) -> int:
@@ -67,14 +73,27 @@ class ClipTeacher(torch.nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.scale * self.image_features(images) @ self.text.t()
 
-    def synthesis_loss(self, images: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor, cfg) -> torch.Tensor:
+    def synthesis_loss_and_logits(self, images, targets, classes, cfg):
         """Per image: 1 - cosine to its target (prompt) embedding, plus ``cfg.class_weight`` x the
-        cross-entropy of the zero-shot head against its class (keeps styled images on-class)."""
+        cross-entropy of the zero-shot head against its class (keeps styled images on-class); and
+        the zero-shot logits of the same forward pass."""
         feats = self.image_features(images)
+        logits = self.scale * feats @ self.text.t()
         loss = 1 - (feats * F.normalize(targets.float(), dim=-1)).sum(-1)
         if cfg.class_weight:
-            loss = loss + cfg.class_weight * F.cross_entropy(self.scale * feats @ self.text.t(), classes, reduction="none")
-        return loss
+            loss = loss + cfg.class_weight * F.cross_entropy(logits, classes, reduction="none")
+        return loss, logits
+
+    def synthesis_loss(self, images, targets, classes, cfg) -> torch.Tensor:
+        return self.synthesis_loss_and_logits(images, targets, classes, cfg)[0]
+
+    def eval_preprocess(self) -> Preprocess:
+        """open_clip's eval transform: resize the shorter side to the crop, centre crop."""
+        return Preprocess(size=self.input_size, resize=self.input_size, interpolation=self.interpolation,
+                          mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    def warnings(self) -> list[str]:
+        return []
 
     def describe(self) -> dict:
         return {"family": "open_clip", "model": self.model_name, "weights": self.weights,
@@ -122,13 +141,11 @@ def resolve_weights(name: str, pretrained: str, offline: bool = False):
     open_clip = _open_clip(offline or os.environ.get("HF_HUB_OFFLINE") == "1")
     if _is_config(name):
         path = Path(name)
-        if not path.is_file():
-            raise UserError(f"teacher config {path} does not exist: pass an open_clip model-config .json or model name")
+        check_config(path)
         open_clip.add_model_config(path)
         name = path.stem
     if _looks_like_file(pretrained):
-        if not Path(pretrained).is_file():
-            raise UserError(f"teacher weights file {pretrained} does not exist: check --pretrained PATH")
+        check_weights_file(Path(pretrained))
         return open_clip, name
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
@@ -141,6 +158,52 @@ def resolve_weights(name: str, pretrained: str, offline: bool = False):
                 f"pass --pretrained FILE with a downloaded open_clip checkpoint"
             )
     return open_clip, name
+
+
+CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+def check_config(path: Path) -> None:
+    """An open_clip model-config JSON: a readable object with embed_dim, vision_cfg and text_cfg."""
+    if not path.is_file():
+        raise UserError(f"teacher config {path} does not exist: pass an open_clip model-config .json or model name")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"teacher config {path} is not valid JSON ({type(exc).__name__}): pass an open_clip "
+                        "model-config .json") from None
+    missing = [k for k in CONFIG_KEYS if not isinstance(data, dict) or k not in data]
+    if missing or not isinstance(data.get("vision_cfg"), dict) or not isinstance(data.get("text_cfg"), dict):
+        raise UserError(f"teacher config {path} is not an open_clip model config (it needs {', '.join(CONFIG_KEYS)}; "
+                        f"missing: {', '.join(missing) or 'tables'}): pass an open_clip model-config .json")
+
+
+def check_weights_file(path: Path) -> None:
+    """A local weights file that torch (or safetensors) can open; mapped, not read, so it costs no time."""
+    if not path.is_file():
+        raise UserError(f"teacher weights file {path} does not exist: check --pretrained PATH")
+    why = "it is empty" if path.stat().st_size == 0 else None
+    if why is None:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+                with safe_open(str(path), framework="pt"):
+                    pass
+            else:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:   # pickle, zip and safetensors each raise their own types
+            why = f"{type(exc).__name__}: it is truncated or not a checkpoint"
+    if why:
+        raise UserError(f"teacher weights file {path} cannot be read ({why}): pass an open_clip checkpoint "
+                        "(.pt, .bin or .safetensors) with --pretrained")
+
+
+def resolve_clip_paths(cfg):
+    """A config JSON and a local weights file as absolute paths (the run is read from other folders too)."""
+    import dataclasses
+    model = str(Path(cfg.model).resolve()) if _is_config(cfg.model) else cfg.model
+    weights = str(Path(cfg.pretrained).resolve()) if _looks_like_file(cfg.pretrained) else cfg.pretrained
+    return dataclasses.replace(cfg, model=model, pretrained=weights)
 
 
 def check_clip(cfg, offline=False, concepts=None) -> None:
@@ -156,7 +219,10 @@ def load_open_clip(name: str, pretrained: str, device="cpu", offline: bool = Fal
     try:
         model = open_clip.create_model(name, pretrained=pretrained, device=device)
     except RuntimeError as exc:  # state-dict mismatch: wrong file for this architecture
-        raise UserError(f"weights {pretrained} do not fit teacher {name}: {str(exc).splitlines()[0][:160]}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first if len(first) <= 160 else first[:157].rsplit(" ", 1)[0] + " ..."
+        raise UserError(f"weights {pretrained} do not fit teacher {name} ({first}): pass the checkpoint made for "
+                        f"this model") from None
     return model, open_clip.get_tokenizer(name), name
 
 
@@ -165,16 +231,16 @@ def build_clip_teacher(cfg, concepts, device="cpu", offline=False, text_embeddin
     model.eval()
     if text_embeddings is None:
         text_embeddings = encode_class_texts(model, tokenizer, concepts, cfg.templates, device)
-    teacher = ClipTeacher(model, name, cfg.pretrained, text_embeddings.to(device), cfg.templates).to(device)
-    teacher.tokenizer = tokenizer
-    teacher.class_texts = [c.text for c in concepts]
-    return teacher
+    return ClipTeacher(model, name, cfg.pretrained, text_embeddings.to(device), cfg.templates, tokenizer,
+                       [c.text for c in concepts]).to(device)
 
 
-TEACHERS.register("open_clip-config", TeacherFamily(matches=_is_config, build=build_clip_teacher, names=lambda: [], check=check_clip))
+TEACHERS.register("open_clip-config", TeacherFamily(matches=_is_config, build=build_clip_teacher, names=lambda: [],
+                                                   check=check_clip, resolve_paths=resolve_clip_paths))
 
 
 def register_name_family() -> None:
     """open_clip model names come last in the lookup (after efficientnet-lite* and timm:)."""
     TEACHERS.register("open_clip", TeacherFamily(matches=_is_model_name, build=build_clip_teacher,
-                                                 names=lambda: list(_model_names()), check=check_clip))
+                                                 names=lambda: list(_model_names()), check=check_clip,
+                                                 resolve_paths=resolve_clip_paths))

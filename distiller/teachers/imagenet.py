@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.errors import UserError
+from runtime.metadata import Preprocess
 
 from . import TEACHERS, TeacherFamily
 
@@ -93,6 +94,9 @@ class BNStats:
 
 
 class ImageNetTeacher(torch.nn.Module):
+    text = None         # no class text embeddings
+    text_tower = None   # no text tower: prompt styles do not apply
+
     def __init__(self, model, name: str, arch: str, weights: str, coverage, input_size: int = 0):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
@@ -105,7 +109,6 @@ class ImageNetTeacher(torch.nn.Module):
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1))
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1))
         self.bn = BNStats(self.model)
-        self.tokenizer = None  # no text tower: prompt styles do not apply
 
     @property
     def num_classes(self) -> int:
@@ -122,10 +125,10 @@ class ImageNetTeacher(torch.nn.Module):
     def concept_logits(self, full: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.logsumexp(full[:, m.to(full.device)], dim=1) for m in self.members], 1)
 
-    def synthesis_loss(self, images, targets, classes, cfg, return_logits: bool = False):
+    def synthesis_loss_and_logits(self, images, targets, classes, cfg):
         """Per image: cross-entropy to its ImageNet target class (``targets`` None: to its concept, over the
-        pooled concept logits) + ``cfg.bn_weight`` x the batch's BN prior (with ``return_logits``, also the
-        concept logits of the same forward pass)."""
+        pooled concept logits) + ``cfg.bn_weight`` x the batch's BN prior; and the concept logits of the
+        same forward pass."""
         self.bn.terms, self.bn.active = [], True
         try:
             full = self.imagenet_logits(images)
@@ -138,7 +141,19 @@ class ImageNetTeacher(torch.nn.Module):
             loss = F.cross_entropy(full, targets, reduction="none")
         if cfg.bn_weight and self.bn.terms:
             loss = loss + cfg.bn_weight * torch.stack(self.bn.terms).mean()
-        return (loss, concepts) if return_logits else loss
+        return loss, concepts
+
+    def synthesis_loss(self, images, targets, classes, cfg) -> torch.Tensor:
+        return self.synthesis_loss_and_logits(images, targets, classes, cfg)[0]
+
+    def eval_preprocess(self) -> Preprocess:
+        """timm's eval transform: resize to size / crop_pct, centre crop."""
+        return Preprocess(size=self.input_size, resize=int(self.input_size / self.crop_pct),
+                          interpolation=self.interpolation, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    def warnings(self) -> list[str]:
+        from ..imagenet_concepts import warnings_for
+        return warnings_for(self.coverage)
 
     def describe(self) -> dict:
         return {"family": "imagenet", "model": self.name, "arch": self.arch, "weights": self.weights,
@@ -171,7 +186,8 @@ def lite_judge(name: str, used=()) -> str | None:
 
 TEACHERS.register("efficientnet-lite", TeacherFamily(matches=_is_lite, build=build_imagenet_teacher,
                                                      names=lambda: list(LITE), check=check_imagenet, styles=False,
-                                                     judge=lite_judge, recipe="cpu-imagenet", targets="imagenet"))
+                                                     judge=lite_judge, recipe="cpu-imagenet", targets="imagenet",
+                                                     network_of=LITE_BY_ARCH.get))
 TEACHERS.register("timm", TeacherFamily(matches=_is_timm, build=build_imagenet_teacher, names=lambda: [],
                                                          check=check_imagenet, styles=False, judge=lite_judge,
                                                          recipe="cpu-imagenet", targets="imagenet"))

@@ -1,0 +1,471 @@
+"""The stages of a run, in order. Each owns its artefacts in the run folder and offers them through a
+small API; no stage re-parses another's files.
+
+Every stage has ``name``, ``done(run)``, ``work(run)`` (its progress total), ``describe(run)`` (the
+progress line) and ``run(run, progress)``; ``pipeline.run_stages`` is the loop, and ``make`` is that
+loop over ``STAGES``. Adding a stage is adding an object here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from datetime import datetime, timezone
+from typing import Callable, Protocol
+
+from runtime.classifier import read_report as read_report_file
+from runtime.errors import UserError
+
+from . import __version__
+from .atomic import write_bytes, write_json
+from .pipeline import Reporter, Run, synthesis_networks
+
+Progress = Callable[..., None]
+
+
+class Stage(Protocol):
+    name: str
+
+    def done(self, run: Run) -> bool: ...
+    def work(self, run: Run) -> int: ...
+    def describe(self, run: Run) -> str: ...
+    def run(self, run: Run, progress: Progress) -> None: ...
+
+
+def _styles_apply(run: Run) -> bool:
+    from .teachers import resolve_family
+    return resolve_family(run.recipe.teacher.model).styles
+
+
+def _bank(run: Run):
+    from .bank import Bank
+    return Bank(run.paths.bank)
+
+
+def bank_plan(run: Run, style_names, resolution: int):
+    from .bank import BankPlan
+    syn = run.recipe.synthesis
+    return BankPlan(tuple(run.labels), tuple(style_names), syn.images_per_class, syn.shard_size, resolution,
+                    syn.val_every, run.recipe.seed)
+
+
+class PromptsStage:
+    """Learnt prompt styles (``styles.pt``); sources with nothing to learn are done from the start."""
+    name = "prompts"
+
+    def _source(self, run: Run):
+        from .prompts import source_class
+        return source_class(run.recipe.prompts, _styles_apply(run))
+
+    def done(self, run: Run) -> bool:
+        return (self._source(run).training_steps(run.recipe.prompts) == 0 or run.paths.styles.exists()
+                or _bank(run).is_complete())
+
+    def work(self, run: Run) -> int:
+        return self._source(run).training_steps(run.recipe.prompts)
+
+    def describe(self, run: Run) -> str:
+        from .prompts import DEFAULT_STYLES, source_name
+        cfg = run.recipe.prompts
+        styled = f" ({cfg.styles or DEFAULT_STYLES} styles)" if self._source(run).styled else ""
+        return f"prompts: {source_name(cfg, _styles_apply(run))}{styled}"
+
+    def run(self, run: Run, progress: Progress) -> None:
+        from .prompts import build_prompt_source
+        build_prompt_source(run.teacher(), run.recipe.prompts, run.paths, run.recipe.seed,
+                            on_step=lambda style, step: progress())
+
+
+def prompt_source(run: Run):
+    from .prompts import build_prompt_source
+    return build_prompt_source(run.teacher(), run.recipe.prompts, run.paths, run.recipe.seed)
+
+
+def synthesis_objective(recipe, concepts, teacher, device="cpu", offline=False):
+    """The teacher, or an ``Objective`` with the recipe's ensemble and adversarial competitor."""
+    from .synthesis import Competitor, Objective
+    from .teachers import build_teacher
+    syn = recipe.synthesis
+    if not syn.ensemble and not syn.adversarial:
+        return teacher
+    extra = [build_teacher(dataclasses.replace(recipe.teacher, model=name, judge="none"), concepts, device, offline)
+             for name in syn.ensemble]
+    competitor = None
+    if syn.adversarial:
+        from .students import create_student, student_spec
+        spec = student_spec(recipe, concepts)
+        p = spec.preprocess
+        competitor = Competitor(create_student(spec, recipe.student.init), p.size, p.mean, p.std).to(device)
+    return Objective(teacher, extra, competitor, syn.adversarial)
+
+
+def _resolution(run: Run) -> int:
+    return run.recipe.synthesis.resolution or run.teacher().input_size
+
+
+class GeneratorStage:
+    """Amortised synthesis (``synthesis.generator_steps > 0``): the generator, trained and checkpointed."""
+    name = "generator"
+
+    def done(self, run: Run) -> bool:
+        from .generator import trained_steps
+        steps = run.recipe.synthesis.generator_steps
+        return steps == 0 or _bank(run).is_complete() or trained_steps(run.paths.generator) >= steps
+
+    def work(self, run: Run) -> int:
+        return run.recipe.synthesis.generator_steps
+
+    def describe(self, run: Run) -> str:
+        return f"generator ({run.recipe.synthesis.generator_steps} steps)"
+
+    def run(self, run: Run, progress: Progress) -> None:
+        from .generator import trained_steps
+        progress(trained_steps(run.paths.generator))
+        self.generator(run, on_step=lambda step, loss: progress())
+
+    @staticmethod
+    def generator(run: Run, on_step=None):
+        from .generator import train_generator
+        rec, source = run.recipe, prompt_source(run)
+        objective = synthesis_objective(rec, run.concepts, run.teacher(), run.device, run.offline)
+        return train_generator(objective, source, len(run.labels), len(source.style_names), rec.synthesis,
+                               _resolution(run), run.paths.generator, rec.seed, run.device, on_step=on_step)
+
+
+class SynthesizeStage:
+    """The surrogate bank (``bank/``), ``teacher.json`` and ``samples.png``."""
+    name = "synthesize"
+
+    def done(self, run: Run) -> bool:
+        bank = _bank(run)
+        return bank.is_complete() and (bank.root / "manifest.jsonl").exists()
+
+    def work(self, run: Run) -> int:
+        syn = run.recipe.synthesis
+        return -(-syn.images_per_class * len(run.labels) // syn.shard_size)
+
+    def describe(self, run: Run) -> str:
+        syn = run.recipe.synthesis
+        return f"synthesis ({syn.images_per_class * len(run.labels)} images, {syn.steps} steps)"
+
+    def run(self, run: Run, progress: Progress) -> None:
+        import torch
+
+        from .bank import fill_bank
+        rec, bank = run.recipe, _bank(run)
+        teacher = run.teacher()
+        write_json(run.paths.teacher, teacher.describe())
+        for note in teacher.warnings():
+            run.reporter.warn(note)
+        if run.device == "cpu" and teacher.text_tower is not None and rec.teacher.model == "ViT-B-32":
+            run.reporter.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
+        source = prompt_source(run)
+        plan = bank_plan(run, source.style_names, _resolution(run))
+        torch.manual_seed(rec.seed)
+        objective = synthesis_objective(rec, run.concepts, teacher, run.device, run.offline)
+        produce = None
+        if rec.synthesis.generator_steps:
+            from .generator import sampler
+            produce = sampler(GeneratorStage.generator(run), objective, rec.synthesis, run.device)
+        progress(len(bank.complete()))
+        fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(),
+                  on_shard=lambda i, n: progress(), objective=objective, produce=produce)
+        write_bytes(run.paths.samples, samples_png(bank))
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    images: int
+    shards: int
+    seconds: float
+    seconds_per_step: float
+
+    def line(self, steps: int) -> str:
+        return (f"{self.images} surrogate images in {self.shards} shards x {steps} steps: about "
+                f"{format_duration(self.seconds)} of synthesis on this machine "
+                f"({self.seconds_per_step:.2f} s per step of one shard, measured)")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, steps: int = 3) -> Estimate:
+    """Time ``steps`` optimisation steps of one shard-sized batch (the first one, warm-up, not counted)
+    and scale to the bank: shards x synthesis.steps (+ generator steps)."""
+    import torch
+
+    from .prompts import ClassPrompts
+    from .synthesis import synthesize
+    syn = recipe.synthesis
+    images = syn.images_per_class * len(concepts)
+    shards = -(-images // syn.shard_size)
+    k = len(concepts)
+    cls = torch.arange(min(syn.shard_size, images)) % k
+    gen = torch.Generator().manual_seed(0)
+    targets = teacher.text[cls] if teacher.text is not None else ClassPrompts(teacher, recipe.prompts).targets(cls, cls, gen)
+    objective = synthesis_objective(recipe, concepts, teacher, device, offline)
+    stamps: list[float] = []
+    synthesize(objective, targets, cls, dataclasses.replace(syn, steps=steps), syn.resolution or teacher.input_size,
+               gen, device, on_step=lambda i, loss: stamps.append(time.perf_counter()))
+    per_step = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+    total = per_step * (shards * syn.steps + syn.generator_steps)
+    return Estimate(images, shards, total, per_step)
+
+
+def confirm_plan(run_dir, recipe, concepts, reporter: Reporter, yes: bool, offline: bool = False):
+    """Before anything is written: print the planned images and the measured time estimate; above
+    ``synthesis.confirm_above`` images stop (exit 2) unless ``yes``. Returns the teacher it built (the
+    run reuses it), or None when the bank is already complete."""
+    from .bank import Bank
+    from .pipeline import resolve_device
+    from .runfolder import RunPaths
+    if Bank(RunPaths(run_dir).bank).is_complete():
+        return None
+    from .teachers import build_teacher
+    device = resolve_device(recipe.device)
+    teacher = build_teacher(recipe.teacher, concepts, device, offline)
+    est = estimate_synthesis(recipe, concepts, teacher, device, offline)
+    limit = recipe.synthesis.confirm_above
+    if limit and est.images > limit and not yes:
+        raise UserError(f"{est.line(recipe.synthesis.steps)}: more than synthesis.confirm_above = {limit} images; "
+                        f"pass --yes to start, or lower synthesis.images_per_class")
+    reporter.log("plan: " + est.line(recipe.synthesis.steps))
+    return teacher
+
+
+class JudgeStage:
+    """``judge.json``: a held-out network's per-concept agreement with the bank's intended classes.
+
+    Surrogate images that only convince the network that made them are adversarial textures, not
+    data; a judge that never took part in synthesis is a cheap proxy for whether they transfer."""
+    name = "judge"
+
+    @staticmethod
+    def cfg(run: Run):
+        from .teachers import judge_cfg
+        return judge_cfg(run.recipe.teacher, synthesis_networks(run.recipe, run.concepts))
+
+    def done(self, run: Run) -> bool:
+        return self.cfg(run) is None or run.paths.judge.exists()
+
+    def work(self, run: Run) -> int:
+        return 0 if self.cfg(run) is None else 1
+
+    def describe(self, run: Run) -> str:
+        return f"held-out judge {self.cfg(run).model}"
+
+    def run(self, run: Run, progress: Progress) -> None:
+        import numpy as np
+        import torch
+
+        from .synthesis import teacher_logits
+        from .teachers import build_teacher
+        rec, cfg = run.recipe, self.cfg(run)
+        judge = build_teacher(cfg, run.concepts, run.device, run.offline)
+        imgs, _, recs = _bank(run).load()
+        with torch.no_grad():
+            pred = teacher_logits(judge, torch.from_numpy(imgs), device=run.device).argmax(1).numpy()
+        truth = np.array([r["class"] for r in recs])
+        per = {c.label: float((pred[truth == k] == k).mean()) for k, c in enumerate(run.concepts)}
+        result = {"judge": cfg.model, "per_concept": per, "overall": float((pred == truth).mean()), "images": int(len(truth)),
+                  "min": rec.teacher.judge_min}
+        write_json(run.paths.judge, result)
+        for label, a in per.items():
+            if a < rec.teacher.judge_min:
+                run.reporter.warn(f"{label}: the held-out judge {cfg.model} sees it in only {100 * a:.0f}% of its surrogate "
+                                  f"images: they may not transfer; the student can fail on real {label}")
+        progress()
+
+    @staticmethod
+    def result(run: Run) -> dict | None:
+        return json.loads(run.paths.judge.read_text()) if run.paths.judge.exists() else None
+
+
+class DistillStage:
+    """``checkpoints/``: the student, trained (or as initialised) against the teacher's soft labels."""
+    name = "distill"
+
+    @staticmethod
+    def spec(run: Run):
+        from .students import student_spec
+        return student_spec(run.recipe, run.concepts)
+
+    @staticmethod
+    def checkpoints(run: Run):
+        from .distill import Checkpoints
+        return Checkpoints(run.paths.checkpoints)
+
+    def done(self, run: Run) -> bool:
+        return self.checkpoints(run).complete(run.recipe.distill.epochs)
+
+    def work(self, run: Run) -> int:
+        from .distill import total_steps
+        return total_steps(_bank(run), run.recipe.distill)
+
+    def describe(self, run: Run) -> str:
+        spec = self.spec(run)
+        if not self.work(run):
+            return f"student {spec.model} @ {spec.preprocess.size}px as initialised (distill.epochs = 0)"
+        return f"distill {spec.model} @ {spec.preprocess.size}px"
+
+    def run(self, run: Run, progress: Progress) -> None:
+        from .distill import train_student
+        from .students import create_student
+        rec, spec = run.recipe, self.spec(run)
+        student = create_student(spec, rec.student.init)
+        teacher = run.teacher() if rec.distill.relabel else None
+        done = [0]
+
+        def on_step(step, total):
+            progress(step - done[0])
+            done[0] = step
+        train_student(student, spec, _bank(run), rec.distill, run.paths.checkpoints, rec.seed, teacher, run.device,
+                      run.autocast(), on_step=on_step,
+                      on_epoch=lambda r: run.reporter.log(
+                          f"epoch {r['epoch']}: " + ("as initialised" if r["loss"] is None else f"loss {r['loss']:.3f}")
+                          + f", val agreement {r['val_agreement']:.3f}"))
+        if not self.work(run):
+            progress()
+
+
+FIDELITY_IMAGES = 256   # bank images on which INT8 variants must agree with FP32
+
+
+class ExportStage:
+    """``export.json`` and the model files: every variant built, measured, and the deployable one picked."""
+    name = "export"
+
+    def done(self, run: Run) -> bool:
+        return run.paths.export.exists() or run.paths.report.exists()
+
+    def work(self, run: Run) -> int:
+        return len(run.recipe.export.variants)
+
+    def describe(self, run: Run) -> str:
+        return "export + measure"
+
+    def run(self, run: Run, progress: Progress) -> None:
+        import numpy as np
+        import torch
+
+        from exporter import ExportContext, export_all
+        from runtime.metadata import ModelMetadata
+        from runtime.preprocess import preprocess
+
+        from .distill import load_student
+        ckpts = DistillStage.checkpoints(run)
+        if not ckpts.best.exists():
+            raise UserError(f"{run.paths.root} has no trained student: run `distiller distill {run.paths.root}` first")
+        rec, spec, bank = run.recipe, DistillStage.spec(run), _bank(run)
+        student = load_student(spec, ckpts.best)
+        tr_img, _, _ = bank.load("train")
+        va_img, va_logit, _ = bank.load("val")
+        pick = np.linspace(0, len(tr_img) - 1, min(rec.export.calibration_images, len(tr_img))).round().astype(int)
+        calib = np.stack([preprocess(im, spec.preprocess) for im in tr_img[pick]])
+        # INT8 fidelity is numeric, not generalisation: check it on the val shards plus train images (up to
+        # FIDELITY_IMAGES); "vs teacher" agreement stays on the val shards (NaN teacher rows are skipped)
+        extra = np.linspace(0, len(tr_img) - 1, max(0, min(len(tr_img), FIDELITY_IMAGES - len(va_img)))).round().astype(int)
+        check = np.concatenate([va_img, tr_img[extra]])
+        va_logit = np.concatenate([va_logit, np.full((len(extra), va_logit.shape[1]), np.nan, np.float32)])
+        val = np.stack([preprocess(im, spec.preprocess) for im in check])
+        with torch.no_grad():
+            reference = student(torch.from_numpy(val)).numpy()
+        meta = ModelMetadata(
+            labels=tuple(run.labels), preprocess=spec.preprocess, student=spec.model,
+            teacher=teacher_info(run), recipe=rec.to_dict(),
+            package_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset)
+        result = export_all(ctx, rec.export.variants, val, reference, va_logit, rec.export.max_drop,
+                            rec.export.latency_runs, rec.export.threads or None, on_variant=lambda n, r: progress(),
+                            min_speedup=rec.export.min_speedup)
+        result["fidelity_images"] = len(val)
+        for note in result["notes"]:
+            run.reporter.warn(note)
+        write_json(run.paths.export, result)
+
+    @staticmethod
+    def result(run: Run) -> dict:
+        return json.loads(run.paths.export.read_text())
+
+
+def teacher_info(run: Run) -> dict:
+    """What the teacher was (family, model, weights), as described when the bank was made."""
+    if run.paths.teacher.exists():
+        info = json.loads(run.paths.teacher.read_text())
+        return {k: info[k] for k in ("family", "model", "weights", "input_size") if k in info}
+    return {"model": run.recipe.teacher.model}
+
+
+class ReportStage:
+    """``report.json``: what every other stage made, in one file (its presence marks a finished run)."""
+    name = "report"
+
+    def done(self, run: Run) -> bool:
+        return run.paths.report.exists()
+
+    def work(self, run: Run) -> int:
+        return 1
+
+    def describe(self, run: Run) -> str:
+        return "report"
+
+    def run(self, run: Run, progress: Progress) -> None:
+        spec, ckpts = DistillStage.spec(run), DistillStage.checkpoints(run)
+        export = ExportStage.result(run)
+        report = {
+            "distiller_version": __version__,
+            "labels": run.labels,
+            "teacher": teacher_info(run),
+            "student": {"model": spec.model, "input_size": spec.preprocess.size,
+                        "best_val_agreement": max(h["val_agreement"] for h in ckpts.history()),
+                        "epochs": ckpts.last_epoch()},
+            "recipe": run.recipe.name,
+            "judge": JudgeStage.result(run),
+            "deployable": export["deployable"],
+            "export": export,
+            "timings_s": run.timings(),
+        }
+        write_json(run.paths.report, report)
+        progress()
+
+
+def read_report(run: Run) -> dict:
+    return read_report_file(run.paths.root)
+
+
+STAGES: tuple[Stage, ...] = (PromptsStage(), GeneratorStage(), SynthesizeStage(), JudgeStage(), DistillStage(),
+                             ExportStage(), ReportStage())
+SYNTHESIS_STAGES = STAGES[:3]
+EXPORT_STAGES = STAGES[5:]
+
+
+def samples_png(bank, per_class: int = 8, tile: int = 96) -> bytes:
+    """A grid of surrogate images: one row per class (and style), up to ``per_class`` columns."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    imgs, _, recs = bank.load()
+    rows: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(recs):
+        rows.setdefault((r["class"], r["style"]), []).append(i)
+    keys = sorted(rows)[:64]
+    label_w = 120
+    sheet = Image.new("RGB", (label_w + per_class * tile, len(keys) * tile), "white")
+    draw = ImageDraw.Draw(sheet)
+    for y, key in enumerate(keys):
+        r0 = recs[rows[key][0]]
+        name = r0["label"] if r0["style_name"] == "plain" else f"{r0['label']}\n{r0['style_name']}"
+        draw.text((4, y * tile + 4), name, fill="black")
+        for x, i in enumerate(rows[key][:per_class]):
+            sheet.paste(Image.fromarray(np.asarray(imgs[i])).resize((tile, tile), Image.BILINEAR), (label_w + x * tile, y * tile))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
