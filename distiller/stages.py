@@ -439,6 +439,13 @@ def read_report(run: Run) -> dict:
     return read_report_file(run.paths.root)
 
 
+def export_run(run: Run) -> dict:
+    """Export (if not done yet) and report: what `distiller export RUN` does; returns the report."""
+    from .pipeline import run_stages
+    run_stages(run, EXPORT_STAGES)
+    return read_report(run)
+
+
 STAGES: tuple[Stage, ...] = (PromptsStage(), GeneratorStage(), SynthesizeStage(), JudgeStage(), DistillStage(),
                              ExportStage(), ReportStage())
 SYNTHESIS_STAGES = STAGES[:3]

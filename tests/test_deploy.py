@@ -63,10 +63,11 @@ def _copy_run(smoke_run, dst, **export):
 
 
 def test_repair_and_candidate_variants_on_a_real_student(smoke_run, tmp_path):
-    from distiller.pipeline import Run, export_stage
+    from distiller.pipeline import Run
+    from distiller.stages import export_run
     run = _copy_run(smoke_run, tmp_path, max_drop=0.0, latency_runs=5,
                     variants=["onnx-fp32", "onnx-int8-skip-ends", "onnx-int8-percentile", "openvino-int8-acc"])
-    report = export_stage(Run(run))
+    report = export_run(Run(run))
     rows = report["export"]["variants"]
     assert set(rows) == {"onnx-fp32", "openvino-fp32", "onnx-int8-skip-ends", "onnx-int8-percentile", "openvino-int8-acc"}
     assert report["export"]["failed"] == {}
@@ -114,14 +115,15 @@ def test_bench_model_files_and_errors(smoke_run, capsys):
 
 
 def test_a_failing_int8_candidate_is_reported_not_fatal(smoke_run, tmp_path, monkeypatch):
-    from distiller.pipeline import Run, export_stage
+    from distiller.pipeline import Run
+    from distiller.stages import export_run
     from exporter.variants import Variant
 
     def boom(ctx):
         raise AttributeError("'NoneType' object has no attribute 'data_type'")
     monkeypatch.setitem(VARIANTS._items, "onnx-int8-broken", Variant("x.onnx", "onnx", "int8", ("onnx-fp32",), boom))
     run = _copy_run(smoke_run, tmp_path, latency_runs=3, variants=["onnx-fp32", "onnx-int8-broken"])
-    report = export_stage(Run(run))
+    report = export_run(Run(run))
     assert report["export"]["failed"] == {"onnx-int8-broken": "AttributeError: 'NoneType' object has no attribute 'data_type'"}
     assert report["deployable"] == "student.onnx"
     assert any("onnx-int8-broken: failed to build" in n for n in report["export"]["notes"])

@@ -133,7 +133,8 @@ def test_pretrained_student_init_offline():
 
 
 def test_held_out_judge_scores_the_bank(tmp_path, capsys):
-    from distiller.pipeline import Run, judge_stage
+    from distiller.pipeline import Run
+    from distiller.stages import JudgeStage
     assert main(_lite_make(tmp_path, "judged", "--set", "teacher.judge_min=1.01")) == 0
     out = capsys.readouterr()
     run = tmp_path / "judged"
@@ -151,7 +152,7 @@ def test_held_out_judge_scores_the_bank(tmp_path, capsys):
     pred = teacher_logits(build_teacher(judge_cfg(r.recipe.teacher), r.concepts), torch.from_numpy(imgs)).argmax(1)
     cats = [i for i, x in enumerate(recs) if x["class"] == 0]
     assert judge["per_concept"]["cats"] == pytest.approx(float((pred[cats] == 0).float().mean()))
-    assert judge_stage(r) == judge  # computed once, then read back
+    assert JudgeStage().done(r) and JudgeStage.result(r) == judge  # computed once, then read back
 
 
 def test_clip_teachers_have_no_judge_by_default(tiny_clip):

@@ -8,7 +8,7 @@ import torch
 
 from distiller.bank import Bank, BankPlan, fill_bank
 from distiller.concepts import parse_concepts
-from distiller.prompts import (ContrastivePrompts, build_prompt_source, class_consistency, read_style_words,
+from distiller.prompts import (PROMPT_SOURCES, ContrastivePrompts, build_prompt_source, class_consistency, read_style_words,
                                style_diversity)
 from distiller.recipe import load_recipe
 from distiller.runfolder import RunPaths
@@ -34,15 +34,15 @@ def _cfg(recipe, **kw):
 
 @pytest.mark.parametrize("word", ["sketch", "painting", "cartoon"])
 def test_splicing_a_word_embedding_equals_tokenising_the_word(teacher, word):
-    sp = SplicedText(teacher.model, teacher.tokenizer)
-    assert len(teacher.tokenizer([word])[0].nonzero()) == 3  # start, the word, end: one token
+    sp = SplicedText(teacher.text_tower.model, teacher.text_tower.tokenizer)
+    assert len(teacher.text_tower.tokenizer([word])[0].nonzero()) == 3  # start, the word, end: one token
     spliced = sp.encode(sp.tokens(["a * style of a cat"]), sp.word_embedding(word)[None])
     native = teacher.model.encode_text(sp.tokens([f"a {word} style of a cat"]))
     torch.testing.assert_close(spliced, native, atol=1e-5, rtol=1e-5)
 
 
 def test_truncated_context_is_exact(teacher):
-    sp = SplicedText(teacher.model, teacher.tokenizer)
+    sp = SplicedText(teacher.text_tower.model, teacher.text_tower.tokenizer)
     tok = sp.tokens(["a photo of a dog", "a much longer prompt about a small brown dog on grass"])
     torch.testing.assert_close(sp.encode(tok), sp.encode(tok, truncate=False), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sp.encode(tok), teacher.model.encode_text(tok), atol=1e-5, rtol=1e-5)
@@ -123,6 +123,9 @@ def test_every_source_fills_a_bank(recipe, teacher, tmp_path, name):
 def test_styles_need_a_clip_text_tower(recipe):
     class Plain:  # a teacher with class embeddings but no text tower
         text = torch.randn(2, 8)
-        scale = 10.0
+        text_tower = None
+        members = None
     with pytest.raises(UserError, match="styles do not apply to this teacher"):
+        PROMPT_SOURCES.get("mix")(Plain(), _cfg(recipe, source="mix"))
+    with pytest.raises(UserError, match="prompt styles do not apply"):
         build_prompt_source(Plain(), _cfg(recipe, source="mix"), None)

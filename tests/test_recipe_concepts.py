@@ -12,18 +12,40 @@ from runtime import UserError
 
 
 def test_shipped_recipes_load_and_say_everything():
-    assert {"smoke", "cpu", "gpu"} <= set(recipe_names())
-    for name in ("smoke", "cpu", "gpu"):
+    from distiller.recipe import RECIPE_DIRS
+    assert {"smoke", "cpu", "gpu", "cpu-imagenet"} <= set(recipe_names())
+    base_text = (RECIPE_DIRS[0] / "cpu.toml").read_text()
+    base = tomllib.loads(base_text)
+    assert "base" not in base and "#" in base_text
+    for name in ("smoke", "cpu", "gpu", "cpu-imagenet"):
         r = load_recipe(name)
         assert r.name == name
-        text = open(f"recipes/{name}.toml").read()
-        # complete: every setting of the dataclass tree is written in the file
+        text = (RECIPE_DIRS[0] / f"{name}.toml").read_text()
         data = tomllib.loads(text)
+        assert "#" in text  # commented
+        # the base recipe writes every setting of the dataclass tree; the others only what differs from it
         for section, cfg in r.to_dict().items():
             if isinstance(cfg, dict):
-                assert set(cfg) == set(data[section]), (name, section, set(cfg) ^ set(data[section]))
-        assert "#" in text  # commented
+                assert set(cfg) == set(base[section]), ("cpu", section, set(cfg) ^ set(base[section]))
+                if name != "cpu":
+                    assert data.get("base") == "cpu"
+                    same = [k for k, v in data.get(section, {}).items() if base[section][k] == v]
+                    assert not same, (name, section, same)
+                    merged = {**base[section], **data.get(section, {})}
+                    assert recipe_from_dict({**r.to_dict(), section: merged}) == r
     assert load_recipe("gpu").distill.relabel is True and load_recipe("gpu").device == "cuda"
+
+
+def test_a_recipe_extends_its_base_and_the_run_keeps_it_resolved(tmp_path):
+    (tmp_path / "mine.toml").write_text('base = "smoke"\nname = "mine"\n[synthesis]\nsteps = 3\n')
+    r = load_recipe(str(tmp_path / "mine.toml"))
+    smoke = load_recipe("smoke")
+    assert r.synthesis.steps == 3 and r.name == "mine"
+    assert r.synthesis.shard_size == smoke.synthesis.shard_size and r.student == smoke.student
+    assert "base" not in r.to_toml() and "shard_size = 12" in r.to_toml()   # written into a run fully resolved
+    (tmp_path / "loop.toml").write_text('base = "loop.toml"\n')
+    with pytest.raises(UserError, match="loop"):
+        load_recipe(str(tmp_path / "loop.toml"))
 
 
 def test_overrides_types_and_round_trip():

@@ -101,7 +101,7 @@ def _make(tmp_path, name, *sets):
     (['synthesis.ensemble=["efficientnet-lite0"]'], "other than the teacher"),
     (['synthesis.ensemble=["ViT-B-32"]'], "must be ImageNet classifiers"),
     (["synthesis.adversarial=0.5", "student.init=scratch"], "needs an ImageNet teacher and a pretrained student"),
-    (["synthesis.adversarial=-1"], "use a weight >= 0"),
+    (["synthesis.adversarial=-1"], "synthesis.adversarial = -1.0 is out of range: use a value >= 0.0"),
 ])
 def test_bad_synthesis_settings_exit_2_before_any_work(sets, message, tmp_path, capsys):
     assert main(_make(tmp_path, "bad", *sets)) == 2

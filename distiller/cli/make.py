@@ -137,9 +137,7 @@ def distill(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), off
 @app.command()
 def export(run: Path = RUN_ARG, quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Export a run's student to ONNX / OpenVINO, FP32 and INT8, and pick the deployable one."""
-    from ..pipeline import run_stages
-    from ..stages import EXPORT_STAGES, read_report
+    from ..stages import export_run
     t0 = time.perf_counter()
-    r = _run(run, "cpu", quiet=quiet, verbose=verbose)
-    run_stages(r, EXPORT_STAGES)
-    _summary(run, read_report(r), time.perf_counter() - t0)
+    report = export_run(_run(run, "cpu", quiet=quiet, verbose=verbose))
+    _summary(run, report, time.perf_counter() - t0)
