@@ -156,6 +156,30 @@ class Bank:
             recs += self.records(i)
         return np.concatenate(imgs), np.concatenate(logits), recs
 
+    def samples_png(self, per_class: int = 8, tile: int = 96) -> bytes:
+        """A grid of surrogate images: one row per class (and style), up to ``per_class`` columns."""
+        import io
+
+        from PIL import Image, ImageDraw
+
+        imgs, _, recs = self.load()
+        rows: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(recs):
+            rows.setdefault((r["class"], r["style"]), []).append(i)
+        keys = sorted(rows)[:64]
+        label_w = 120
+        sheet = Image.new("RGB", (label_w + per_class * tile, len(keys) * tile), "white")
+        draw = ImageDraw.Draw(sheet)
+        for y, key in enumerate(keys):
+            r0 = recs[rows[key][0]]
+            name = r0["label"] if r0["style_name"] == "plain" else f"{r0['label']}\n{r0['style_name']}"
+            draw.text((4, y * tile + 4), name, fill="black")
+            for x, i in enumerate(rows[key][:per_class]):
+                sheet.paste(Image.fromarray(np.asarray(imgs[i])).resize((tile, tile), Image.BILINEAR), (label_w + x * tile, y * tile))
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG")
+        return buf.getvalue()
+
 
 def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", autocast=None,
               on_shard: Callable[[int, int], None] | None = None, on_step=None, objective=None, produce=None) -> None:

@@ -80,7 +80,7 @@ class Run:
         """Time a stage into timings.json as it goes: ``tick()`` adds the time since the last tick (at most
         every ``every_s``); the rest is added on the way out, an interrupt included. A kill loses at most
         the last few seconds, never the whole stage."""
-        last = [time.perf_counter(), time.perf_counter()]   # last tick, last write
+        last = [time.perf_counter(), 0.0]   # last tick, last write (the first tick writes at once)
 
         def tick(force: bool = False) -> None:
             now = time.perf_counter()
@@ -245,7 +245,8 @@ def run_stages(run: Run, stages) -> None:
 def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Reporter | None = None,
          exist_ok: bool = False, offline: bool = False, yes: bool = False) -> dict:
     """The whole pipeline; rerun the same call to resume an interrupted run."""
-    from .stages import STAGES, confirm_plan, read_report
+    from .plan import confirm_plan
+    from .stages import STAGES, read_report
     preflight(recipe, concepts, offline)
     teacher = confirm_plan(run_dir, recipe, concepts, reporter or Reporter(), yes, offline)
     init_run(run_dir, recipe, concepts, exist_ok, reporter)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from datetime import datetime, timezone
 from typing import Callable, Protocol
 
@@ -18,7 +17,7 @@ from runtime.errors import UserError
 
 from . import __version__
 from .atomic import write_bytes, write_json
-from .pipeline import Reporter, Run, synthesis_networks
+from .pipeline import Run, synthesis_networks
 
 Progress = Callable[..., None]
 
@@ -170,72 +169,7 @@ class SynthesizeStage:
         progress(len(bank.complete()))
         fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(),
                   on_shard=lambda i, n: progress(), objective=objective, produce=produce)
-        write_bytes(run.paths.samples, samples_png(bank))
-
-
-@dataclasses.dataclass(frozen=True)
-class Estimate:
-    images: int
-    shards: int
-    seconds: float
-    seconds_per_step: float
-
-    def line(self, steps: int) -> str:
-        return (f"{self.images} surrogate images in {self.shards} shards x {steps} steps: about "
-                f"{format_duration(self.seconds)} of synthesis on this machine "
-                f"({self.seconds_per_step:.2f} s per step of one shard, measured)")
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, steps: int = 3) -> Estimate:
-    """Time ``steps`` optimisation steps of one shard-sized batch (the first one, warm-up, not counted)
-    and scale to the bank: shards x synthesis.steps (+ generator steps)."""
-    import torch
-
-    from .prompts import ClassPrompts
-    from .synthesis import synthesize
-    syn = recipe.synthesis
-    images = syn.images_per_class * len(concepts)
-    shards = -(-images // syn.shard_size)
-    k = len(concepts)
-    cls = torch.arange(min(syn.shard_size, images)) % k
-    gen = torch.Generator().manual_seed(0)
-    targets = teacher.text[cls] if teacher.text is not None else ClassPrompts(teacher, recipe.prompts).targets(cls, cls, gen)
-    objective = synthesis_objective(recipe, concepts, teacher, device, offline)
-    stamps: list[float] = []
-    synthesize(objective, targets, cls, dataclasses.replace(syn, steps=steps), syn.resolution or teacher.input_size,
-               gen, device, on_step=lambda i, loss: stamps.append(time.perf_counter()))
-    per_step = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
-    total = per_step * (shards * syn.steps + syn.generator_steps)
-    return Estimate(images, shards, total, per_step)
-
-
-def confirm_plan(run_dir, recipe, concepts, reporter: Reporter, yes: bool, offline: bool = False):
-    """Before anything is written: print the planned images and the measured time estimate; above
-    ``synthesis.confirm_above`` images stop (exit 2) unless ``yes``. Returns the teacher it built (the
-    run reuses it), or None when the bank is already complete."""
-    from .bank import Bank
-    from .pipeline import resolve_device
-    from .runfolder import RunPaths
-    if Bank(RunPaths(run_dir).bank).is_complete():
-        return None
-    from .teachers import build_teacher
-    device = resolve_device(recipe.device)
-    teacher = build_teacher(recipe.teacher, concepts, device, offline)
-    est = estimate_synthesis(recipe, concepts, teacher, device, offline)
-    limit = recipe.synthesis.confirm_above
-    if limit and est.images > limit and not yes:
-        raise UserError(f"{est.line(recipe.synthesis.steps)}: more than synthesis.confirm_above = {limit} images; "
-                        f"pass --yes to start, or lower synthesis.images_per_class")
-    reporter.log("plan: " + est.line(recipe.synthesis.steps))
-    return teacher
+        write_bytes(run.paths.samples, bank.samples_png())
 
 
 class JudgeStage:
@@ -450,29 +384,3 @@ STAGES: tuple[Stage, ...] = (PromptsStage(), GeneratorStage(), SynthesizeStage()
                              ExportStage(), ReportStage())
 SYNTHESIS_STAGES = STAGES[:3]
 EXPORT_STAGES = STAGES[5:]
-
-
-def samples_png(bank, per_class: int = 8, tile: int = 96) -> bytes:
-    """A grid of surrogate images: one row per class (and style), up to ``per_class`` columns."""
-    import io
-
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    imgs, _, recs = bank.load()
-    rows: dict[tuple[int, int], list[int]] = {}
-    for i, r in enumerate(recs):
-        rows.setdefault((r["class"], r["style"]), []).append(i)
-    keys = sorted(rows)[:64]
-    label_w = 120
-    sheet = Image.new("RGB", (label_w + per_class * tile, len(keys) * tile), "white")
-    draw = ImageDraw.Draw(sheet)
-    for y, key in enumerate(keys):
-        r0 = recs[rows[key][0]]
-        name = r0["label"] if r0["style_name"] == "plain" else f"{r0['label']}\n{r0['style_name']}"
-        draw.text((4, y * tile + 4), name, fill="black")
-        for x, i in enumerate(rows[key][:per_class]):
-            sheet.paste(Image.fromarray(np.asarray(imgs[i])).resize((tile, tile), Image.BILINEAR), (label_w + x * tile, y * tile))
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    return buf.getvalue()

@@ -110,7 +110,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Latency (p50/p90/p99 at batch 1), throughput and agreement of each variant, on this machine."""
-    from ..bench import bench_models, bench_run, select_for_device, teacher_baseline, val_images
+    from ..bench import bench_models, bench_run, select_for_device, teacher_baseline
     first = Path(models[0])
     is_run = len(models) == 1 and first.is_dir()
     if is_run:

@@ -1,0 +1,82 @@
+"""Before a run starts: what the bank will hold and what synthesizing it will cost on this machine.
+
+``confirm_plan`` times a few optimisation steps of one shard-sized batch with the real teacher and
+objective, prints the estimate, and stops a run above ``synthesis.confirm_above`` planned images
+(exit 2, nothing written) unless the user said ``--yes``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from runtime.errors import UserError
+
+from .pipeline import Reporter
+from .stages import synthesis_objective
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    images: int
+    shards: int
+    seconds: float
+    seconds_per_step: float
+
+    def line(self, steps: int) -> str:
+        return (f"{self.images} surrogate images in {self.shards} shards x {steps} steps: about "
+                f"{format_duration(self.seconds)} of synthesis on this machine "
+                f"({self.seconds_per_step:.2f} s per step of one shard, measured)")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, steps: int = 3) -> Estimate:
+    """Time ``steps`` optimisation steps of one shard-sized batch (the first one, warm-up, not counted)
+    and scale to the bank: shards x synthesis.steps (+ generator steps)."""
+    import torch
+
+    from .prompts import ClassPrompts
+    from .synthesis import synthesize
+    syn = recipe.synthesis
+    images = syn.images_per_class * len(concepts)
+    shards = -(-images // syn.shard_size)
+    k = len(concepts)
+    cls = torch.arange(min(syn.shard_size, images)) % k
+    gen = torch.Generator().manual_seed(0)
+    targets = teacher.text[cls] if teacher.text is not None else ClassPrompts(teacher, recipe.prompts).targets(cls, cls, gen)
+    objective = synthesis_objective(recipe, concepts, teacher, device, offline)
+    stamps: list[float] = []
+    synthesize(objective, targets, cls, dataclasses.replace(syn, steps=steps), syn.resolution or teacher.input_size,
+               gen, device, on_step=lambda i, loss: stamps.append(time.perf_counter()))
+    per_step = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+    total = per_step * (shards * syn.steps + syn.generator_steps)
+    return Estimate(images, shards, total, per_step)
+
+
+def confirm_plan(run_dir, recipe, concepts, reporter: Reporter, yes: bool, offline: bool = False):
+    """Before anything is written: print the planned images and the measured time estimate; above
+    ``synthesis.confirm_above`` images stop (exit 2) unless ``yes``. Returns the teacher it built (the
+    run reuses it), or None when the bank is already complete."""
+    from .bank import Bank
+    from .pipeline import resolve_device
+    from .runfolder import RunPaths
+    if Bank(RunPaths(run_dir).bank).is_complete():
+        return None
+    from .teachers import build_teacher
+    device = resolve_device(recipe.device)
+    teacher = build_teacher(recipe.teacher, concepts, device, offline)
+    est = estimate_synthesis(recipe, concepts, teacher, device, offline)
+    limit = recipe.synthesis.confirm_above
+    if limit and est.images > limit and not yes:
+        raise UserError(f"{est.line(recipe.synthesis.steps)}: more than synthesis.confirm_above = {limit} images; "
+                        f"pass --yes to start, or lower synthesis.images_per_class")
+    reporter.log("plan: " + est.line(recipe.synthesis.steps))
+    return teacher
+
+
