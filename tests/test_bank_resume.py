@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -42,16 +43,21 @@ def test_killed_and_resumed_bank_is_byte_identical(tiny_clip, tmp_path):
     deadline = time.time() + 300
     while len(bank.complete()) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    time.sleep(0.1)  # into the next shard's optimisation
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)   # wherever it is: optimising or writing a later shard
     proc.wait()
     done = len(bank.complete())
     assert 2 <= done < 6, f"kill landed after {done} of 6 shards: not in the middle"
     assert not bank.is_complete()
+    assert not (bank.root / "manifest.jsonl").exists()   # each shard keeps its own records; no shared file yet
+    # what a kill during a shard's write leaves behind: a half-filled temporary folder, cleaned on resume
+    half = bank.root / f".shard_{done:05d}.dead.tmp"
+    half.mkdir(exist_ok=True)
+    (half / "images.npy").write_bytes(b"half")
+    assert json.loads((killed / "timings.json").read_text())["synthesize"] > 0   # the killed part is kept
 
     r = _synthesize(killed)
     out, err = r.communicate(timeout=300)
     assert r.returncode == 0, err.decode()
-    assert bank.is_complete()
+    assert bank.is_complete() and not half.exists()
     assert _digest(killed / "bank") == _digest(whole / "bank")
     assert (killed / "samples.png").is_file()

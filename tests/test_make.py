@@ -114,7 +114,9 @@ def test_runtime_classifies_without_torch(smoke_run, tmp_path):
     assert "cat" in r.stdout and "dog" in r.stdout
 
 
-def test_rerun_of_finished_run_is_refused_and_exist_ok_redoes_export(smoke_run, tiny_clip, capsys):
+def test_rerun_of_finished_run_is_refused_and_exist_ok_redoes_it(smoke_run, tiny_clip, tmp_path, capsys):
+    import shutil
+
     from conftest import smoke_args
     from distiller.cli import main
     before = (smoke_run / "report.json").read_bytes()
@@ -122,3 +124,19 @@ def test_rerun_of_finished_run_is_refused_and_exist_ok_redoes_export(smoke_run, 
     err = capsys.readouterr().err
     assert "already exists and is finished" in err and "--exist-ok" in err
     assert (smoke_run / "report.json").read_bytes() == before
+    # --exist-ok on a copy (the session's smoke run stays as it is): the run is made again from scratch
+    copy = tmp_path / "runs" / "again"
+    shutil.copytree(smoke_run, copy)
+    (copy / "stale.txt").write_text("from the old run")
+    old = json.loads((copy / "report.json").read_text())
+    assert main(smoke_args(tiny_clip, copy.parent, copy.name, "--exist-ok")) == 0
+    new = json.loads((copy / "report.json").read_text())
+    assert not (copy / "stale.txt").exists(), "the old run folder must be replaced, not patched"
+    assert new["labels"] == old["labels"] and (copy / new["deployable"]).is_file()
+    assert _digest(copy / "bank") == _digest(smoke_run / "bank")   # seeded: the same bank again
+
+
+def _digest(folder):
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.npy"))}

@@ -44,6 +44,8 @@ def test_builder_maps_domain_folder_names_to_labels(tmp_path):
     assert by == {("caltech", "car"), ("labelme", "car"), ("sun", "car"), ("caltech", "dog"), ("labelme", "dog"), ("sun", "chair")}
     assert len(vlcs.samples) == 6
     cifar = load_image_folder(out / "cifar10", ["cats", "dogs"])
-    assert sorted(vlcs.labels) and {s.path.parent.name for s in cifar.samples} == {"cat", "dog"}
+    assert vlcs.labels == ["car", "dog", "chair"] and cifar.labels == ["cats", "dogs"]
+    assert {s.path.parent.name for s in cifar.samples} == {"cat", "dog"}
+    assert {s.label for s in cifar.samples} == {0, 1}
     assert (out / "imagenet" / "class1" / "00.jpg").is_file()
     assert (out / "pacs" / "sketch" / "dog" / "h.jpg").read_bytes() == _png(7)

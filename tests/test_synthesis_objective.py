@@ -117,7 +117,7 @@ def test_make_with_an_ensemble_and_the_adversarial_term(tmp_path):
     run = tmp_path / "ens"
     judge = json.loads((run / "judge.json").read_text())
     assert judge["judge"] == "efficientnet-lite2" and judge["images"] == 8
-    assert json.loads((run / "report.json").read_text())["deployable"]
+    _assert_ships_a_model(run)
 
 
 # --- amortised synthesis: a generator trained on the same objective -----------------------------
@@ -194,4 +194,14 @@ def test_generator_with_a_clip_teacher_conditions_on_text_embeddings(tiny_clip, 
     assert main(args) == 0
     g = torch.load(tmp_path / "clipgen" / "generator.pt", weights_only=False)
     assert g["step"] == 2 and g["model"]["embed.weight"].dim() == 2 and "embed.bias" in g["model"]   # a Linear
-    assert json.loads((tmp_path / "clipgen" / "report.json").read_text())["deployable"]
+    _assert_ships_a_model(tmp_path / "clipgen")
+
+
+def _assert_ships_a_model(run):
+    """The deployable file is one of the measured variants, eligible, on disk and loadable."""
+    from runtime import Classifier
+    report = json.loads((run / "report.json").read_text())
+    rows = {r["file"]: r for r in report["export"]["variants"].values()}
+    assert report["deployable"] in rows and rows[report["deployable"]]["eligible"] is True
+    assert (run / report["deployable"]).is_file()
+    assert Classifier.load(run).path == run / report["deployable"]
