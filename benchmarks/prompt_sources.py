@@ -122,7 +122,7 @@ def train_and_score(args, rec, concepts, source: str) -> dict:
     run = args.out / source
     r = dataclasses.replace(rec, prompts=dataclasses.replace(rec.prompts, source=source))
     make(run, r, concepts, exist_ok=False)
-    clf = Classifier.load(run)
+    clf = Classifier.load(run, exact=True)
     data = load_image_folder(args.data, clf.labels, read_labels_map(args.labels_map))
     return evaluate(runtime_predictor(clf), data)
 

@@ -191,7 +191,7 @@ def correct_vectors(run: Path, data, cache: Path) -> dict[str, np.ndarray]:
     def predict(fn):
         return np.concatenate([fn(paths[i:i + 32]) for i in range(0, len(paths), 32)]).argmax(1) == truth
 
-    out = {"student": predict(runtime_predictor(Classifier.load(run)))}
+    out = {"student": predict(runtime_predictor(Classifier.load(run, exact=True)))}
     r = Run(run, device="cpu")   # the run's teacher, built as the pipeline builds it
     cache.mkdir(parents=True, exist_ok=True)
     for key, file, make in (

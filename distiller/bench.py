@@ -184,3 +184,32 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
     lat = timed(lambda: sess.run(None, {"images": x}), runs, warmup)
     return {"file": str(onnx_path), "model": r.recipe.teacher.model, "input_size": teacher.input_size, "size_mb": _size_mb(onnx_path),
             "latency_ms": latency_stats(lat)}
+
+
+def end_to_end(model: Path, folder: Path, threads=None, batch: int = 32, workers: int | None = None) -> dict:
+    """Images per second of ``classify_iter`` over every image under ``folder`` (decode, resize, model:
+    what an app sees), beside the model alone on the same preprocessed batch size."""
+    import time
+
+    from runtime.preprocess import list_images
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--e2e {folder}: not a folder of images")
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"--e2e {folder}: no images in it (jpg, png, webp, bmp, tiff, gif)")
+    clf = Classifier.load(model, threads=threads)
+    workers = workers or min(4, physical_cores())
+    list(clf.classify_iter(paths[:batch], top_k=1, batch_size=batch, workers=workers, errors="return"))   # warm-up
+    t0 = time.perf_counter()
+    results = list(clf.classify_iter(paths, top_k=1, batch_size=batch, workers=workers, errors="return"))
+    seconds = time.perf_counter() - t0
+    skipped = sum(isinstance(r, UserError) for r in results)
+    x = next((clf.prepare(p)[None] for p, r in zip(paths, results) if not isinstance(r, UserError)), None)
+    if x is None:
+        raise UserError(f"--e2e {folder}: none of its images could be read")
+    xb = np.repeat(x, batch, axis=0)
+    model_s = float(np.median(timed(lambda: clf.logits(xb), 5, 1))) / 1e3
+    return {"folder": str(folder), "model": str(clf.path), "images": len(paths), "skipped": skipped, "batch": batch,
+            "workers": workers, "e2e_ips": len(paths) / seconds, "ms_per_image": 1e3 * seconds / len(paths),
+            "model_ips": batch / model_s}

@@ -238,7 +238,7 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
     from runtime import Classifier
     path = Path(path)
     files, notes = run_variants(path) if path.is_dir() else ([path], [])
-    clfs = {str(f.relative_to(path) if path.is_dir() else f): Classifier.load(f) for f in files}
+    clfs = {str(f.relative_to(path) if path.is_dir() else f): Classifier.load(f, exact=True) for f in files}
     dataset = load_image_folder(data, next(iter(clfs.values())).labels, labels_map)
     results = {name: evaluate(runtime_predictor(c), dataset) for name, c in clfs.items()}
     if not path.is_dir() or not (teacher or baseline):

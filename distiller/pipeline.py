@@ -120,25 +120,37 @@ def has_work(paths: RunPaths) -> bool:
     return any((paths.root / w).exists() for w in WORK) or bool(Bank(paths.bank).complete())
 
 
+def run_state(root: Path, recipe: Recipe, concepts: list[Concept], exist_ok: bool = False) -> str:
+    """What ``init_run`` will do with ``root``, decided without writing: "new" (no folder, or an empty one),
+    "resume" (same recipe and classes, unfinished), or "restart" (``exist_ok``, or a folder no stage got
+    anywhere in: a start that failed). Raises the user's error for a finished or different run."""
+    paths = RunPaths(root)
+    if not paths.root.exists() or not any(paths.root.iterdir()):
+        return "new"
+    same = (paths.recipe.exists() and paths.concepts.exists()
+            and paths.recipe.read_text() == recipe.to_toml() and _same_concepts(paths, concepts))
+    finished = paths.report.exists()
+    if (exist_ok and (finished or not same)) or (not same and not has_work(paths)):
+        return "restart"
+    if finished:
+        raise UserError(f"run {root} already exists and is finished: choose another --name, or pass --exist-ok to overwrite it")
+    if not same:
+        raise UserError(f"run {root} exists with other classes or settings: choose another --name, or pass --exist-ok to start it over")
+    return "resume"
+
+
 def init_run(root: Path, recipe: Recipe, concepts: list[Concept], exist_ok: bool = False,
              reporter: Reporter | None = None) -> Path:
     """Create a run folder, or resume an unfinished one started with the same recipe and classes. A
     folder no stage got anywhere in (a start that failed) is started over with the new settings."""
     paths = RunPaths(root)
-    if paths.root.exists() and any(paths.root.iterdir()):
-        same = (paths.recipe.exists() and paths.concepts.exists()
-                and paths.recipe.read_text() == recipe.to_toml() and _same_concepts(paths, concepts))
-        finished = paths.report.exists()
-        if (exist_ok and (finished or not same)) or (not same and not has_work(paths)):
-            if not exist_ok and reporter is not None:
-                reporter.log(f"{root}: no stage had finished anything; starting it over with these settings")
-            shutil.rmtree(paths.root)
-        elif finished:
-            raise UserError(f"run {root} already exists and is finished: choose another --name, or pass --exist-ok to overwrite it")
-        elif not same:
-            raise UserError(f"run {root} exists with other classes or settings: choose another --name, or pass --exist-ok to start it over")
-        else:
-            return paths.root  # resume
+    state = run_state(root, recipe, concepts, exist_ok)
+    if state == "resume":
+        return paths.root
+    if state == "restart":
+        if not exist_ok and reporter is not None:
+            reporter.log(f"{root}: no stage had finished anything; starting it over with these settings")
+        shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)
     save_concepts(concepts, paths.concepts)
     write_text(paths.recipe, recipe.to_toml())
@@ -248,7 +260,8 @@ def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Repor
     from .plan import confirm_plan
     from .stages import STAGES, read_report
     preflight(recipe, concepts, offline)
-    teacher = confirm_plan(run_dir, recipe, concepts, reporter or Reporter(), yes, offline)
+    resume = run_state(run_dir, recipe, concepts, exist_ok) == "resume"   # a finished run is refused here, early
+    teacher = confirm_plan(run_dir if resume else None, recipe, concepts, reporter or Reporter(), yes, offline)
     init_run(run_dir, recipe, concepts, exist_ok, reporter)
     run = Run(run_dir, reporter, offline=offline, teacher=teacher)
     run_stages(run, STAGES)

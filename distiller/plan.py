@@ -59,16 +59,17 @@ def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, s
     return Estimate(images, shards, total, per_step)
 
 
-def confirm_plan(run_dir, recipe, concepts, reporter: Reporter, yes: bool, offline: bool = False):
+def confirm_plan(resumed, recipe, concepts, reporter: Reporter, yes: bool, offline: bool = False):
     """Before anything is written: print the planned images and the measured time estimate; above
-    ``synthesis.confirm_above`` images stop (exit 2) unless ``yes``. Returns the teacher it built (the
-    run reuses it), or None when the bank is already complete."""
+    ``synthesis.confirm_above`` images stop (exit 2) unless ``yes``. ``resumed`` is the run folder being
+    resumed, or None. Returns the teacher it built (the run reuses it), or None when the resumed run's
+    bank is already complete (nothing left to plan)."""
     from .bank import Bank
     from .pipeline import resolve_device
     from .runfolder import RunPaths
-    if Bank(RunPaths(run_dir).bank).is_complete():
-        return None
     from .teachers import build_teacher
+    if resumed is not None and Bank(RunPaths(resumed).bank).is_complete():
+        return None
     device = resolve_device(recipe.device)
     teacher = build_teacher(recipe.teacher, concepts, device, offline)
     est = estimate_synthesis(recipe, concepts, teacher, device, offline)
@@ -78,5 +79,3 @@ def confirm_plan(run_dir, recipe, concepts, reporter: Reporter, yes: bool, offli
                         f"pass --yes to start, or lower synthesis.images_per_class")
     reporter.log("plan: " + est.line(recipe.synthesis.steps))
     return teacher
-
-

@@ -61,3 +61,17 @@ def test_error_text_with_brackets_is_printed_verbatim(capsys):
     # rich markup must not eat "[...]" in our messages (e.g. pip extras)
     assert main(["predict", "/no/such/model[train].onnx", "x.png"]) == 2
     assert "model[train].onnx" in capsys.readouterr().err
+
+
+def test_help_shows_no_type_beside_flags(capsys):
+    assert main(["make", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--exist-ok" in out and "--yes" in out and "--verbose" in out
+    assert "<bool>" not in out, [ln for ln in out.splitlines() if "<bool>" in ln]
+    assert "<int>" in out   # options that take a value still show its type
+
+
+def test_usage_errors_are_one_line_with_exit_2(capsys):
+    assert main(["make", "--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and "--no-such-flag" in err, err

@@ -50,7 +50,7 @@ def test_every_registered_variant_has_a_distinct_file():
 
 
 def _copy_run(smoke_run, dst, **export):
-    import tomllib
+    from distiller.recipe import tomllib
 
     import tomli_w
     for item in ("recipe.toml", "concepts.json", "bank", "checkpoints"):

@@ -1,7 +1,7 @@
 """Recipes (typed TOML, overrides, written back) and concept parsing."""
 from __future__ import annotations
 
-import tomllib
+from distiller.recipe import tomllib
 
 import pytest
 

@@ -84,8 +84,10 @@ def test_unreadable_images_raise_user_error(tmp_path):
         load_image(bad)
     with pytest.raises(UserError, match="no such image file"):
         load_image(tmp_path / "missing.png")
-    with pytest.raises(UserError, match="uint8"):
-        load_image(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(UserError, match="uint8, uint16 or float"):
+        load_image(np.zeros((4, 4, 3), np.int64))
+    with pytest.raises(UserError, match="HxW or HxWxC"):
+        load_image(np.zeros((4, 4, 2), np.uint8))
 
 
 def test_metadata_json_round_trip_and_versioning():

@@ -38,34 +38,47 @@ def predict(
     model: str = typer.Argument(..., help="A model file (.onnx, .xml) or a run folder."),
     images: List[str] = typer.Argument(..., help="Image files, folders or globs."),
     top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="How many labels to show per image."),
-    as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout, one per image."),
+    as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout, one per image, streamed as they come."),
     backend: str = typer.Option("auto", help="auto, onnxruntime or openvino."),
     threads: Optional[int] = typer.Option(None, min=1, help="Inference threads; default: physical cores."),
+    batch: int = typer.Option(16, min=1, help="Images per model call."),
+    exact: bool = typer.Option(False, "--exact", help="The exact torchvision-equivalent preprocessing (no JPEG draft decoding)."),
 ):
-    """Classify images with an exported model."""
+    """Classify images with an exported model (any number: streamed in bounded memory)."""
+    from contextlib import nullcontext
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from runtime import Classifier
-    clf = Classifier.load(model, backend=backend, threads=threads)
+    clf = Classifier.load(model, backend=backend, threads=threads, exact=exact)
     paths = expand_images(images)
     table = Table(title=f"{clf.path} ({clf.backend})", title_justify="left")
     for c in ("image", "label", "probability"):
         table.add_column(c)
     failed = 0
-    for p in paths:
-        try:
-            result = clf.classify(p, top_k=top_k)
-        except UserError as exc:
-            failed += 1
-            err.print(f"[yellow]skipped[/yellow] {escape(str(exc))}", highlight=False)
-            continue
-        if as_json:
-            sys.stdout.write(json.dumps({"image": str(p), "top": [{"label": lab, "probability": round(pr, 6)} for lab, pr in result]}) + "\n")
-        else:
-            table.add_row(str(p), result[0][0], f"{result[0][1]:.3f}",
-                          end_section=False)
-            for lab, pr in result[1:]:
-                table.add_row("", f"[dim]{lab}[/dim]", f"[dim]{pr:.3f}[/dim]")
+    bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err,
+                   transient=True) if err.is_terminal else nullcontext()
+    with bar:
+        task = bar.add_task("predict", total=len(paths)) if err.is_terminal else None
+        for p, result in zip(paths, clf.classify_iter(paths, top_k=top_k, batch_size=batch, errors="return")):
+            if task is not None:
+                bar.advance(task)
+            if isinstance(result, UserError):
+                failed += 1
+                err.print(f"[yellow]skipped[/yellow] {escape(str(result))}", highlight=False)
+                continue
+            if as_json:
+                sys.stdout.write(json.dumps({"image": str(p), "top": [{"label": lab, "probability": round(pr, 6)}
+                                                                      for lab, pr in result]}) + "\n")
+                sys.stdout.flush()
+            else:
+                table.add_row(str(p), result[0][0], f"{result[0][1]:.3f}", end_section=False)
+                for lab, pr in result[1:]:
+                    table.add_row("", f"[dim]{lab}[/dim]", f"[dim]{pr:.3f}[/dim]")
     if not as_json:
         console.print(table)
+    if failed:
+        err.print(f"[yellow]{failed} of {len(paths)} images skipped[/yellow] (reasons above)", highlight=False)
     if failed == len(paths):
         raise UserError("none of the images could be read")
 
@@ -105,6 +118,8 @@ def bench(
     warmup: int = typer.Option(10, min=0, help="Untimed runs first."),
     batch: int = typer.Option(32, min=1, help="Batch size for the throughput figure."),
     include_preprocess: bool = typer.Option(False, "--include-preprocess", help="Time the whole classify() call on a 224 px image."),
+    e2e: Optional[Path] = typer.Option(None, "--e2e", help="A folder of your own images: end-to-end images per second "
+                                       "(decode, resize, model) beside the model-only figure."),
     teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="For a run: also time the teacher's image tower (ONNX FP32)."),
     select: bool = typer.Option(False, "--select", help="For a run: rewrite report.json's deployable variant for this machine."),
     as_json: bool = typer.Option(False, "--json"),
@@ -128,6 +143,10 @@ def bench(
     if select:
         report = select_for_device(first, result)
         result["deployable"] = report["deployable"]
+    if e2e is not None:
+        from ..bench import end_to_end
+        target = first if is_run else paths[models[0]]
+        result["e2e"] = end_to_end(target, e2e, threads, batch)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -136,6 +155,12 @@ def bench(
         err.print(f"[yellow]skipped[/yellow] {escape(name)}: {escape(why)}", highlight=False)
     if result.get("deployable"):
         console.print(f"deployable on this machine: [bold]{result['deployable']}[/bold] (report.json updated)")
+    if result.get("e2e"):
+        e = result["e2e"]
+        console.print(f"end to end on {e['images']} images from {escape(e['folder'])} ({escape(e['model'])}): "
+                      f"[bold]{e['e2e_ips']:.1f} img/s[/bold] ({e['ms_per_image']:.2f} ms per image: decode, resize, model; "
+                      f"batch {e['batch']}, {e['workers']} decode threads); model only: {e['model_ips']:.1f} img/s"
+                      + (f"; {e['skipped']} unreadable skipped" if e["skipped"] else ""))
 
 
 def _images_for(paths: dict) -> list:
