@@ -27,8 +27,12 @@ def _one_line_exit_2(args, capsys, expect: str) -> str:
     return err
 
 
-def _make(tiny_clip, out: Path, *extra: str) -> list[str]:
-    return smoke_args(tiny_clip, out, "bad", *extra)
+def _make(tiny_clip, out: Path, *extra: str, **replace: str) -> list[str]:
+    """The smoke make of a run named "bad" under ``out``, with flags replaced (``classes="a,b"``)."""
+    args = smoke_args(tiny_clip, out, "bad", *extra)
+    for flag, value in replace.items():
+        args[args.index("--" + flag) + 1] = value
+    return args
 
 
 def _nothing_written(out: Path) -> None:
@@ -92,9 +96,7 @@ def test_name_stays_inside_out(tiny_clip, tmp_path, capsys):
 ])
 def test_invisible_and_control_characters_in_labels(tiny_clip, tmp_path, capsys, classes, expect):
     out = tmp_path / "runs"
-    args = _make(tiny_clip, out)
-    args[args.index("--classes") + 1] = classes
-    err = _one_line_exit_2(args, capsys, expect)
+    err = _one_line_exit_2(_make(tiny_clip, out, classes=classes), capsys, expect)
     assert "\x1b" not in err and "\u200b" not in err
     _nothing_written(out)
 
@@ -119,9 +121,7 @@ def test_malformed_teacher_config(tiny_clip, tmp_path, capsys, content, expect):
     cfg = tmp_path / "broken.json"
     cfg.write_text(content)
     out = tmp_path / "runs"
-    args = _make(tiny_clip, out)
-    args[args.index("--teacher") + 1] = str(cfg)
-    _one_line_exit_2(args, capsys, expect)
+    _one_line_exit_2(_make(tiny_clip, out, teacher=str(cfg)), capsys, expect)
     _nothing_written(out)
 
 
@@ -136,18 +136,15 @@ def test_unreadable_pretrained_file(tiny_clip, tmp_path, capsys, kind):
         data = tiny_clip[1].read_bytes()
         weights.write_bytes(data[: len(data) // 2])
     out = tmp_path / "runs"
-    args = _make(tiny_clip, out)
-    args[args.index("--pretrained") + 1] = str(weights)
-    err = _one_line_exit_2(args, capsys, f"teacher weights file {weights} cannot be read")
+    err = _one_line_exit_2(_make(tiny_clip, out, pretrained=str(weights)), capsys, f"teacher weights file {weights} cannot be read")
     assert err.rstrip().endswith("with --pretrained")   # a whole sentence, not one cut off
     _nothing_written(out)
 
 
 def test_huge_class_list_stops_with_an_estimate_unless_yes(tiny_clip, tmp_path, capsys):
     out = tmp_path / "runs"
-    args = _make(tiny_clip, out)
-    args[args.index("--classes") + 1] = ",".join(f"thing{i}" for i in range(1000))
-    err = _one_line_exit_2(args, capsys, "48000 surrogate images in 4000 shards x 10 steps: about")
+    err = _one_line_exit_2(_make(tiny_clip, out, classes=",".join(f"thing{i}" for i in range(1000))), capsys,
+                           "48000 surrogate images in 4000 shards x 10 steps: about")
     assert "of synthesis on this machine" in err and "synthesis.confirm_above = 20000" in err and "--yes" in err
     _nothing_written(out)
 
