@@ -139,9 +139,10 @@ def select_for_device(run: Path, result: dict) -> dict:
     return report
 
 
-def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int | None = None) -> dict | None:
+def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int | None = None, keep: bool = True) -> dict | None:
     """The teacher's image tower exported to ONNX FP32 and timed like the students (needs torch).
-    ``input_size`` (ImageNet teachers; 0: the network's own size) times it at another size than the run's."""
+    ``input_size`` (ImageNet teachers; 0: the network's own size) times it at another size than the run's.
+    ``keep``: leave the ONNX file in the run folder for the next bench (a CLIP tower is hundreds of MB)."""
     try:
         import torch
     except ImportError:
@@ -157,7 +158,8 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
         from .teachers import build_teacher
         teacher = build_teacher(dataclasses.replace(r.recipe.teacher, input_size=input_size), r.concepts)
         onnx_path = run / f"teacher_image_{teacher.input_size}.onnx"
-    if not onnx_path.exists():
+    created = not onnx_path.exists()
+    if created:
 
         class Tower(torch.nn.Module):
             def __init__(self, t):
@@ -182,7 +184,11 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
     sess = onnx_session(onnx_path, threads)
     x = np.random.default_rng(0).random((1, 3, teacher.input_size, teacher.input_size), dtype=np.float32)
     lat = timed(lambda: sess.run(None, {"images": x}), runs, warmup)
-    return {"file": str(onnx_path), "model": r.recipe.teacher.model, "input_size": teacher.input_size, "size_mb": _size_mb(onnx_path),
+    size = _size_mb(onnx_path)
+    if created and not keep:
+        del sess
+        onnx_path.unlink()
+    return {"file": str(onnx_path), "model": r.recipe.teacher.model, "input_size": teacher.input_size, "size_mb": size,
             "latency_ms": latency_stats(lat)}
 
 

@@ -137,10 +137,13 @@ def score(pred: np.ndarray, truth: np.ndarray, domains: list[str]) -> list[dict]
         p, t = pred[m], truth[m]
         n = int(m.sum())
         correct = int((p == t).sum())
-        recalls = [float((p[t == c] == c).mean()) for c in np.unique(t)]
+        per_class = {int(c): (int((p[t == c] == c).sum()), int((t == c).sum())) for c in np.unique(t)}
+        recalls = [hit / total for hit, total in per_class.values()]
         bal = float(np.mean(recalls)) if recalls else 0.0
         rows.append({"domain": d, "n": n, "classes": len(recalls), "accuracy": correct / max(n, 1),
-                     "accuracy_ci": wilson(correct, n), "balanced_accuracy": bal, "balanced_ci": wilson(bal * n, n)})
+                     "accuracy_ci": wilson(correct, n), "balanced_accuracy": bal, "balanced_ci": wilson(bal * n, n),
+                     "per_class": {str(c): {"recall": hit / total, "n": total, "ci": wilson(hit, total)}
+                                   for c, (hit, total) in per_class.items()}})
     return rows
 
 
@@ -259,3 +262,28 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
         else:
             results[f"free baseline ({FREE_BASELINE[0]} head @ {FREE_BASELINE[1]}px)"] = evaluate(pred, dataset)
     return dataset, results, notes
+
+
+def content_hash(dataset: Dataset) -> str:
+    """sha256 over every scored file's relative path and bytes: which images an eval saw, exactly."""
+    import hashlib
+    h = hashlib.sha256()
+    for sample in sorted(dataset.samples, key=lambda x: str(x.path)):
+        h.update(str(sample.path.relative_to(dataset.root)).encode() + b"\0")
+        h.update(hashlib.sha256(sample.path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def save_eval(run: Path, dataset: Dataset, results: dict, notes: list[str]) -> Path:
+    """``eval.json`` in the run folder (read by ``distiller report``): the data folder, its content hash,
+    the labels and every model's per-domain, per-class scores. A later eval on other data replaces it."""
+    from datetime import datetime, timezone
+
+    from .atomic import write_json
+    from .runfolder import RunPaths
+    path = RunPaths(run).eval
+    write_json(path, {"data": str(Path(dataset.root).resolve()), "content_hash": content_hash(dataset),
+                      "images": len(dataset.samples), "labels": dataset.labels, "domains": dataset.domains,
+                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results,
+                      "notes": notes})
+    return path

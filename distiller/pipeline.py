@@ -69,6 +69,18 @@ class Run:
             save_torch(self._teacher.text.cpu(), self.paths.text_embeddings)
         return self._teacher
 
+    def warn(self, message: str) -> None:
+        """Print a warning and keep it in warnings.json (report.html lists every warning the run printed)."""
+        self.reporter.warn(message)
+        p = self.paths.warnings
+        seen = json.loads(p.read_text()) if p.exists() else []
+        if message not in seen:
+            write_json(p, seen + [message])
+
+    def warnings(self) -> list[str]:
+        p = self.paths.warnings
+        return json.loads(p.read_text()) if p.exists() else []
+
     def autocast(self):
         if self.device != "cuda":
             return None

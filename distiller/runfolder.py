@@ -23,3 +23,7 @@ class RunPaths:
     judge = property(lambda s: s.root / "judge.json")
     teacher = property(lambda s: s.root / "teacher.json")
     generator = property(lambda s: s.root / "generator.pt")   # synthesis.generator_steps > 0
+    warnings = property(lambda s: s.root / "warnings.json")   # every warning the run printed
+    eval = property(lambda s: s.root / "eval.json")           # `distiller eval RUN --data DIR`, saved
+    teacher_latency = property(lambda s: s.root / "teacher_latency.json")
+    html = property(lambda s: s.root / "report.html")

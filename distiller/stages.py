@@ -155,9 +155,9 @@ class SynthesizeStage:
         teacher = run.teacher()
         write_json(run.paths.teacher, teacher.describe())
         for note in teacher.warnings():
-            run.reporter.warn(note)
+            run.warn(note)
         if run.device == "cpu" and teacher.text_tower is not None and rec.teacher.model == "ViT-B-32":
-            run.reporter.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
+            run.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
         source = prompt_source(run)
         plan = bank_plan(run, source.style_names, _resolution(run))
         torch.manual_seed(rec.seed)
@@ -211,7 +211,7 @@ class JudgeStage:
         write_json(run.paths.judge, result)
         for label, a in per.items():
             if a < rec.teacher.judge_min:
-                run.reporter.warn(f"{label}: the held-out judge {cfg.model} sees it in only {100 * a:.0f}% of its surrogate "
+                run.warn(f"{label}: the held-out judge {cfg.model} sees it in only {100 * a:.0f}% of its surrogate "
                                   f"images: they may not transfer; the student can fail on real {label}")
         progress()
 
@@ -320,7 +320,7 @@ class ExportStage:
                             min_speedup=rec.export.min_speedup)
         result["fidelity_images"] = len(val)
         for note in result["notes"]:
-            run.reporter.warn(note)
+            run.warn(note)
         write_json(run.paths.export, result)
 
     @staticmethod
@@ -369,6 +369,38 @@ class ReportStage:
         progress()
 
 
+class HtmlReportStage:
+    """``report.html``: the page a user looks at (``report_html``); the teacher is timed once for it."""
+    name = "report.html"
+
+    def done(self, run: Run) -> bool:
+        return run.paths.html.exists()
+
+    def work(self, run: Run) -> int:
+        return 1
+
+    def describe(self, run: Run) -> str:
+        return "report.html"
+
+    def run(self, run: Run, progress: Progress) -> None:
+        write_html(run)
+        progress()
+
+
+def teacher_latency(run: Run) -> dict | None:
+    """The teacher's image tower, exported to ONNX FP32 and timed at batch 1 once (teacher_latency.json)."""
+    p = run.paths.teacher_latency
+    if not p.exists():
+        from .bench import teacher_baseline
+        write_json(p, teacher_baseline(run.paths.root, keep=False))
+    return json.loads(p.read_text())
+
+
+def write_html(run: Run) -> None:
+    from .report_html import render
+    write_bytes(run.paths.html, render(run, teacher_latency(run)).encode())
+
+
 def read_report(run: Run) -> dict:
     return read_report_file(run.paths.root)
 
@@ -381,6 +413,6 @@ def export_run(run: Run) -> dict:
 
 
 STAGES: tuple[Stage, ...] = (PromptsStage(), GeneratorStage(), SynthesizeStage(), JudgeStage(), DistillStage(),
-                             ExportStage(), ReportStage())
+                             ExportStage(), ReportStage(), HtmlReportStage())
 SYNTHESIS_STAGES = STAGES[:3]
 EXPORT_STAGES = STAGES[5:]

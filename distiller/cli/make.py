@@ -103,7 +103,8 @@ def _summary(run_dir: Path, report: dict, seconds: float) -> None:
             + (f"  ([bold red]below {100 * j['min']:.0f}%: may not transfer[/bold red])" if low else ""))
     t = report.get("timings_s", {})
     console.print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()) + f"; this call {seconds:.0f}s")
-    console.print(f"ship [bold]{run_dir / report['deployable']}[/bold] (report: {run_dir / 'report.json'})")
+    console.print(f"report [bold]{run_dir / 'report.html'}[/bold] (open it in a browser: images, plots, every variant)")
+    console.print(f"ship [bold]{run_dir / report['deployable']}[/bold] (all numbers: {run_dir / 'report.json'})")
     console.print("next:\n"
                   f"  distiller predict {run_dir} IMAGE...\n"
                   f"  distiller eval {run_dir} --data DIR\n"
@@ -141,3 +142,21 @@ def export(run: Path = RUN_ARG, quiet: bool = typer.Option(False, "--quiet", "-q
     t0 = time.perf_counter()
     report = export_run(_run(run, "cpu", quiet=quiet, verbose=verbose))
     _summary(run, report, time.perf_counter() - t0)
+
+
+@app.command()
+def report(run: Path = RUN_ARG, open_: bool = typer.Option(False, "--open", help="Open report.html in a browser where there is one.")):
+    """Write a run's report.html again (picks up `distiller eval` results saved since)."""
+    from ..pipeline import Run
+    from ..stages import write_html
+    r = Run(run, device="cpu")
+    write_html(r)
+    console.print(f"report [bold]{r.paths.html}[/bold] ({r.paths.html.stat().st_size / 1e6:.2f} MB)")
+    if open_:
+        import webbrowser
+        try:
+            webbrowser.get()
+        except webbrowser.Error:
+            err.print("no browser found here: open the file on a machine with one (it is self-contained)")
+            return
+        webbrowser.open(r.paths.html.resolve().as_uri())

@@ -95,8 +95,10 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Accuracy on real labelled images, per domain, with Wilson 95% intervals."""
-    from ..evaluation import evaluate_models, read_labels_map
+    from ..evaluation import evaluate_models, read_labels_map, save_eval
     dataset, results, notes = evaluate_models(Path(model), data, read_labels_map(labels_map), teacher, baseline, offline)
+    if Path(model).is_dir():   # a run folder keeps its latest eval for `distiller report`
+        save_eval(Path(model), dataset, results, notes)
     if as_json:
         sys.stdout.write(json.dumps({"data": str(data), "labels": dataset.labels, "results": results}) + "\n")
         return
