@@ -239,13 +239,14 @@ def render(run, teacher_latency: dict | None = None) -> str:
         for m, res in ev["results"].items():
             for r in res["rows"]:
                 lo, hi = r["balanced_ci"]
-                per = ", ".join(f"{labels[int(c)]} {100 * v['recall']:.0f}% ({v['n']})" for c, v in r.get("per_class", {}).items())
+                per = ", ".join(f"{labels[int(c)]} {100 * v['recall']:.0f}% [{100 * v['ci'][0]:.0f}, {100 * v['ci'][1]:.0f}] "
+                                f"(n {v['n']})" for c, v in r.get("per_class", {}).items())
                 table.append([_e(m), _e(r["domain"]), str(r["n"]), f"{100 * r['balanced_accuracy']:.1f} [{100 * lo:.1f}, "
                               f"{100 * hi:.1f}]", _e(per)])
         parts.append("<section><h2>Accuracy on real images</h2>" + f"<p class=meta>{_e(ev['data'])}: {ev['images']} images, "
                      f"content sha256 {_e(ev['content_hash'][:16])}..., scored {_e(ev['date'])}</p>"
                      + _img(_accuracy_chart(ev), "image/png", "balanced accuracy per domain")
-                     + _table(["model", "domain", "n", "balanced [95% CI]", "recall per class (n)"], table) + "</section>")
+                     + _table(["model", "domain", "n", "balanced [95% CI]", "recall per class [95% CI]"], table) + "</section>")
 
     # timings and the recipe
     t = report.get("timings_s", {})

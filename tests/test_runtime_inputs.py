@@ -1,7 +1,6 @@
 """The runtime in apps: every input an app has, the fast path, streaming, threads and hostile images."""
 from __future__ import annotations
 
-import io
 import struct
 import threading
 import zlib
