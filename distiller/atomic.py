@@ -93,6 +93,12 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike, default=None):
+    """A run-folder JSON file, or ``default`` where it has not been written yet."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else default
+
+
 def save_torch(obj, path: str | os.PathLike) -> None:
     import torch
     with atomic_path(path) as tmp:

@@ -7,7 +7,6 @@ run on its own (``distiller synthesize|distill|export RUN``) and skips what is a
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from runtime.errors import UserError
 
-from .atomic import load_torch, save_torch, write_json, write_text
+from .atomic import load_torch, read_json, save_torch, write_json, write_text
 from .concepts import Concept, load_concepts, save_concepts
 from .recipe import Recipe, recipe_from_dict, tomllib
 from .runfolder import RunPaths
@@ -72,14 +71,12 @@ class Run:
     def warn(self, message: str) -> None:
         """Print a warning and keep it in warnings.json (report.html lists every warning the run printed)."""
         self.reporter.warn(message)
-        p = self.paths.warnings
-        seen = json.loads(p.read_text()) if p.exists() else []
+        seen = self.warnings()
         if message not in seen:
-            write_json(p, seen + [message])
+            write_json(self.paths.warnings, seen + [message])
 
     def warnings(self) -> list[str]:
-        p = self.paths.warnings
-        return json.loads(p.read_text()) if p.exists() else []
+        return read_json(self.paths.warnings, [])
 
     def autocast(self):
         if self.device != "cuda":
@@ -97,10 +94,9 @@ class Run:
         def tick(force: bool = False) -> None:
             now = time.perf_counter()
             if force or now - last[1] >= every_s:
-                p = self.paths.timings
-                t = json.loads(p.read_text()) if p.exists() else {}
+                t = self.timings()
                 t[stage] = round(t.get(stage, 0.0) + now - last[0], 2)
-                write_json(p, t)
+                write_json(self.paths.timings, t)
                 last[0] = last[1] = now
         try:
             yield tick
@@ -108,8 +104,7 @@ class Run:
             tick(force=True)
 
     def timings(self) -> dict:
-        p = self.paths.timings
-        return json.loads(p.read_text()) if p.exists() else {}
+        return read_json(self.paths.timings, {})
 
 
 def resolve_device(device: str) -> str:

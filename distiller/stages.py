@@ -16,7 +16,7 @@ from runtime.classifier import read_report as read_report_file
 from runtime.errors import UserError
 
 from . import __version__
-from .atomic import write_bytes, write_json
+from .atomic import read_json, write_bytes, write_json
 from .pipeline import Run, synthesis_networks
 
 Progress = Callable[..., None]
@@ -120,15 +120,25 @@ class GeneratorStage:
     def run(self, run: Run, progress: Progress) -> None:
         from .generator import trained_steps
         progress(trained_steps(run.paths.generator))
-        self.generator(run, on_step=lambda step, loss: progress())
+        source, objective = synthesis_inputs(run)
+        self.generator(run, source, objective, on_step=lambda step, loss: progress())
 
     @staticmethod
-    def generator(run: Run, on_step=None):
+    def generator(run: Run, source, objective, on_step=None):
+        """Train the generator (or resume it, or load it when trained) on ``objective``'s loss."""
         from .generator import train_generator
-        rec, source = run.recipe, prompt_source(run)
-        objective = synthesis_objective(rec, run.concepts, run.teacher(), run.device, run.offline)
+        rec = run.recipe
         return train_generator(objective, source, len(run.labels), len(source.style_names), rec.synthesis,
                                _resolution(run), run.paths.generator, rec.seed, run.device, on_step=on_step)
+
+
+def synthesis_inputs(run: Run):
+    """(prompt source, objective): what synthesis and the generator optimise, built once per stage. The
+    global seed is set first, as the objective's competitor student is created from it."""
+    import torch
+    source = prompt_source(run)
+    torch.manual_seed(run.recipe.seed)
+    return source, synthesis_objective(run.recipe, run.concepts, run.teacher(), run.device, run.offline)
 
 
 class SynthesizeStage:
@@ -148,8 +158,6 @@ class SynthesizeStage:
         return f"synthesis ({syn.images_per_class * len(run.labels)} images, {syn.steps} steps)"
 
     def run(self, run: Run, progress: Progress) -> None:
-        import torch
-
         from .bank import fill_bank
         rec, bank = run.recipe, _bank(run)
         teacher = run.teacher()
@@ -158,14 +166,12 @@ class SynthesizeStage:
             run.warn(note)
         if run.device == "cpu" and teacher.text_tower is not None and rec.teacher.model == "ViT-B-32":
             run.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
-        source = prompt_source(run)
+        source, objective = synthesis_inputs(run)
         plan = bank_plan(run, source.style_names, _resolution(run))
-        torch.manual_seed(rec.seed)
-        objective = synthesis_objective(rec, run.concepts, teacher, run.device, run.offline)
         produce = None
         if rec.synthesis.generator_steps:
             from .generator import sampler
-            produce = sampler(GeneratorStage.generator(run), objective, rec.synthesis, run.device)
+            produce = sampler(GeneratorStage.generator(run, source, objective), objective, rec.synthesis, run.device)
         progress(len(bank.complete()))
         fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(),
                   on_shard=lambda i, n: progress(), objective=objective, produce=produce)
@@ -217,7 +223,7 @@ class JudgeStage:
 
     @staticmethod
     def result(run: Run) -> dict | None:
-        return json.loads(run.paths.judge.read_text()) if run.paths.judge.exists() else None
+        return read_json(run.paths.judge, None)
 
 
 class DistillStage:
