@@ -4,7 +4,9 @@
     bank/shard_00000/images.npy   uint8 [N, H, W, 3]
                     logits.npy    float32 [N, K] teacher logits over the plain class embeddings
                     records.json  one record per image: index, class, label, style, seed, split
-    bank/manifest.jsonl           every record of every shard with its logits, written once the bank is complete
+    bank/real_00000/...           the user's own images (``--images``), labelled by the teacher (``images.py``)
+    bank/manifest.jsonl           every record of every shard with its logits (source surrogate | real, path,
+                                  sha256), written once the bank is complete and again once the real images are
 
 A shard is written into a temporary folder and renamed when complete, so a kill never leaves
 half a shard; resume counts the complete shards and continues with the next one. Each shard is
@@ -76,17 +78,63 @@ class BankPlan:
             )
 
 
-class Bank:
+class Shards:
+    """Atomic shards ``<prefix>NNNNN/`` (images.npy, logits.npy, records.json) in the bank folder: the
+    surrogate bank's (``shard_``) and the real images' (``real_``, ``images.RealImages``)."""
+    prefix = "shard_"
+
     def __init__(self, root: Path):
         self.root = Path(root)
 
     def shard_dir(self, i: int) -> Path:
-        return self.root / f"shard_{i:05d}"
+        return self.root / f"{self.prefix}{i:05d}"
 
     def complete(self) -> list[int]:
         if not self.root.is_dir():
             return []
-        return sorted(int(p.name[6:]) for p in self.root.glob("shard_[0-9]*") if p.is_dir())
+        n = len(self.prefix)
+        return sorted(int(p.name[n:]) for p in self.root.glob(f"{self.prefix}[0-9]*") if p.is_dir() and p.name[n:].isdigit())
+
+    def write_shard(self, i: int, images: np.ndarray, logits: np.ndarray, records: list[dict]) -> None:
+        """One complete shard, atomically: its images, the teacher's logits and its records."""
+        final = self.shard_dir(i)
+        remove(final)
+        with atomic_dir(final) as tmp:
+            np.save(tmp / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+            np.save(tmp / "logits.npy", np.ascontiguousarray(logits, dtype=np.float32))
+            (tmp / "records.json").write_text(json.dumps(records, indent=0) + "\n")
+
+    def records(self, shard: int) -> list[dict]:
+        return json.loads((self.shard_dir(shard) / "records.json").read_text())
+
+    def arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        d = self.shard_dir(shard)
+        return np.load(d / "images.npy"), np.load(d / "logits.npy")
+
+
+SHARD_PREFIXES = ("shard_", "real_")   # surrogate, real: the manifest lists both, in this order
+
+
+def image_sha256(image: np.ndarray) -> str:
+    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def write_manifest(root: Path) -> None:
+    """manifest.jsonl from every complete shard's own records (surrogate, then real), in shard order."""
+    lines = []
+    for prefix in SHARD_PREFIXES:
+        shards = Shards(root)
+        shards.prefix = prefix
+        for i in shards.complete():
+            _, logits = shards.arrays(i)
+            for rec, lg in zip(shards.records(i), logits):
+                lines.append(json.dumps({**rec, "logits": [round(float(v), 5) for v in lg]}))
+    write_text(Path(root) / "manifest.jsonl", "\n".join(lines) + "\n")
+
+
+class Bank(Shards):
+    """The surrogate bank: a plan and the shards that fill it."""
 
     def plan(self) -> BankPlan | None:
         p = self.root / "plan.json"
@@ -110,18 +158,6 @@ class Bank:
         if old is None:
             write_json(self.root / "plan.json", {**asdict(plan), "labels": list(plan.labels), "style_names": list(plan.style_names)})
 
-    def write_shard(self, i: int, images: np.ndarray, logits: np.ndarray, records: list[dict]) -> None:
-        """One complete shard, atomically: its images, the teacher's logits and its records."""
-        final = self.shard_dir(i)
-        remove(final)
-        with atomic_dir(final) as tmp:
-            np.save(tmp / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
-            np.save(tmp / "logits.npy", np.ascontiguousarray(logits, dtype=np.float32))
-            (tmp / "records.json").write_text(json.dumps(records, indent=0) + "\n")
-
-    def records(self, shard: int) -> list[dict]:
-        return json.loads((self.shard_dir(shard) / "records.json").read_text())
-
     def count(self, split: str | None = None) -> int:
         """Images the plan puts in ``split`` (train | val), or in the whole bank."""
         plan = self.plan()
@@ -130,13 +166,7 @@ class Bank:
         return sum(len(plan.indices(i)) for i in range(plan.num_shards) if split is None or plan.split(i) == split)
 
     def write_manifest(self) -> None:
-        """manifest.jsonl from the shards' own records, in shard order (once, when the bank is complete)."""
-        lines = []
-        for i in self.complete():
-            logits = np.load(self.shard_dir(i) / "logits.npy")
-            for rec, lg in zip(self.records(i), logits):
-                lines.append(json.dumps({**rec, "logits": [round(float(v), 5) for v in lg]}))
-        write_text(self.root / "manifest.jsonl", "\n".join(lines) + "\n")
+        write_manifest(self.root)
 
     def is_complete(self) -> bool:
         plan = self.plan()
@@ -151,8 +181,9 @@ class Bank:
         for i in self.complete():
             if split is not None and plan.split(i) != split:
                 continue
-            imgs.append(np.load(self.shard_dir(i) / "images.npy"))
-            logits.append(np.load(self.shard_dir(i) / "logits.npy"))
+            im, lg = self.arrays(i)
+            imgs.append(im)
+            logits.append(lg)
             recs += self.records(i)
         return np.concatenate(imgs), np.concatenate(logits), recs
 
@@ -207,10 +238,10 @@ def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", au
             images, loss = synthesize(objective or teacher, targets, cls, cfg, plan.resolution, gen, device, autocast, on_step)
         logits = teacher_logits(teacher, images, device=device)
         records = [
-            {"index": g, "shard": i, "class": int(c), "label": plan.labels[int(c)], "style": int(s),
+            {"index": g, "shard": i, "source": "surrogate", "class": int(c), "label": plan.labels[int(c)], "style": int(s),
              "style_name": plan.style_names[int(s)], "seed": seed, "split": plan.split(i),
-             "synthesis_loss": round(float(lo), 5)}
-            for g, c, s, lo in zip(idx, cls, sty, loss)
+             "synthesis_loss": round(float(lo), 5), "path": None, "sha256": image_sha256(im)}
+            for g, c, s, lo, im in zip(idx, cls, sty, loss, images.numpy())
         ]
         bank.write_shard(i, images.numpy(), logits.numpy(), records)
         if on_shard:

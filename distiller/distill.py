@@ -9,12 +9,15 @@ candidate too: ``epochs = 0`` ships a pretrained student as it starts (the free 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from runtime.errors import UserError
 
 from .atomic import load_torch, save_torch
 from .augment import random_views, resize_center
@@ -64,9 +67,58 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, n_train // max(1, min(batch_size, n_train)))
 
 
-def total_steps(bank, cfg) -> int:
-    """Optimiser steps the whole KD loop takes on this bank (the distill stage's progress total)."""
-    return cfg.epochs * steps_per_epoch(bank.count("train"), cfg.batch_size)
+def total_steps(n_train: int, cfg) -> int:
+    """Optimiser steps the whole KD loop takes on ``n_train`` images (the distill stage's progress total)."""
+    return cfg.epochs * steps_per_epoch(n_train, cfg.batch_size)
+
+
+@dataclass
+class TransferSet:
+    """What the student learns from: train images (uint8 [N, R, R, 3]) with the teacher's logits and a loss
+    weight per image, and validation sets per source (``surrogate``, ``real``). Selection trusts ``real``."""
+    images: np.ndarray
+    logits: np.ndarray
+    weights: np.ndarray
+    val: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def selector(self) -> str:
+        return "real" if len(self.val.get("real", ((),))[0]) else "surrogate"
+
+
+def check_weights(cfg) -> None:
+    if cfg.surrogate_weight == 0 and cfg.real_weight == 0:
+        raise UserError("distill.surrogate_weight and distill.real_weight are both 0: keep one above 0 "
+                        "(weights are relative; 0 drops a source)")
+
+
+def transfer_set(bank, real, cfg) -> TransferSet:
+    """The union of the surrogate bank's and the real images' train splits, each weighted by the recipe
+    (``distill.surrogate_weight``, ``distill.real_weight``). Weights are relative: 0 drops a source when the
+    other one has training images, and a source alone is used whatever its weight. Validation is kept per source."""
+    train, val = {}, {}
+    sources = [("surrogate", bank)] + ([("real", real)] if real is not None else [])
+    for name, src in sources:
+        im, lg, _ = src.load("train")
+        if len(im):
+            train[name] = (im, lg)
+        vi, vl, _ = src.load("val")
+        if len(vi):
+            val[name] = (vi, vl)
+    if not train:
+        raise UserError("nothing to distill on: the run has no training images (check its bank and --images)")
+    weights = source_weights({k: len(v[0]) for k, v in train.items()}, cfg)
+    parts = [(im, lg, np.full(len(im), weights[k], np.float32)) for k, (im, lg) in train.items() if k in weights]
+    return TransferSet(*(np.concatenate(x) for x in zip(*parts)), val)
+
+
+def source_weights(counts: dict[str, int], cfg) -> dict[str, float]:
+    """The loss weight of each source that trains (``counts``: its training images): those weighted above 0,
+    or the only source there is, at weight 1."""
+    check_weights(cfg)
+    given = {"surrogate": cfg.surrogate_weight, "real": cfg.real_weight}
+    have = {k: given[k] for k, n in counts.items() if n}
+    return {k: w for k, w in have.items() if w > 0} or {k: 1.0 for k in have}
 
 
 class Normalizer(torch.nn.Module):
@@ -100,14 +152,31 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).float().mean())
 
 
-def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=None, device="cpu", autocast=None,
-                  on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Run (or resume) the KD loop; returns the per-epoch history."""
+def kd_loss_weighted(student_logits, teacher_logits, weights, temperature: float) -> torch.Tensor:
+    t = temperature
+    per = F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="none").sum(-1)
+    return (per * weights).sum() / weights.sum() * t * t
+
+
+def _score(student, spec, data: TransferSet, device) -> dict:
+    """Agreement with the teacher on each validation source; ``val_agreement`` is the selecting one's."""
+    rec = {}
+    for name, (im, lg) in data.val.items():
+        out, lg = student_logits(student, spec, im, device), torch.from_numpy(lg)
+        rec[f"val_agreement_{name}"] = agreement(out, lg)
+        if name == data.selector:
+            rec["val_agreement"], rec["val_kl"] = rec[f"val_agreement_{name}"], float(kd_loss(out, lg, 1.0))
+    rec["selected_on"] = data.selector
+    return rec
+
+
+def train_student(student, spec, data: TransferSet, cfg, ckpt_dir: Path, seed: int, teacher=None, device="cpu", autocast=None,
+                  on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int], None] | None = None,
+                  probe: bool = False) -> list[dict]:
+    """Run (or resume) the KD loop; returns the per-epoch history. ``probe``: fit the (fresh) head on frozen
+    features before epoch 0 (LP-FT)."""
     ckpt_dir = Path(ckpt_dir)
-    tr_img, tr_logit, _ = bank.load("train")
-    va_img, va_logit, _ = bank.load("val")
-    tr_img, tr_logit = torch.from_numpy(tr_img), torch.from_numpy(tr_logit)
-    va_logit = torch.from_numpy(va_logit)
+    tr_img, tr_logit, tr_w = torch.from_numpy(data.images), torch.from_numpy(data.logits), torch.from_numpy(data.weights)
     n, bs = len(tr_img), min(cfg.batch_size, len(tr_img))
     steps = steps_per_epoch(n, cfg.batch_size)
     total = cfg.epochs * steps
@@ -146,10 +215,12 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
         if on_epoch:
             on_epoch(rec)
 
-    if not history:   # epoch 0: the student as initialised
-        val = student_logits(student, spec, va_img, device)
-        checkpoint({"epoch": 0, "loss": None, "val_agreement": agreement(val, va_logit),
-                    "val_kl": float(kd_loss(val, va_logit, 1.0))}, 0)
+    if not history:   # epoch 0: the student as initialised (its fresh head probed first, with ``probe``)
+        rec = {"epoch": 0, "loss": None}
+        if probe:
+            from .probe import fit_head
+            rec["probe_loss"] = fit_head(student, spec, data.images, data.logits, data.weights, cfg, device)
+        checkpoint({**rec, **_score(student, spec, data, device)}, 0)
     for epoch in range(start, cfg.epochs):
         student.train()
         if cfg.freeze_bn:   # keep the running statistics a pretrained student learnt on photos
@@ -162,11 +233,13 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
         for s in range(steps):
             idx = perm[s * bs:(s + 1) * bs]
             x = to_float(tr_img[idx], device)
-            if cfg.relabel:
+            w = tr_w[idx].to(device)
+            if cfg.relabel:   # consistent KD: the teacher labels exactly the view the student sees
                 views = random_views(x, teacher.input_size, gen, cfg.crop_scale)
                 if cfg.mixup > 0:
                     lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
                     views = lam * views + (1 - lam) * views.flip(0)
+                    w = lam * w + (1 - lam) * w.flip(0)
                 with torch.no_grad():
                     t_logits = teacher.logits(views).float()
                 s_in = F.interpolate(views, size=(spec.preprocess.size,) * 2, mode="bilinear", antialias=True, align_corners=False)
@@ -175,7 +248,7 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
                 t_logits = tr_logit[idx].to(device)
             with autocast() if autocast else torch.enable_grad():
                 out = student(norm(s_in))
-            loss = kd_loss(out.float(), t_logits, cfg.temperature)
+            loss = kd_loss_weighted(out.float(), t_logits, w, cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
@@ -184,9 +257,7 @@ def train_student(student, spec, bank, cfg, ckpt_dir: Path, seed: int, teacher=N
             running += loss.item()
             if on_step:
                 on_step(epoch * steps + s + 1, total)
-        val = student_logits(student, spec, va_img, device)
-        checkpoint({"epoch": epoch + 1, "loss": running / steps, "val_agreement": agreement(val, va_logit),
-                    "val_kl": float(kd_loss(val, va_logit, 1.0))}, epoch + 1)
+        checkpoint({"epoch": epoch + 1, "loss": running / steps, **_score(student, spec, data, device)}, epoch + 1)
     return history
 
 

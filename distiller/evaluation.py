@@ -264,6 +264,19 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
     return dataset, results, notes
 
 
+def training_overlap(run: Path, dataset: Dataset) -> list[str]:
+    """The scored images that the run trained on (its ``--images``, by content hash): a score on them is
+    not an accuracy. Empty for model files and runs without images."""
+    import hashlib
+    import json
+    from .runfolder import RunPaths
+    p = RunPaths(run).images
+    if not Path(run).is_dir() or not p.exists():
+        return []
+    seen = {f["sha256"] for f in json.loads(p.read_text())["files"]}
+    return [str(s.path) for s in dataset.samples if hashlib.sha256(s.path.read_bytes()).hexdigest() in seen]
+
+
 def content_hash(dataset: Dataset) -> str:
     """sha256 over every scored file's relative path and bytes: which images an eval saw, exactly."""
     import hashlib
@@ -274,7 +287,7 @@ def content_hash(dataset: Dataset) -> str:
     return h.hexdigest()
 
 
-def save_eval(run: Path, dataset: Dataset, results: dict, notes: list[str]) -> Path:
+def save_eval(run: Path, dataset: Dataset, results: dict, notes: list[str], overlap: list[str] = ()) -> Path:
     """``eval.json`` in the run folder (read by ``distiller report``): the data folder, its content hash,
     the labels and every model's per-domain, per-class scores. A later eval on other data replaces it."""
     from datetime import datetime, timezone
@@ -285,5 +298,5 @@ def save_eval(run: Path, dataset: Dataset, results: dict, notes: list[str]) -> P
     write_json(path, {"data": str(Path(dataset.root).resolve()), "content_hash": content_hash(dataset),
                       "images": len(dataset.samples), "labels": dataset.labels, "domains": dataset.domains,
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results,
-                      "notes": notes})
+                      "notes": notes, "training_overlap": len(overlap)})
     return path

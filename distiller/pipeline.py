@@ -124,10 +124,11 @@ WORK = ("styles.pt", "generator.pt", "checkpoints", "judge.json", "export.json",
 def has_work(paths: RunPaths) -> bool:
     """Whether any stage of the run got anywhere (a complete shard, learnt styles, a checkpoint, ...)."""
     from .bank import Bank
-    return any((paths.root / w).exists() for w in WORK) or bool(Bank(paths.bank).complete())
+    return (any((paths.root / w).exists() for w in WORK) or bool(Bank(paths.bank).complete())
+            or any(paths.bank.glob("real_[0-9]*")))
 
 
-def run_state(root: Path, recipe: Recipe, concepts: list[Concept], exist_ok: bool = False) -> str:
+def run_state(root: Path, recipe: Recipe, concepts: list[Concept], exist_ok: bool = False, images=None) -> str:
     """What ``init_run`` will do with ``root``, decided without writing: "new" (no folder, or an empty one),
     "resume" (same recipe and classes, unfinished), or "restart" (``exist_ok``, or a folder no stage got
     anywhere in: a start that failed). Raises the user's error for a finished or different run."""
@@ -135,23 +136,25 @@ def run_state(root: Path, recipe: Recipe, concepts: list[Concept], exist_ok: boo
     if not paths.root.exists() or not any(paths.root.iterdir()):
         return "new"
     same = (paths.recipe.exists() and paths.concepts.exists()
-            and paths.recipe.read_text() == recipe.to_toml() and _same_concepts(paths, concepts))
+            and paths.recipe.read_text() == recipe.to_toml() and _same_concepts(paths, concepts)
+            and _image_dirs(paths) == (images.dirs if images is not None else None))
     finished = paths.report.exists()
     if (exist_ok and (finished or not same)) or (not same and not has_work(paths)):
         return "restart"
     if finished:
         raise UserError(f"run {root} already exists and is finished: choose another --name, or pass --exist-ok to overwrite it")
     if not same:
-        raise UserError(f"run {root} exists with other classes or settings: choose another --name, or pass --exist-ok to start it over")
+        raise UserError(f"run {root} exists with other classes, settings or --images: choose another --name, or pass "
+                        f"--exist-ok to start it over (to add images to a run: distiller synthesize RUN --images DIR)")
     return "resume"
 
 
 def init_run(root: Path, recipe: Recipe, concepts: list[Concept], exist_ok: bool = False,
-             reporter: Reporter | None = None) -> Path:
+             reporter: Reporter | None = None, images=None) -> Path:
     """Create a run folder, or resume an unfinished one started with the same recipe and classes. A
     folder no stage got anywhere in (a start that failed) is started over with the new settings."""
     paths = RunPaths(root)
-    state = run_state(root, recipe, concepts, exist_ok)
+    state = run_state(root, recipe, concepts, exist_ok, images)
     if state == "resume":
         return paths.root
     if state == "restart":
@@ -160,8 +163,20 @@ def init_run(root: Path, recipe: Recipe, concepts: list[Concept], exist_ok: bool
         shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)
     save_concepts(concepts, paths.concepts)
+    if images is not None:
+        from .images import save_image_set
+        save_image_set(images, paths.images)
     write_text(paths.recipe, recipe.to_toml())
     return paths.root
+
+
+def _image_dirs(paths: RunPaths):
+    from .images import read_image_set
+    try:
+        images = read_image_set(paths.images)
+    except (ValueError, KeyError, TypeError):
+        return ["damaged"]
+    return None if images is None else images.dirs
 
 
 def _same_concepts(paths: RunPaths, concepts: list[Concept]) -> bool:
@@ -205,6 +220,8 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
     BankPlan(tuple(c.label for c in concepts), ("plain",), syn.images_per_class, syn.shard_size,
              syn.resolution, syn.val_every, recipe.seed).validate()
     student_spec(recipe, concepts)
+    from .distill import check_weights
+    check_weights(recipe.distill)
     for v in recipe.export.variants:
         VARIANTS.get(v)
     check_teacher(recipe.teacher, offline, concepts)
@@ -262,14 +279,15 @@ def run_stages(run: Run, stages) -> None:
 
 
 def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Reporter | None = None,
-         exist_ok: bool = False, offline: bool = False, yes: bool = False) -> dict:
-    """The whole pipeline; rerun the same call to resume an interrupted run."""
+         exist_ok: bool = False, offline: bool = False, yes: bool = False, images=None) -> dict:
+    """The whole pipeline; rerun the same call to resume an interrupted run. ``images``: the user's own
+    unlabelled images (``images.scan_images``), labelled by the teacher beside the bank."""
     from .plan import confirm_plan
     from .stages import STAGES, read_report
     preflight(recipe, concepts, offline)
-    resume = run_state(run_dir, recipe, concepts, exist_ok) == "resume"   # a finished run is refused here, early
+    resume = run_state(run_dir, recipe, concepts, exist_ok, images) == "resume"   # a finished run is refused here, early
     teacher = confirm_plan(run_dir if resume else None, recipe, concepts, reporter or Reporter(), yes, offline)
-    init_run(run_dir, recipe, concepts, exist_ok, reporter)
+    init_run(run_dir, recipe, concepts, exist_ok, reporter, images)
     run = Run(run_dir, reporter, offline=offline, teacher=teacher)
     run_stages(run, STAGES)
     return read_report(run)

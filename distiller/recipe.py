@@ -99,6 +99,17 @@ class DistillCfg:
     crop_scale: tuple[float, float] = num((0.35, 1.0), above=0.0, max=1.0)
     mixup: float = num(0.0, min=0.0)            # mixup alpha; needs relabel
     freeze_bn: bool = False                     # keep batch-norm running statistics (pretrained students)
+    real_weight: float = num(1.0, min=0.0)      # loss weight of the real images (--images); 0: drop them
+    surrogate_weight: float = num(1.0, min=0.0)  # loss weight of the surrogate bank; 0: drop it
+    probe_steps: int = num(300, min=0)          # fresh heads on pretrained students: fit the head on frozen
+                                                # features first (linear probe), then fine-tune; 0: no probe
+    probe_weight_decay: float = num(1e-3, min=0.0)
+
+
+@dataclass(frozen=True)
+class ImagesCfg:
+    val_fraction: float = num(0.2, min=0.0, max=0.9)   # the real images held back (fixed per image by seed)
+    shard_size: int = num(32, min=1)            # images the teacher labels per atomic shard
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,7 @@ class Recipe:
     synthesis: SynthesisCfg = field(default_factory=SynthesisCfg)
     student: StudentCfg = field(default_factory=StudentCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
+    images: ImagesCfg = field(default_factory=ImagesCfg)
     export: ExportCfg = field(default_factory=ExportCfg)
 
     def to_dict(self) -> dict:

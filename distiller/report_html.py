@@ -109,7 +109,11 @@ def _training_chart(history: list[dict], chosen: int) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3))
     ep = [h["epoch"] for h in history]
-    ax.plot(ep, [100 * h["val_agreement"] for h in history], marker="o", color="#2d6cdf")
+    for key, name, color in (("val_agreement_real", "real images", "#1b7f3b"), ("val_agreement_surrogate", "surrogate images", "#999999")):
+        if key in history[-1] and history[-1].get("selected_on") == "real":
+            ax.plot(ep, [100 * h.get(key, np.nan) for h in history], marker=".", color=color, label=name)
+    ax.plot(ep, [100 * h["val_agreement"] for h in history], marker="o", color="#2d6cdf",
+            label=f"selected on ({history[-1].get('selected_on', 'surrogate')})")
     best = next(h for h in history if h["epoch"] == chosen)
     ax.scatter([chosen], [100 * best["val_agreement"]], s=160, facecolors="none", edgecolors="#b00020", linewidths=2,
                label=f"chosen: epoch {chosen}")
@@ -177,7 +181,8 @@ def render(run, teacher_latency: dict | None = None) -> str:
     warns = list(dict.fromkeys(run.warnings() + list(exp.get("notes", []))))   # the run's own, and export's
     verdict = [f"<p class=verdict>Ship <b>{_e(report['deployable'])}</b> ({_e(dep['precision'])}, {dep['size_mb']:.1f} MB): "
                f"p50 {dep['latency_ms']['p50']:.2f} ms at batch 1{speed}; agreement with FP32 {_pct(dep['agreement'])}, "
-               f"with the teacher {_pct(dep['teacher_agreement'])} on the bank's validation images.</p>"]
+               f"with the teacher {_pct(dep['teacher_agreement'])} on the "
+               f"{'real' if exp.get('calibration_source') == 'real' else 'bank' + chr(39) + 's'} validation images.</p>"]
     verdict.append("<ul>" + "".join(f"<li class=warn>{_e(w)}</li>" for w in warns) + "</ul>" if warns
                    else "<p class=ok>No warnings.</p>")
     parts.append("<section><h2>Verdict</h2>" + "".join(verdict) + "</section>")
@@ -212,6 +217,26 @@ def render(run, teacher_latency: dict | None = None) -> str:
                    "images): read the student's real-image accuracy with <code>distiller eval</code>.</p>")
     parts.append("<section><h2>Surrogate images</h2>" + "".join(sec) + "</section>")
 
+    # the user's own images (--images)
+    ts = report.get("transfer_set") or {}
+    if ts.get("real") or ts.get("skipped"):
+        from .images import real_images
+        real = real_images(run)
+        rimgs, rlogits, rrecs = real.load()
+        sec = [f"<p class=meta>{ts['real']} unlabelled images of your own, labelled by the teacher ({ts.get('real_val', 0)} "
+               f"held back for validation: the agreement to trust), beside {ts['surrogate']} surrogate images. INT8 "
+               f"calibration: {_e(exp.get('calibration_source', 'surrogate'))} images.</p>"]
+        if len(rimgs):
+            pseudo = [{"class": int(k), "style": 0, "style_name": "yours"} for k in rlogits.argmax(1)]
+            for k, c in enumerate(concepts):
+                grid = class_grid(rimgs, pseudo, k)
+                if grid:
+                    sec.append(f"<figure>{_img(grid, 'image/jpeg', f'your images the teacher calls {c.label}')}"
+                               f"<figcaption>the teacher calls these {_e(c.label)}</figcaption></figure>")
+        if ts.get("skipped"):
+            sec.append(_table(["skipped file", "why"], [[_e(x["path"]), _e(x["reason"])] for x in ts["skipped"]]))
+        parts.append("<section><h2>Your images</h2>" + "".join(sec) + "</section>")
+
     # training
     history = DistillStage.checkpoints(run).history()
     chosen = max(history, key=lambda h: h["val_agreement"])["epoch"]   # the first best, as best.pt keeps it
@@ -243,8 +268,10 @@ def render(run, teacher_latency: dict | None = None) -> str:
                                 f"(n {v['n']})" for c, v in r.get("per_class", {}).items())
                 table.append([_e(m), _e(r["domain"]), str(r["n"]), f"{100 * r['balanced_accuracy']:.1f} [{100 * lo:.1f}, "
                               f"{100 * hi:.1f}]", _e(per)])
+        overlap = (f"<p class=warn>{ev['training_overlap']} of these images are among the run's own --images: a score on "
+                   "them is not an accuracy.</p>") if ev.get("training_overlap") else ""
         parts.append("<section><h2>Accuracy on real images</h2>" + f"<p class=meta>{_e(ev['data'])}: {ev['images']} images, "
-                     f"content sha256 {_e(ev['content_hash'][:16])}..., scored {_e(ev['date'])}</p>"
+                     f"content sha256 {_e(ev['content_hash'][:16])}..., scored {_e(ev['date'])}</p>" + overlap
                      + _img(_accuracy_chart(ev), "image/png", "balanced accuracy per domain")
                      + _table(["model", "domain", "n", "balanced [95% CI]", "recall per class [95% CI]"], table) + "</section>")
 

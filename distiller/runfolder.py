@@ -27,3 +27,4 @@ class RunPaths:
     eval = property(lambda s: s.root / "eval.json")           # `distiller eval RUN --data DIR`, saved
     teacher_latency = property(lambda s: s.root / "teacher_latency.json")
     html = property(lambda s: s.root / "report.html")
+    images = property(lambda s: s.root / "images.json")       # --images: the user's files (images.py)

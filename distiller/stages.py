@@ -17,6 +17,7 @@ from runtime.errors import UserError
 
 from . import __version__
 from .atomic import read_json, write_bytes, write_json
+from .images import LabelStage
 from .pipeline import Run, synthesis_networks
 
 Progress = Callable[..., None]
@@ -98,7 +99,7 @@ def synthesis_objective(recipe, concepts, teacher, device="cpu", offline=False):
     return Objective(teacher, extra, competitor, syn.adversarial)
 
 
-def _resolution(run: Run) -> int:
+def resolution(run: Run) -> int:
     return run.recipe.synthesis.resolution or run.teacher().input_size
 
 
@@ -129,7 +130,7 @@ class GeneratorStage:
         from .generator import train_generator
         rec = run.recipe
         return train_generator(objective, source, len(run.labels), len(source.style_names), rec.synthesis,
-                               _resolution(run), run.paths.generator, rec.seed, run.device, on_step=on_step)
+                               resolution(run), run.paths.generator, rec.seed, run.device, on_step=on_step)
 
 
 def synthesis_inputs(run: Run):
@@ -167,7 +168,7 @@ class SynthesizeStage:
         if run.device == "cpu" and teacher.text_tower is not None and rec.teacher.model == "ViT-B-32":
             run.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
         source, objective = synthesis_inputs(run)
-        plan = bank_plan(run, source.style_names, _resolution(run))
+        plan = bank_plan(run, source.style_names, resolution(run))
         produce = None
         if rec.synthesis.generator_steps:
             from .generator import sampler
@@ -217,8 +218,10 @@ class JudgeStage:
         write_json(run.paths.judge, result)
         for label, a in per.items():
             if a < rec.teacher.judge_min:
+                hint = "" if run.paths.images.exists() else (
+                    "; give the run some real, unlabelled photos of your world (--images DIR): the teacher labels them")
                 run.warn(f"{label}: the held-out judge {cfg.model} sees it in only {100 * a:.0f}% of its surrogate "
-                                  f"images: they may not transfer; the student can fail on real {label}")
+                         f"images: they may not transfer; the student can fail on real {label}{hint}")
         progress()
 
     @staticmethod
@@ -244,8 +247,17 @@ class DistillStage:
         return self.checkpoints(run).complete(run.recipe.distill.epochs)
 
     def work(self, run: Run) -> int:
-        from .distill import total_steps
-        return total_steps(_bank(run), run.recipe.distill)
+        from .distill import source_weights, total_steps
+        from .images import real_images
+        cfg, real = run.recipe.distill, real_images(run)
+        counts = {"surrogate": _bank(run).count("train"), "real": 0 if real is None else real.images.count("train")}
+        return total_steps(sum(counts[k] for k in source_weights(counts, cfg)), cfg)
+
+    @staticmethod
+    def probes(run: Run) -> bool:
+        """Whether the student's head is fresh on a pretrained backbone, so it is fitted first (LP-FT)."""
+        rec = run.recipe
+        return rec.student.init == "pretrained" and not DistillStage.spec(run).groups and rec.distill.probe_steps > 0
 
     def describe(self, run: Run) -> str:
         spec = self.spec(run)
@@ -254,21 +266,25 @@ class DistillStage:
         return f"distill {spec.model} @ {spec.preprocess.size}px"
 
     def run(self, run: Run, progress: Progress) -> None:
-        from .distill import train_student
+        from .distill import train_student, transfer_set
+        from .images import real_images
         from .students import create_student
         rec, spec = run.recipe, self.spec(run)
         student = create_student(spec, rec.student.init)
         teacher = run.teacher() if rec.distill.relabel else None
+        data = transfer_set(_bank(run), real_images(run), rec.distill)
         done = [0]
 
         def on_step(step, total):
             progress(step - done[0])
             done[0] = step
-        train_student(student, spec, _bank(run), rec.distill, run.paths.checkpoints, rec.seed, teacher, run.device,
-                      run.autocast(), on_step=on_step,
-                      on_epoch=lambda r: run.reporter.log(
-                          f"epoch {r['epoch']}: " + ("as initialised" if r["loss"] is None else f"loss {r['loss']:.3f}")
-                          + f", val agreement {r['val_agreement']:.3f}"))
+
+        def on_epoch(r):
+            what = ("as initialised" + (" (head probed)" if "probe_loss" in r else "")) if r["loss"] is None else f"loss {r['loss']:.3f}"
+            agree = ", ".join(f"{k[14:]} {r[k]:.3f}" for k in ("val_agreement_real", "val_agreement_surrogate") if k in r)
+            run.reporter.log(f"epoch {r['epoch']}: {what}, val agreement {agree}")
+        train_student(student, spec, data, rec.distill, run.paths.checkpoints, rec.seed, teacher, run.device,
+                      run.autocast(), on_step=on_step, on_epoch=on_epoch, probe=self.probes(run))
         if not self.work(run):
             progress()
 
@@ -301,10 +317,15 @@ class ExportStage:
         ckpts = DistillStage.checkpoints(run)
         if not ckpts.best.exists():
             raise UserError(f"{run.paths.root} has no trained student: run `distiller distill {run.paths.root}` first")
+        from .images import real_images
         rec, spec, bank = run.recipe, DistillStage.spec(run), _bank(run)
         student = load_student(spec, ckpts.best)
-        tr_img, _, _ = bank.load("train")
-        va_img, va_logit, _ = bank.load("val")
+        real = real_images(run)
+        # calibration and fidelity on the user's own images where there are any: surrogate textures have
+        # other activation ranges than the photos the model will see
+        source = real if real is not None and real.images.count("val") and real.images.count("train") else bank
+        tr_img, _, _ = source.load("train")
+        va_img, va_logit, _ = source.load("val")
         pick = np.linspace(0, len(tr_img) - 1, min(rec.export.calibration_images, len(tr_img))).round().astype(int)
         calib = np.stack([preprocess(im, spec.preprocess) for im in tr_img[pick]])
         # INT8 fidelity is numeric, not generalisation: check it on the val shards plus train images (up to
@@ -325,6 +346,7 @@ class ExportStage:
                             rec.export.latency_runs, rec.export.threads or None, on_variant=lambda n, r: progress(),
                             min_speedup=rec.export.min_speedup)
         result["fidelity_images"] = len(val)
+        result["calibration_source"] = "real" if source is real else "surrogate"
         for note in result["notes"]:
             run.warn(note)
         write_json(run.paths.export, result)
@@ -356,15 +378,22 @@ class ReportStage:
         return "report"
 
     def run(self, run: Run, progress: Progress) -> None:
+        from .images import transfer_set_info
         spec, ckpts = DistillStage.spec(run), DistillStage.checkpoints(run)
         export = ExportStage.result(run)
+        history = ckpts.history()
+        best = max(history, key=lambda h: h["val_agreement"])   # the epoch best.pt holds (the first best)
+        student = {"model": spec.model, "input_size": spec.preprocess.size,
+                   "best_val_agreement": best["val_agreement"], "epochs": ckpts.last_epoch(),
+                   "best_epoch": best["epoch"], "selected_on": best.get("selected_on", "surrogate"),
+                   "head": "imagenet" if spec.groups else "fresh", "probed": DistillStage.probes(run)}
+        student.update({k: best[k] for k in ("val_agreement_real", "val_agreement_surrogate") if k in best})
         report = {
             "distiller_version": __version__,
             "labels": run.labels,
             "teacher": teacher_info(run),
-            "student": {"model": spec.model, "input_size": spec.preprocess.size,
-                        "best_val_agreement": max(h["val_agreement"] for h in ckpts.history()),
-                        "epochs": ckpts.last_epoch()},
+            "student": student,
+            "transfer_set": transfer_set_info(run),
             "recipe": run.recipe.name,
             "judge": JudgeStage.result(run),
             "deployable": export["deployable"],
@@ -418,7 +447,7 @@ def export_run(run: Run) -> dict:
     return read_report(run)
 
 
-STAGES: tuple[Stage, ...] = (PromptsStage(), GeneratorStage(), SynthesizeStage(), JudgeStage(), DistillStage(),
-                             ExportStage(), ReportStage(), HtmlReportStage())
-SYNTHESIS_STAGES = STAGES[:3]
-EXPORT_STAGES = STAGES[5:]
+STAGES: tuple[Stage, ...] = (PromptsStage(), GeneratorStage(), SynthesizeStage(), LabelStage(), JudgeStage(),
+                             DistillStage(), ExportStage(), ReportStage(), HtmlReportStage())
+SYNTHESIS_STAGES = STAGES[:4]
+EXPORT_STAGES = STAGES[6:]

@@ -36,9 +36,14 @@ def _name(image) -> str:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with 16- and 32-bit integer and float modes scaled to 8 bits (``convert`` would clip them)."""
+    """RGB, with 16- and 32-bit integer and float modes scaled to 8 bits (``convert`` would clip them) and
+    transparent pixels (RGBA, LA, a palette with transparency) flattened on white, as a viewer shows them."""
     if img.mode in ("RGB",):
         return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         arr = np.asarray(img)
         if img.mode == "F":

@@ -124,12 +124,13 @@ def test_readme_example_runs_offline_with_the_imagenet_recipe(tmp_path, capsys):
     import dataclasses
 
     from distiller.bank import Bank
-    from distiller.distill import load_student, train_student
+    from distiller.distill import load_student, train_student, transfer_set
     from distiller.pipeline import Run
     r = Run(run)
     spec = student_spec(r.recipe, r.concepts)
-    history = train_student(create_student(spec, "pretrained"), spec, Bank(run / "bank"),
-                            dataclasses.replace(r.recipe.distill, epochs=0), tmp_path / "ck", seed=0)
+    cfg = dataclasses.replace(r.recipe.distill, epochs=0)
+    history = train_student(create_student(spec, "pretrained"), spec, transfer_set(Bank(run / "bank"), None, cfg),
+                            cfg, tmp_path / "ck", seed=0)
     assert [h["epoch"] for h in history] == [0] and history[0]["loss"] is None
     assert torch.load(tmp_path / "ck/best.pt", weights_only=False)["epoch"] == 0
     x = torch.rand(2, 3, 128, 128)

@@ -14,6 +14,8 @@ from . import app
 from .ui import RichReporter, artifacts_table, console, err
 
 RUN_ARG = typer.Argument(..., help="A run folder made by `distiller make`.", show_default=False)
+IMAGES = typer.Option(None, "--images", help="A folder of your own unlabelled images (read recursively; repeatable): "
+                      "the teacher labels them and the student learns from them beside the surrogates.")
 VERBOSE = typer.Option(False, "--verbose", help="Let third-party tools (ONNX Runtime, NNCF, OpenVINO) print their logs.")
 
 
@@ -59,6 +61,7 @@ def make(
     exist_ok: bool = typer.Option(False, "--exist-ok", help="Overwrite a finished run of the same name."),
     offline: bool = typer.Option(False, "--offline", help="Never reach a model hub; fail fast on missing weights."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Start even above synthesis.confirm_above planned images."),
+    images: Optional[List[Path]] = IMAGES,
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any recipe key: --set synthesis.steps=200"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     verbose: bool = VERBOSE,
@@ -84,17 +87,35 @@ def make(
     preflight(rec, concepts, offline)
     rec = dataclasses.replace(rec, teacher=resolve_paths(rec.teacher))   # the run works from any folder
     run_dir = check_out(out, name if name is not None else _slug([c.label for c in concepts]))
+    image_set = None
+    if images:
+        from ..images import scan_images
+        image_set = scan_images(images, rec.seed, rec.images.val_fraction)
     reporter = RichReporter(quiet)
     if not quiet:
         err.print(f"[bold]distiller make[/bold] {', '.join(c.label for c in concepts)} -> {run_dir} "
                   f"(recipe {rec.name}, target {rec.target}, teacher {rec.teacher.model})", highlight=False)
     t0 = time.perf_counter()
-    report = make_run(run_dir, rec, concepts, reporter, exist_ok=exist_ok, offline=offline, yes=yes)
+    report = make_run(run_dir, rec, concepts, reporter, exist_ok=exist_ok, offline=offline, yes=yes, images=image_set)
     _summary(run_dir, report, time.perf_counter() - t0)
 
 
 def _summary(run_dir: Path, report: dict, seconds: float) -> None:
     console.print(artifacts_table(report))
+    ts, st = report.get("transfer_set") or {}, report["student"]
+    if ts.get("real") or ts.get("skipped"):
+        console.print(f"transfer set: surrogate: {ts['surrogate']}, real: {ts['real']} "
+                      f"({ts.get('real_val', 0)} held back for validation), skipped: {len(ts['skipped'])}")
+        for s in ts["skipped"][:SKIPPED_SHOWN]:
+            console.print(f"  skipped {s['path']}: {s['reason']}", highlight=False)
+        if len(ts["skipped"]) > SKIPPED_SHOWN:
+            console.print(f"  ... and {len(ts['skipped']) - SKIPPED_SHOWN} more (report.json lists every one)")
+    agree = [f"[bold]real {100 * st['val_agreement_real']:.1f}%[/bold] (the number to trust)"] if "val_agreement_real" in st else []
+    if "val_agreement_surrogate" in st:
+        agree.append(f"surrogate {100 * st['val_agreement_surrogate']:.1f}%")
+    if agree:
+        console.print(f"student agrees with the teacher on held-back images: {', '.join(agree)} "
+                      f"(epoch {st.get('best_epoch', '?')} of {st['epochs']}, {st.get('head', '?')} head)")
     j = report.get("judge")
     if j:
         low = {k: v for k, v in j["per_concept"].items() if v < j["min"]}
@@ -111,6 +132,9 @@ def _summary(run_dir: Path, report: dict, seconds: float) -> None:
                   f"  python -c \"from runtime import Classifier; print(Classifier.load('{run_dir}').classify('IMAGE'))\"")
 
 
+SKIPPED_SHOWN = 20
+
+
 def _run(path: Path, device: Optional[str] = None, offline: bool = False, quiet: bool = False, verbose: bool = False):
     _set_env(offline, verbose)
     from ..pipeline import Run
@@ -119,11 +143,19 @@ def _run(path: Path, device: Optional[str] = None, offline: bool = False, quiet:
 
 @app.command()
 def synthesize(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), offline: bool = typer.Option(False, "--offline"),
+               images: Optional[List[Path]] = IMAGES,
                quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
-    """Fill (or finish) a run's surrogate image bank."""
+    """Fill (or finish) a run's surrogate image bank; --images DIR adds your own images to it."""
     from ..pipeline import run_stages
     from ..stages import SYNTHESIS_STAGES
-    run_stages(_run(run, device, offline, quiet, verbose), SYNTHESIS_STAGES)
+    r = _run(run, device, offline, quiet, verbose)
+    if images:
+        from ..images import add_images
+        added = add_images(r, images)
+        r.reporter.log(f"{len(added.files)} images to label, {len(added.skipped)} skipped")
+        for s in added.skipped[:SKIPPED_SHOWN]:
+            r.reporter.log(f"  skipped {s['path']}: {s['reason']}")
+    run_stages(r, SYNTHESIS_STAGES)
 
 
 @app.command()

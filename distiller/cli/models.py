@@ -95,12 +95,18 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Accuracy on real labelled images, per domain, with Wilson 95% intervals."""
-    from ..evaluation import evaluate_models, read_labels_map, save_eval
+    from ..evaluation import evaluate_models, read_labels_map, save_eval, training_overlap
     dataset, results, notes = evaluate_models(Path(model), data, read_labels_map(labels_map), teacher, baseline, offline)
+    overlap = training_overlap(Path(model), dataset)
+    if overlap:
+        err.print(f"[bold red]warning: {len(overlap)} of the {len(dataset.samples)} images in {escape(str(data))} are among "
+                  f"the run's own --images (same content), e.g. {escape(overlap[0])}: the student and the teacher's labels "
+                  f"were made on them, so a score here is not an accuracy. Evaluate on images the run never saw.[/bold red]")
     if Path(model).is_dir():   # a run folder keeps its latest eval for `distiller report`
-        save_eval(Path(model), dataset, results, notes)
+        save_eval(Path(model), dataset, results, notes, overlap)
     if as_json:
-        sys.stdout.write(json.dumps({"data": str(data), "labels": dataset.labels, "results": results}) + "\n")
+        sys.stdout.write(json.dumps({"data": str(data), "labels": dataset.labels, "results": results,
+                                     "training_overlap": len(overlap)}) + "\n")
         return
     console.print(eval_table(f"{data}: {len(dataset.samples)} images, labels {', '.join(dataset.labels)}", results))
     for note in notes:
