@@ -92,6 +92,10 @@ def prepare(run: Path, bank_run: Path, classes: str, extra: dict, images: Path) 
     rec = load_recipe(auto_recipe(TEACHER), overrides)
     rec = dataclasses.replace(rec, teacher=resolve_paths(rec.teacher))
     init_run(run, rec, parse_concepts(classes), images=scan_images([images], rec.seed, rec.images.val_fraction))
+    copy_bank(run, bank_run)
+
+
+def copy_bank(run: Path, bank_run: Path) -> None:
     (run / "bank").mkdir(parents=True, exist_ok=True)
     for p in (bank_run / "bank").iterdir():
         if p.name.startswith("shard_") or p.name in ("plan.json", "manifest.jsonl"):
@@ -199,6 +203,69 @@ def pool_subset(files: list[Path], size: int, seed: int = 0) -> list[Path]:
     return [files[i] for i in sorted(rng.choice(len(files), min(size, len(files)), replace=False))]
 
 
+INT8_VARIANTS = ["onnx-fp32", "onnx-int8", "onnx-int8-perchannel", "openvino-fp32", "openvino-int8", "openvino-int8-acc"]
+
+
+def int8_table(args, work: Path, fold: str = "labelme") -> str:
+    """The same student (Lite0's own head, no KD), its INT8 variants calibrated on the surrogate bank or on the
+    fold's real pool, every variant scored on the held-out domain."""
+    from distiller.evaluation import evaluate_models
+    labels = CLASSES.split(",")
+    vlcs = args.real / "vlcs"
+    bank_run = work / "bank"
+    images = write_pool(pool(vlcs, [d for d in FOLDS if d != fold], labels), work / "pools" / f"{fold}-all")
+    data = work / "tests" / fold
+    test_set(vlcs, fold, labels, data)
+    extra = {"distill.epochs": 0, "export.variants": INT8_VARIANTS, "export.latency_runs": 50}
+    cols = {}
+    for name, imgs in (("surrogate", None), ("real", images)):
+        run = work / f"int8-{name}-{fold}"
+        if not (run / "report.json").exists():
+            if imgs is not None:
+                prepare(run, bank_run, CLASSES, extra, imgs)
+            else:
+                run.mkdir(parents=True, exist_ok=True)
+                prepare_plain(run, bank_run, extra)
+            print(f"[{time.strftime('%H:%M:%S')}] make {run.name}", flush=True)
+            make(run, CLASSES, extra, imgs)
+        report = json.loads((run / "report.json").read_text())
+        _, results, _ = evaluate_models(run, data, teacher=False, baseline=False)
+        cols[name] = (report, results)
+    lines = [f"INT8 calibrated on surrogate vs real images; VLCS {fold} (held out), {len(list(data.rglob('*.*')))} photos; "
+             "the student is Lite0's own head (no KD), so FP32 is the same model in both", "",
+             "| variant | calibrated on surrogate: balanced [95% CI] | vs FP32 (fidelity set) | calibrated on real: balanced "
+             "[95% CI] | vs FP32 (fidelity set) |", "|---|---|---|---|---|"]
+    for v in INT8_VARIANTS:
+        cells = []
+        for name in ("surrogate", "real"):
+            report, results = cols[name]
+            row = report["export"]["variants"].get(v)
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            r = results[row["file"]]["rows"][-1]
+            ship = " (ships)" if report["export"]["deployable_variant"] == v else ""
+            cells += [f"{100 * r['balanced_accuracy']:.1f} [{100 * r['balanced_ci'][0]:.1f}, {100 * r['balanced_ci'][1]:.1f}]{ship}",
+                      f"{100 * row['agreement']:.1f}%"]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def prepare_plain(run: Path, bank_run: Path, extra: dict) -> None:
+    """A run folder without --images, with the bank copied in (as ``prepare``)."""
+    import dataclasses
+
+    from distiller.concepts import parse_concepts
+    from distiller.pipeline import init_run
+    from distiller.recipe import load_recipe
+    from distiller.teachers import auto_recipe, resolve_paths
+    if (run / "recipe.toml").exists():
+        return
+    rec = load_recipe(auto_recipe(TEACHER), {"teacher.model": TEACHER, **BASE, **extra})
+    init_run(run, dataclasses.replace(rec, teacher=resolve_paths(rec.teacher)), parse_concepts(CLASSES))
+    copy_bank(run, bank_run)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", type=Path, default=Path(".cache/real_images"), help="real_images.py --out folder")
@@ -206,6 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated: " + ", ".join(ROWS))
     ap.add_argument("--folds", default=",".join(FOLDS))
     ap.add_argument("--pacs", action="store_true", help="also the cross-domain row: PACS photos -> art, cartoon, sketch")
+    ap.add_argument("--int8", action="store_true", help="also INT8 calibrated on surrogate vs real images")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(2)
@@ -232,10 +300,14 @@ def main(argv=None) -> int:
         pfolds = {"photo->art,cartoon,sketch": (pool(pacs, ["photo"], pl), data)}
         out += run_grid(args, PACS_CLASSES, pfolds, [r for r in rows if r in ("a", "a+bank", "b")], args.work / "pacs", results)
         results_file.write_text(json.dumps(results, indent=1))
+    if args.int8:
+        int8 = int8_table(args, args.work / "vlcs")
     bank = {k: v for k, v in results.items() if k.endswith("bank_minutes")}
     print("\n" + table(out))
     print("surrogate bank, made once per class set and reused by every row: "
           + ", ".join(f"{k.split('/')[0]} {v:.1f} min" for k, v in bank.items()))
+    if args.int8:
+        print("\n" + int8)
     return 0
 
 

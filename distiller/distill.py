@@ -87,6 +87,8 @@ class TransferSet:
 
 
 def check_weights(cfg) -> None:
+    if not cfg.probe_weight_decay:
+        raise UserError("distill.probe_weight_decay = []: give one value or several (chosen by cross-validation)")
     if cfg.surrogate_weight == 0 and cfg.real_weight == 0:
         raise UserError("distill.surrogate_weight and distill.real_weight are both 0: keep one above 0 "
                         "(weights are relative; 0 drops a source)")
@@ -219,7 +221,7 @@ def train_student(student, spec, data: TransferSet, cfg, ckpt_dir: Path, seed: i
         rec = {"epoch": 0, "loss": None}
         if probe:
             from .probe import fit_head
-            rec["probe_loss"] = fit_head(student, spec, data.images, data.logits, data.weights, cfg, device)
+            rec.update(fit_head(student, spec, data.images, data.logits, data.weights, cfg, device))
         checkpoint({**rec, **_score(student, spec, data, device)}, 0)
     for epoch in range(start, cfg.epochs):
         student.train()

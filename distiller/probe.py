@@ -27,33 +27,66 @@ def features(student, spec, images_u8, device="cpu", batch_size=64, mirror=True)
     return torch.cat(out + flipped)
 
 
-def fit_head(student, spec, images_u8, teacher_logits, weights, cfg, device="cpu") -> float:
-    """Fit ``student``'s classifier on frozen features to the teacher's soft labels (at the KD temperature),
-    full batch, Adam for ``cfg.probe_steps``; returns the final loss. Deterministic (no sampling)."""
-    feats = features(student, spec, images_u8, device)
-    reps = len(feats) // len(images_u8)
-    t = torch.as_tensor(teacher_logits).float().repeat(reps, 1)
-    w = torch.as_tensor(weights).float().repeat(reps)
-    w = w / w.sum()
-    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-4)
-    z = (feats - mean) / std                    # standardised: one learning rate suits every backbone
-    k = t.shape[1]
+def _fit(z, t, w, k: int, steps: int, temp: float, wd: float):
+    """Soft-label logistic regression on standardised features: full batch, Adam, deterministic."""
     weight = torch.zeros(k, z.shape[1], requires_grad=True)
     bias = torch.zeros(k, requires_grad=True)
     opt = torch.optim.Adam([weight, bias], lr=0.01)
-    temp = cfg.temperature
+    target = torch.softmax(t / temp, -1)
+    w = w / w.sum()
     loss = torch.tensor(0.0)
-    for _ in range(cfg.probe_steps):
+    for _ in range(steps):
         s = z @ weight.T + bias
-        per = torch.nn.functional.kl_div(torch.log_softmax(s / temp, -1), torch.softmax(t / temp, -1),
-                                         reduction="none").sum(-1) * temp * temp
-        loss = (per * w).sum() + cfg.probe_weight_decay * weight.pow(2).sum()
+        per = torch.nn.functional.kl_div(torch.log_softmax(s / temp, -1), target, reduction="none").sum(-1) * temp * temp
+        loss = (per * w).sum() + wd * weight.pow(2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return weight.detach(), bias.detach(), float(loss.detach())
+
+
+CV_FOLDS = 5
+
+
+def choose_weight_decay(z, t, w, n: int, cfg) -> tuple[float, dict]:
+    """The probe's L2 weight from ``cfg.probe_weight_decay`` by 5-fold cross-validation over the images (both
+    views of an image in one fold): the weighted agreement of each held-out fold's eval view with the teacher.
+    Ties go to the stronger regulariser."""
+    grid = sorted(cfg.probe_weight_decay, reverse=True)
+    if len(grid) == 1 or n < 2 * CV_FOLDS:
+        return grid[0], {}
+    reps = len(z) // n
+    fold = torch.arange(n) % CV_FOLDS
+    fold = fold[torch.randperm(n, generator=torch.Generator().manual_seed(0))].repeat(reps)
+    first = torch.arange(len(z)) < n                   # the eval view; the mirror only trains
+    scores = {}
+    for wd in grid:
+        hit = tot = 0.0
+        for f in range(CV_FOLDS):
+            tr, te = fold != f, (fold == f) & first
+            weight, bias, _ = _fit(z[tr], t[tr], w[tr], t.shape[1], cfg.probe_steps, cfg.probe_temperature, wd)
+            agree = ((z[te] @ weight.T + bias).argmax(1) == t[te].argmax(1)).float()
+            hit, tot = hit + float((agree * w[te]).sum()), tot + float(w[te].sum())
+        scores[wd] = hit / max(tot, 1e-9)
+    best = max(grid, key=lambda wd: scores[wd])         # max keeps the first (strongest) of equals
+    return best, scores
+
+
+def fit_head(student, spec, images_u8, teacher_logits, weights, cfg, device="cpu") -> dict:
+    """Fit ``student``'s classifier on frozen features to the teacher's soft labels (at ``probe_temperature``);
+    the L2 weight chosen by cross-validation. Returns {probe_loss, probe_weight_decay, probe_cv}."""
+    feats = features(student, spec, images_u8, device)
+    n = len(images_u8)
+    reps = len(feats) // n
+    t = torch.as_tensor(teacher_logits).float().repeat(reps, 1)
+    w = torch.as_tensor(weights).float().repeat(reps)
+    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-4)
+    z = (feats - mean) / std                    # standardised: one learning rate suits every backbone
+    wd, cv = choose_weight_decay(z, t, w, n, cfg)
+    weight, bias, loss = _fit(z, t, w, t.shape[1], cfg.probe_steps, cfg.probe_temperature, wd)
     fc = student.get_classifier()
     with torch.no_grad():                       # fold the standardisation into the layer
         wf = weight / std
         fc.weight.copy_(wf.to(fc.weight))
         fc.bias.copy_((bias - wf @ mean).to(fc.bias))
-    return float(loss.detach())
+    return {"probe_loss": loss, "probe_weight_decay": wd, "probe_cv": {str(k): round(v, 4) for k, v in cv.items()}}

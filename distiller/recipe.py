@@ -103,7 +103,8 @@ class DistillCfg:
     surrogate_weight: float = num(1.0, min=0.0)  # loss weight of the surrogate bank; 0: drop it
     probe_steps: int = num(300, min=0)          # fresh heads on pretrained students: fit the head on frozen
                                                 # features first (linear probe), then fine-tune; 0: no probe
-    probe_weight_decay: float = num(1e-3, min=0.0)
+    probe_temperature: float = num(1.0, above=0.0)   # the probe matches the teacher's probabilities at this T
+    probe_weight_decay: tuple[float, ...] = num((1e-3, 1e-2, 3e-2, 1e-1), min=0.0)   # chosen by 5-fold CV when several
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,8 @@ def _coerce(value, tp, where: str):
         return build(tp, value, where)
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]                        # one value where a list of any length is asked for
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where} must be a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:

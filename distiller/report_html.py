@@ -284,3 +284,36 @@ def render(run, teacher_latency: dict | None = None) -> str:
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content=\"width=device-width,"
             f"initial-scale=1\"><title>distiller: {_e(', '.join(report['labels']))}</title><style>{CSS}</style></head>"
             f"<body><main>{body}</main></body></html>\n")
+
+
+class HtmlReportStage:
+    """``report.html``: the page a user looks at (``report_html``); the teacher is timed once for it."""
+    name = "report.html"
+
+    def done(self, run) -> bool:
+        return run.paths.html.exists()
+
+    def work(self, run) -> int:
+        return 1
+
+    def describe(self, run) -> str:
+        return "report.html"
+
+    def run(self, run, progress) -> None:
+        write_html(run)
+        progress()
+
+
+def teacher_latency(run) -> dict | None:
+    """The teacher's image tower, exported to ONNX FP32 and timed at batch 1 once (teacher_latency.json)."""
+    p = run.paths.teacher_latency
+    if not p.exists():
+        from .atomic import write_json
+        from .bench import teacher_baseline
+        write_json(p, teacher_baseline(run.paths.root, keep=False))
+    return json.loads(p.read_text())
+
+
+def write_html(run) -> None:
+    from .atomic import write_bytes
+    write_bytes(run.paths.html, render(run, teacher_latency(run)).encode())

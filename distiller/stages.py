@@ -18,6 +18,7 @@ from runtime.errors import UserError
 from . import __version__
 from .atomic import read_json, write_bytes, write_json
 from .images import LabelStage
+from .report_html import HtmlReportStage
 from .pipeline import Run, synthesis_networks
 
 Progress = Callable[..., None]
@@ -402,38 +403,6 @@ class ReportStage:
         }
         write_json(run.paths.report, report)
         progress()
-
-
-class HtmlReportStage:
-    """``report.html``: the page a user looks at (``report_html``); the teacher is timed once for it."""
-    name = "report.html"
-
-    def done(self, run: Run) -> bool:
-        return run.paths.html.exists()
-
-    def work(self, run: Run) -> int:
-        return 1
-
-    def describe(self, run: Run) -> str:
-        return "report.html"
-
-    def run(self, run: Run, progress: Progress) -> None:
-        write_html(run)
-        progress()
-
-
-def teacher_latency(run: Run) -> dict | None:
-    """The teacher's image tower, exported to ONNX FP32 and timed at batch 1 once (teacher_latency.json)."""
-    p = run.paths.teacher_latency
-    if not p.exists():
-        from .bench import teacher_baseline
-        write_json(p, teacher_baseline(run.paths.root, keep=False))
-    return json.loads(p.read_text())
-
-
-def write_html(run: Run) -> None:
-    from .report_html import render
-    write_bytes(run.paths.html, render(run, teacher_latency(run)).encode())
 
 
 def read_report(run: Run) -> dict:

@@ -146,6 +146,7 @@ def test_held_out_judge_scores_the_bank(tmp_path, capsys):
     assert set(judge["per_concept"]) == {"cats", "dogs"} and all(0 <= v <= 1 for v in judge["per_concept"].values())
     assert json.loads((run / "report.json").read_text())["judge"] == judge
     assert "held-out judge efficientnet-lite1" in out.out and "may not transfer" in out.err  # judge_min above 1: always warns
+    assert "--images DIR" in " ".join(out.err.split())      # no images were given: the warning says what helps
     # the judge's verdict is the judge's own argmax over the bank
     r = Run(run, device="cpu")
     from distiller.bank import Bank

@@ -70,10 +70,19 @@ def messy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def image_run(messy, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    assert main(lite_make(out, "dl", "dogs,birds", "--images", str(messy), *_lite_sets())) == 0
-    return out / "dl"
+def image_make(messy, tmp_path_factory):
+    """(run folder, what make printed on stdout)."""
+    import contextlib
+    import io
+    out, buf = tmp_path_factory.mktemp("runs"), io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(lite_make(out, "dl", "dogs,birds", "--images", str(messy), *_lite_sets("teacher.judge_min=1.01"))) == 0
+    return out / "dl", buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_run(image_make):
+    return image_make[0]
 
 
 def test_make_with_images_end_to_end(image_run, messy):
@@ -94,13 +103,14 @@ def test_make_with_images_end_to_end(image_run, messy):
     # the student was selected on the real validation images, and INT8 would be calibrated on them
     assert report["student"]["selected_on"] == "real" and "val_agreement_real" in report["student"]
     assert report["export"]["calibration_source"] == "real"
+    warnings = json.loads((image_run / "warnings.json").read_text())     # judge_min above 1: the judge always warns,
+    assert any("may not transfer" in w for w in warnings) and not any("--images" in w for w in warnings)  # without the hint
     # the user's files are untouched
     assert (messy / "empty.png").stat().st_size == 0 and (messy / "sub" / "copy.jpg").exists()
 
 
-def test_summary_lists_the_skipped_files(messy, tmp_path, capsys):
-    assert main(lite_make(tmp_path, "s", "dogs,birds", "--images", str(messy), *_lite_sets("distill.epochs=0"))) == 0
-    out = " ".join(capsys.readouterr().out.split())
+def test_summary_lists_the_skipped_files(image_make):
+    out = " ".join(image_make[1].split())
     assert "real: 20" in out and "skipped: 3" in out
     for name in ("broken.jpg", "empty.png", "copy.jpg"):
         assert name in out

@@ -180,7 +180,7 @@ def export(run: Path = RUN_ARG, quiet: bool = typer.Option(False, "--quiet", "-q
 def report(run: Path = RUN_ARG, open_: bool = typer.Option(False, "--open", help="Open report.html in a browser where there is one.")):
     """Write a run's report.html again (picks up `distiller eval` results saved since)."""
     from ..pipeline import Run
-    from ..stages import write_html
+    from ..report_html import write_html
     r = Run(run, device="cpu")
     write_html(r)
     console.print(f"report [bold]{r.paths.html}[/bold] ({r.paths.html.stat().st_size / 1e6:.2f} MB)")
