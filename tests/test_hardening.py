@@ -167,7 +167,7 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path):
     init_run(root, load_recipe("smoke", {"synthesis.steps": 9}), concepts)   # corrected: starts over, no --exist-ok
     assert "steps = 9" in (root / "recipe.toml").read_text()
     (root / "styles.pt").write_bytes(b"learnt")                              # now a stage has done work
-    with pytest.raises(UserError, match="exists with other classes or settings"):
+    with pytest.raises(UserError, match="exists with other classes, settings or --images"):
         init_run(root, load_recipe("smoke", {"synthesis.steps": 11}), concepts)
 
 
