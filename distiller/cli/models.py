@@ -98,17 +98,21 @@ def evaluate(
     from ..evaluation import evaluate_models, read_labels_map, save_eval, training_overlap
     dataset, results, notes = evaluate_models(Path(model), data, read_labels_map(labels_map), teacher, baseline, offline)
     overlap = training_overlap(Path(model), dataset)
-    if overlap:
-        err.print(f"[bold red]warning: {len(overlap)} of the {len(dataset.samples)} images in {escape(str(data))} are among "
-                  f"the run's own --images (same content), e.g. {escape(overlap[0])}: the student and the teacher's labels "
-                  f"were made on them, so a score here is not an accuracy. Evaluate on images the run never saw.[/bold red]")
+    warning = (f"[bold red]warning: {len(overlap)} of the {len(dataset.samples)} images in {escape(str(data))} are among "
+               f"the run's own --images (same content), e.g. {escape(overlap[0])}: the student and the teacher's labels "
+               f"were made on them, so a score here is not an accuracy. Evaluate on images the run never saw.[/bold red]"
+               ) if overlap else None
     if Path(model).is_dir():   # a run folder keeps its latest eval for `distiller report`
         save_eval(Path(model), dataset, results, notes, overlap)
     if as_json:
+        if warning:
+            err.print(warning)
         sys.stdout.write(json.dumps({"data": str(data), "labels": dataset.labels, "results": results,
                                      "training_overlap": len(overlap)}) + "\n")
         return
     console.print(eval_table(f"{data}: {len(dataset.samples)} images, labels {', '.join(dataset.labels)}", results))
+    if warning:   # after the table, where it is read
+        err.print(warning)
     for note in notes:
         err.print(f"[dim]{escape(note)}[/dim]")
     first = next(iter(results.values()))
