@@ -39,14 +39,26 @@ class BankPlan:
     resolution: int
     val_every: int
     seed: int
+    negatives: int = 0      # open-set CLIP runs: images of the generic "other" prompts, after the concepts' images
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
 
     @property
-    def total(self) -> int:
+    def concept_images(self) -> int:
         return self.images_per_class * self.num_classes
+
+    @property
+    def total(self) -> int:
+        return self.concept_images + self.negatives
+
+    def is_negative(self, g: int) -> bool:
+        return g >= self.concept_images
+
+    def negative_prompt(self, g: int, prompts: int) -> int:
+        """Which generic prompt negative ``g`` is made for (they take turns)."""
+        return (g - self.concept_images) % prompts
 
     @property
     def num_shards(self) -> int:
@@ -56,10 +68,11 @@ class BankPlan:
         return range(shard * self.shard_size, min(self.total, (shard + 1) * self.shard_size))
 
     def class_of(self, g: int) -> int:
-        return g % self.num_classes
+        """The concept image ``g`` is made for; K (the "other" output) for a negative."""
+        return self.num_classes if self.is_negative(g) else g % self.num_classes
 
     def style_of(self, g: int) -> int:
-        return (g // self.num_classes) % len(self.style_names)
+        return 0 if self.is_negative(g) else (g // self.num_classes) % len(self.style_names)
 
     def split(self, shard: int) -> str:
         n, k = self.num_shards, self.val_every
@@ -196,7 +209,8 @@ class Bank(Shards):
         imgs, _, recs = self.load()
         rows: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(recs):
-            rows.setdefault((r["class"], r["style"]), []).append(i)
+            if r["class"] is not None:   # negatives have no concept
+                rows.setdefault((r["class"], r["style"]), []).append(i)
         keys = sorted(rows)[:64]
         label_w = 120
         sheet = Image.new("RGB", (label_w + per_class * tile, len(keys) * tile), "white")
@@ -231,7 +245,13 @@ def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", au
         idx = list(plan.indices(i))
         cls = torch.tensor([plan.class_of(g) for g in idx])
         sty = torch.tensor([plan.style_of(g) for g in idx])
-        targets = source.targets(cls, sty, gen)
+        neg = cls == plan.num_classes
+        targets = source.targets(cls.clamp(max=plan.num_classes - 1), sty, gen)
+        if neg.any():   # negatives aim at the generic prompts' embeddings, each its own prompt
+            bank_neg = teacher.negative_targets
+            rows = [plan.negative_prompt(g, len(bank_neg)) for g, n in zip(idx, neg) if n]
+            targets = targets.clone()
+            targets[neg] = bank_neg[rows].to(targets)
         if produce is not None:
             images, loss = produce(targets, cls, gen)
         else:
@@ -241,6 +261,10 @@ def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", au
             {"index": g, "shard": i, "source": "surrogate", "class": int(c), "label": plan.labels[int(c)], "style": int(s),
              "style_name": plan.style_names[int(s)], "seed": seed, "split": plan.split(i),
              "synthesis_loss": round(float(lo), 5), "path": None, "sha256": image_sha256(im)}
+            if not plan.is_negative(g) else
+            {"index": g, "shard": i, "source": "negative", "class": None, "label": None, "style": None,
+             "style_name": f"other: prompt {plan.negative_prompt(g, len(teacher.negative_targets))}", "seed": seed,
+             "split": plan.split(i), "synthesis_loss": round(float(lo), 5), "path": None, "sha256": image_sha256(im)}
             for g, c, s, lo, im in zip(idx, cls, sty, loss, images.numpy())
         ]
         bank.write_shard(i, images.numpy(), logits.numpy(), records)

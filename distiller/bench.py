@@ -156,7 +156,8 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
         import dataclasses
 
         from .teachers import build_teacher
-        teacher = build_teacher(dataclasses.replace(r.recipe.teacher, input_size=input_size), r.concepts)
+        teacher = build_teacher(dataclasses.replace(r.recipe.teacher, input_size=input_size), r.concepts,
+                                openset=r.recipe.openset)
         onnx_path = run / f"teacher_image_{teacher.input_size}.onnx"
     created = not onnx_path.exists()
     if created:

@@ -189,7 +189,11 @@ def batch_predictor(prepare: Callable[[Path], np.ndarray], run: Callable[[np.nda
 
 def runtime_predictor(clf) -> Callable[[list[Path]], np.ndarray]:
     """A runtime Classifier as a paths -> logits function."""
-    return batch_predictor(lambda p: clf.preprocess([p])[0], clf.logits, len(clf.labels))
+    def decisions(x: np.ndarray) -> np.ndarray:   # one-hot answers: the argmax is what classify() answers
+        out = np.zeros((len(x), clf.metadata.outputs), np.float32)
+        out[np.arange(len(x)), clf.decide(clf.logits(x))] = 1.0
+        return out
+    return batch_predictor(lambda p: clf.preprocess([p])[0], decisions, clf.metadata.outputs)
 
 
 def teacher_predictor(teacher, device="cpu") -> Callable[[list[Path]], np.ndarray]:
@@ -203,19 +207,20 @@ def teacher_predictor(teacher, device="cpu") -> Callable[[list[Path]], np.ndarra
     @torch.no_grad()
     def run(x: np.ndarray) -> np.ndarray:
         return teacher.logits(torch.from_numpy(x).to(device)).float().cpu().numpy()
-    return batch_predictor(lambda p: preprocess(p, pre), run, teacher.num_classes)
+    return batch_predictor(lambda p: preprocess(p, pre), run, teacher.outputs)
 
 
 FREE_BASELINE = ("efficientnet-lite0", 128)   # the smallest offline ImageNet net, at the cpu student's size
 
 
-def baseline_predictor(concepts, device="cpu") -> Callable[[list[Path]], np.ndarray]:
+def baseline_predictor(concepts, device="cpu", openset=False) -> Callable[[list[Path]], np.ndarray]:
     """The free baseline: EfficientNet-Lite0's own ImageNet head restricted to the concepts (logsumexp
-    over each concept's member classes) at 128 px. No synthesis, no training: what a student must beat."""
+    over each concept's member classes; with ``openset``, "other" over every other class) at 128 px. No
+    synthesis, no training: what a student must beat."""
     from .recipe import TeacherCfg
     from .teachers import build_teacher
     model, size = FREE_BASELINE
-    return teacher_predictor(build_teacher(TeacherCfg(model=model, input_size=size), concepts, device), device)
+    return teacher_predictor(build_teacher(TeacherCfg(model=model, input_size=size), concepts, device, openset=openset), device)
 
 
 def run_variants(run: Path) -> tuple[list[Path], list[str]]:
@@ -256,7 +261,7 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
         results["teacher"] = evaluate(teacher_predictor(run.teacher(), run.device), dataset)
     if baseline:
         try:
-            pred = baseline_predictor(run.concepts)
+            pred = baseline_predictor(run.concepts, openset=run.recipe.openset)
         except UserError as exc:
             notes.append(f"free baseline not scored: {exc}")
         else:

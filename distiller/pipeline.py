@@ -63,7 +63,8 @@ class Run:
             from .teachers import build_teacher
             path = self.paths.text_embeddings
             emb = load_torch(path, weights_only=True) if path.exists() else None
-            self._teacher = build_teacher(self.recipe.teacher, self.concepts, self.device, self.offline, emb)
+            self._teacher = build_teacher(self.recipe.teacher, self.concepts, self.device, self.offline, emb,
+                                          self.recipe.openset)
         if self._teacher.text is not None and not self.paths.text_embeddings.exists():
             save_torch(self._teacher.text.cpu(), self.paths.text_embeddings)
         return self._teacher
@@ -85,7 +86,7 @@ class Run:
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
 
     @contextmanager
-    def timer(self, stage: str, every_s: float = 5.0):
+    def timer(self, stage: str, every_s: float = 1.0):
         """Time a stage into timings.json as it goes: ``tick()`` adds the time since the last tick (at most
         every ``every_s``); the rest is added on the way out, an interrupt included. A kill loses at most
         the last few seconds, never the whole stage."""
@@ -217,9 +218,15 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
     from .teachers import check_teacher, judge_cfg, resolve_family
     resolve_device(recipe.device)
     syn = recipe.synthesis
+    from .stages import negatives
     BankPlan(tuple(c.label for c in concepts), ("plain",), syn.images_per_class, syn.shard_size,
-             syn.resolution, syn.val_every, recipe.seed).validate()
+             syn.resolution, syn.val_every, recipe.seed, negatives(recipe, len(concepts))).validate()
     student_spec(recipe, concepts)
+    if recipe.openset:
+        labels = [c.label for c in concepts]
+        if not recipe.other_label.strip() or recipe.other_label in labels:
+            raise UserError(f"other_label {recipe.other_label!r} " + ("is empty" if not recipe.other_label.strip() else
+                            "is also one of the classes") + ": pass another name with --other-label NAME")
     from .distill import check_weights
     check_weights(recipe.distill)
     for v in recipe.export.variants:

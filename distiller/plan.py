@@ -21,9 +21,11 @@ class Estimate:
     shards: int
     seconds: float
     seconds_per_step: float
+    negatives: int = 0      # of ``images``: made for the generic "other" prompts
 
     def line(self, steps: int) -> str:
-        return (f"{self.images} surrogate images in {self.shards} shards x {steps} steps: about "
+        neg = f" ({self.negatives} of them negatives for 'other')" if self.negatives else ""
+        return (f"{self.images} surrogate images{neg} in {self.shards} shards x {steps} steps: about "
                 f"{format_duration(self.seconds)} of synthesis on this machine "
                 f"({self.seconds_per_step:.2f} s per step of one shard, measured)")
 
@@ -43,8 +45,10 @@ def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, s
 
     from .prompts import ClassPrompts
     from .synthesis import synthesize
+    from .stages import negatives
     syn = recipe.synthesis
-    images = syn.images_per_class * len(concepts)
+    neg = negatives(recipe, len(concepts))
+    images = syn.images_per_class * len(concepts) + neg
     shards = -(-images // syn.shard_size)
     k = len(concepts)
     cls = torch.arange(min(syn.shard_size, images)) % k
@@ -56,7 +60,7 @@ def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, s
                gen, device, on_step=lambda i, loss: stamps.append(time.perf_counter()))
     per_step = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
     total = per_step * (shards * syn.steps + syn.generator_steps)
-    return Estimate(images, shards, total, per_step)
+    return Estimate(images, shards, total, per_step, neg)
 
 
 def confirm_plan(resumed, recipe, concepts, reporter: Reporter, yes: bool, offline: bool = False):
@@ -71,7 +75,7 @@ def confirm_plan(resumed, recipe, concepts, reporter: Reporter, yes: bool, offli
     if resumed is not None and Bank(RunPaths(resumed).bank).is_complete():
         return None
     device = resolve_device(recipe.device)
-    teacher = build_teacher(recipe.teacher, concepts, device, offline)
+    teacher = build_teacher(recipe.teacher, concepts, device, offline, openset=recipe.openset)
     est = estimate_synthesis(recipe, concepts, teacher, device, offline)
     limit = recipe.synthesis.confirm_above
     if limit and est.images > limit and not yes:

@@ -39,6 +39,9 @@ class TeacherCfg:
     input_size: int = num(0, min=0, max=1024)   # ImageNet teachers: inference size; 0: the model's own
     judge: str = "auto"                         # held-out network scoring the bank; auto | none | a teacher name
     judge_min: float = num(0.5, min=0.0)        # warn for concepts the judge agrees on less often (above 1: always)
+    other_prompts: tuple[str, ...] = ("a photo of an object.", "a photo of a scene.", "a photo of something.",
+                                      "a close-up photo of a texture.", "a photo of a room.", "a photo of a landscape.",
+                                      "a photo of a pattern.", "a photo of an empty place.")   # CLIP: what "other" reads
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class SynthesisCfg:
     generator_steps: int = num(0, min=0)        # 0: optimise each image; > 0: train a generator this long, sample the bank
     generator_lr: float = num(0.001, above=0.0)
     generator_diversity: float = num(0.0, min=0.0)  # mode-seeking term: samples of one class must differ with z
+    negative_share: float = num(0.15, min=0.0, max=0.5)   # CLIP + openset: bank share made for teacher.other_prompts
     confirm_above: int = num(20000, min=0)      # more planned images than this need `make --yes` (0: never ask)
 
 
@@ -131,6 +135,8 @@ class Recipe:
     seed: int = num(0, min=0, max=2**63 - 1)
     device: str = "auto"                        # auto | cpu | cuda
     target: str = "cpu"
+    openset: bool = True                        # models have an extra last output, other_label: "none of these"
+    other_label: str = "other"
     teacher: TeacherCfg = field(default_factory=TeacherCfg)
     prompts: PromptsCfg = field(default_factory=PromptsCfg)
     synthesis: SynthesisCfg = field(default_factory=SynthesisCfg)

@@ -47,7 +47,17 @@ def bank_plan(run: Run, style_names, resolution: int):
     from .bank import BankPlan
     syn = run.recipe.synthesis
     return BankPlan(tuple(run.labels), tuple(style_names), syn.images_per_class, syn.shard_size, resolution,
-                    syn.val_every, run.recipe.seed)
+                    syn.val_every, run.recipe.seed, negatives(run.recipe, len(run.labels)))
+
+
+def negatives(recipe, k: int) -> int:
+    """Negatives in the bank: ``synthesis.negative_share`` of it, for open-set CLIP teachers synthesising
+    image by image (ImageNet teachers' "other" is their non-member classes; a generator is class-conditioned)."""
+    from .teachers import resolve_family
+    syn = recipe.synthesis
+    if not recipe.openset or resolve_family(recipe.teacher.model).targets != "text" or syn.generator_steps:
+        return 0
+    return round(syn.negative_share / (1 - syn.negative_share) * syn.images_per_class * k)
 
 
 class PromptsStage:
@@ -89,7 +99,8 @@ def synthesis_objective(recipe, concepts, teacher, device="cpu", offline=False):
     syn = recipe.synthesis
     if not syn.ensemble and not syn.adversarial:
         return teacher
-    extra = [build_teacher(dataclasses.replace(recipe.teacher, model=name, judge="none"), concepts, device, offline)
+    extra = [build_teacher(dataclasses.replace(recipe.teacher, model=name, judge="none"), concepts, device, offline,
+                           openset=recipe.openset)
              for name in syn.ensemble]
     competitor = None
     if syn.adversarial:
@@ -153,11 +164,12 @@ class SynthesizeStage:
 
     def work(self, run: Run) -> int:
         syn = run.recipe.synthesis
-        return -(-syn.images_per_class * len(run.labels) // syn.shard_size)
+        return -(-(syn.images_per_class * len(run.labels) + negatives(run.recipe, len(run.labels))) // syn.shard_size)
 
     def describe(self, run: Run) -> str:
         syn = run.recipe.synthesis
-        return f"synthesis ({syn.images_per_class * len(run.labels)} images, {syn.steps} steps)"
+        neg = negatives(run.recipe, len(run.labels))
+        return f"synthesis ({syn.images_per_class * len(run.labels)} images{f' + {neg} negatives' if neg else ''}, {syn.steps} steps)"
 
     def run(self, run: Run, progress: Progress) -> None:
         from .bank import fill_bank
@@ -208,11 +220,12 @@ class JudgeStage:
         from .synthesis import teacher_logits
         from .teachers import build_teacher
         rec, cfg = run.recipe, self.cfg(run)
-        judge = build_teacher(cfg, run.concepts, run.device, run.offline)
+        judge = build_teacher(cfg, run.concepts, run.device, run.offline, openset=rec.openset)
         imgs, _, recs = _bank(run).load()
         with torch.no_grad():
             pred = teacher_logits(judge, torch.from_numpy(imgs), device=run.device).argmax(1).numpy()
-        truth = np.array([r["class"] for r in recs])
+        keep = np.array([r["class"] is not None for r in recs])          # negatives have no concept to judge
+        pred, truth = pred[keep], np.array([r["class"] for r in recs if r["class"] is not None])
         per = {c.label: float((pred[truth == k] == k).mean()) for k, c in enumerate(run.concepts)}
         result = {"judge": cfg.model, "per_concept": per, "overall": float((pred == truth).mean()), "images": int(len(truth)),
                   "min": rec.teacher.judge_min}
@@ -337,10 +350,14 @@ class ExportStage:
         val = np.stack([preprocess(im, spec.preprocess) for im in check])
         with torch.no_grad():
             reference = student(torch.from_numpy(val)).numpy()
+        has_negatives = source is bank and bank.plan().negatives > 0
+        threshold, fit = open_set_threshold(rec, reference, va_logit, "real" if source is real else
+                                            "surrogate+negatives" if has_negatives else None)
         meta = ModelMetadata(
             labels=tuple(run.labels), preprocess=spec.preprocess, student=spec.model,
             teacher=teacher_info(run), recipe=rec.to_dict(),
             package_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            other_label=rec.other_label if rec.openset else "", threshold=threshold, threshold_fit=fit,
         )
         ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset)
         result = export_all(ctx, rec.export.variants, val, reference, va_logit, rec.export.max_drop,
@@ -348,6 +365,7 @@ class ExportStage:
                             min_speedup=rec.export.min_speedup)
         result["fidelity_images"] = len(val)
         result["calibration_source"] = "real" if source is real else "surrogate"
+        result["threshold"] = {"value": threshold, **fit}
         for note in result["notes"]:
             run.warn(note)
         write_json(run.paths.export, result)
@@ -355,6 +373,27 @@ class ExportStage:
     @staticmethod
     def result(run: Run) -> dict:
         return json.loads(run.paths.export.read_text())
+
+
+def open_set_threshold(recipe, reference, teacher_logits, source: str | None) -> tuple[float, dict]:
+    """The open-set threshold and how it was chosen: fitted on validation images (the teacher's argmax,
+    "other" included, as the truth) from ``source``: the real ones (--images), or the bank's with its
+    negatives; with neither (None), 0, so the other output alone decides."""
+    import numpy as np
+
+    from runtime.classifier import softmax
+
+    from .openset import fit_threshold
+    if not recipe.openset:
+        return 0.0, {}
+    rows = ~np.isnan(teacher_logits).any(1)
+    if source is None or not rows.any():
+        return 0.0, {"source": "none", "images": 0,
+                     "note": "no real validation images and no negatives to fit on: the other output alone decides"}
+    truth = teacher_logits[rows].argmax(1)
+    t, score = fit_threshold(softmax(reference[rows]), truth)
+    return t, {"source": source, "images": int(rows.sum()), "balanced_accuracy": round(score, 4),
+               "other_images": int((truth == teacher_logits.shape[1] - 1).sum())}
 
 
 def teacher_info(run: Run) -> dict:

@@ -43,7 +43,7 @@ class StudentSpec:
     model: str
     num_classes: int
     preprocess: Preprocess
-    groups: tuple[tuple[int, ...], ...] = ()     # ImageNet classes per concept: the imagenet head; () a fresh one
+    groups: tuple[tuple[int, ...], ...] = ()     # ImageNet classes per output: the imagenet head; () a fresh one
 
 
 def student_spec(recipe, concepts) -> StudentSpec:
@@ -59,7 +59,14 @@ def student_spec(recipe, concepts) -> StudentSpec:
     size = cfg.input_size or (default_size if model == default else target.input_size)
     mean, std = _norm_of(model)
     pre = Preprocess.from_crop_pct(size, target.crop_pct, interpolation=target.interpolation, mean=mean, std=std)
-    return StudentSpec(model, len(concepts), pre, _head_groups(cfg, concepts))
+    groups = _head_groups(cfg, concepts)
+    if groups and recipe.openset:   # "other": every ImageNet row no concept owns, as the ImageNet teachers score it
+        owned = {i for g in groups for i in g}
+        groups = groups + (tuple(i for i in range(IMAGENET_CLASSES) if i not in owned),)
+    return StudentSpec(model, len(concepts) + int(recipe.openset), pre, groups)
+
+
+IMAGENET_CLASSES = 1000
 
 
 def _head_groups(cfg, concepts) -> tuple[tuple[int, ...], ...]:

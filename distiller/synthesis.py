@@ -66,7 +66,8 @@ class Objective:
             loss = loss + t.synthesis_loss(views, targets, classes, cfg)
         loss = loss / (1 + len(self.extra))
         if logits is not None:
-            loss = loss + self.adversarial * (1 - js_divergence(logits.float(), self.competitor(views).float()))
+            k = self.teacher.num_classes   # disagreement over the concepts ("other" holds most of the mass)
+            loss = loss + self.adversarial * (1 - js_divergence(logits[:, :k].float(), self.competitor(views)[:, :k].float()))
         return loss
 
 

@@ -229,6 +229,8 @@ class Classifier:
         self._run = run
         self.metadata = metadata
         self.labels = list(metadata.labels)
+        self.other_label = metadata.other_label or None    # open-set models answer it for "none of these"
+        self.threshold = float(metadata.threshold)
         self.path = path
         self.backend = backend
         self.exact = exact
@@ -264,20 +266,44 @@ class Classifier:
     def probabilities(self, images, channels: str = "rgb") -> np.ndarray:
         return softmax(self.logits(self.preprocess(images, channels)))
 
-    def _ranked(self, row: np.ndarray, k: int) -> list[tuple[str, float]]:
-        order = np.argsort(-row, kind="stable")[:k]
-        return [(self.labels[i], float(row[i])) for i in order]
+    def decide(self, logits: np.ndarray, open_set: bool = True) -> np.ndarray:
+        """The answer per row of raw outputs [N, outputs], as an index: a concept, or K for ``other_label``
+        (open-set: the other output wins, or the best concept's probability is under the threshold)."""
+        n = len(self.labels)
+        if not self.other_label or not open_set:
+            return logits[:, :n].argmax(1)
+        p = softmax(logits[:, :n + 1])
+        pred = p.argmax(1)
+        reject = (pred != n) & (p[np.arange(len(p)), pred] < self.threshold)
+        return np.where(reject, n, pred)
 
-    def classify(self, images: ImageLike | list, top_k: int = 5, channels: str = "rgb"):
+    def _ranked(self, logits: np.ndarray, k: int, open_set: bool = True) -> list[tuple[str, float]]:
+        """The ranking for one row of raw outputs. Open-set: softmax over the K concepts and ``other``;
+        ``other`` comes first when its output wins or when the best concept's probability is under the
+        threshold. Closed-set (or ``open_set=False``): softmax over the K concept outputs alone."""
+        n = len(self.labels)
+        if not self.other_label or not open_set:
+            p = softmax(logits[:n])
+            return [(self.labels[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
+        p = softmax(logits[:n + 1])
+        order = list(np.argsort(-p, kind="stable"))
+        if order[0] != n and p[order[0]] < self.threshold:
+            order.remove(n)
+            order.insert(0, n)
+        names = self.labels + [self.other_label]
+        return [(names[i], float(p[i])) for i in order[:k]]
+
+    def classify(self, images: ImageLike | list, top_k: int = 5, channels: str = "rgb", open_set: bool = True):
         """(label, probability) pairs, best first; a list of such lists for a list input (decoded on
-        threads while the model runs, as ``classify_iter``)."""
-        k = _check_top_k(top_k, len(self.labels))
+        threads while the model runs, as ``classify_iter``). An open-set model may answer its
+        ``other_label`` ("none of these"); ``open_set=False`` ranks the concepts alone."""
+        k = _check_top_k(top_k, len(self.labels) + (1 if self.other_label and open_set else 0))
         if isinstance(images, (list, tuple)):
-            return list(self.classify_iter(images, top_k=top_k, channels=channels))
-        return self._ranked(self.probabilities([images], channels)[0], k)
+            return list(self.classify_iter(images, top_k=top_k, channels=channels, open_set=open_set))
+        return self._ranked(self.logits(self.preprocess([images], channels))[0], k, open_set)
 
     def classify_iter(self, images: Iterable[ImageLike], top_k: int = 5, batch_size: int = 16, workers: int | None = None,
-                      channels: str = "rgb", errors: str = "raise") -> Iterator:
+                      channels: str = "rgb", errors: str = "raise", open_set: bool = True) -> Iterator:
         """Results for ``images`` (any iterable, consumed lazily), in input order. A small thread pool
         decodes and resizes the next images while the model runs the current batch (Pillow releases the
         GIL while it decodes); at most ``batch_size + workers`` images are in flight at any time, so a
@@ -285,7 +311,7 @@ class Classifier:
         image that cannot be read in its place instead of raising it."""
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
-        k = _check_top_k(top_k, len(self.labels))
+        k = _check_top_k(top_k, len(self.labels) + (1 if self.other_label and open_set else 0))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size = {batch_size!r}: use a whole number >= 1")
         if errors not in ("raise", "return"):
@@ -317,14 +343,14 @@ class Classifier:
                 fill(workers)   # the next images decode while this batch runs
                 arrays = [f.result() for f in batch]
                 good = [a for a in arrays if not isinstance(a, UserError)]
-                probs = iter(softmax(self.logits(np.stack(good)))) if good else iter(())
+                rows = iter(self.logits(np.stack(good))) if good else iter(())
                 for a in arrays:
                     if isinstance(a, UserError):
                         if errors == "raise":
                             raise a
                         yield a
                     else:
-                        yield self._ranked(next(probs), k)
+                        yield self._ranked(next(rows), k, open_set)
                 fill(batch_size + workers)
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import UserError
 
 METADATA_KEY = "distiller"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: open-set models (other_label, threshold); version 1 models load as closed-set
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
@@ -54,12 +54,24 @@ class ModelMetadata:
     package_version: str = ""
     created: str = ""
     extra: dict = field(default_factory=dict)
+    other_label: str = ""        # open-set: the name of the model's extra last output ("" : closed-set, K outputs)
+    threshold: float = 0.0       # open-set: answer other_label when the best concept's probability is below this
+    threshold_fit: dict = field(default_factory=dict)   # how the threshold was chosen (images, source, score)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
         object.__setattr__(self, "labels", tuple(self.labels))
         if len(self.labels) < 2:
             raise UserError("model metadata lists fewer than 2 labels: re-export the model")
+        if self.other_label and self.other_label in self.labels:
+            raise UserError(f"the open-set label {self.other_label!r} is also a concept: rename it (make --other-label NAME)")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise UserError(f"model metadata threshold {self.threshold} is outside [0, 1]: re-export the model")
+
+    @property
+    def outputs(self) -> int:
+        """The model's output width: the concepts, plus one for ``other_label`` in an open-set model."""
+        return len(self.labels) + (1 if self.other_label else 0)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -52,7 +52,8 @@ def test_eval_matches_the_runtime(smoke_run, folder, capsys):
     clf = Classifier.load(smoke_run / "student.onnx")
     ds = load_image_folder(root, clf.labels, {"hund": "dog"})
     ok = [s for s in ds.samples if s.path.name != "broken.png"]
-    pred = np.array([clf.labels.index(clf.classify(s.path, top_k=1)[0][0]) for s in ok])
+    names = clf.labels + [clf.other_label]          # an "other" answer is wrong for a known class
+    pred = np.array([names.index(clf.classify(s.path, top_k=1)[0][0]) for s in ok])
     truth = np.array([s.label for s in ok])
     rows = {r["domain"]: r for r in res["rows"]}
     assert rows["all"]["n"] == 24
@@ -74,7 +75,8 @@ def test_eval_run_folder_scores_variants_and_teacher(smoke_run, folder, capsys):
     from distiller.concepts import load_concepts
     from distiller.evaluation import baseline_predictor, evaluate
     ds = load_image_folder(root, ["cat", "dog"], {"hund": "dog"})
-    assert results[baseline]["rows"] == json.loads(json.dumps(evaluate(baseline_predictor(load_concepts(smoke_run / "concepts.json")), ds)["rows"]))
+    free = baseline_predictor(load_concepts(smoke_run / "concepts.json"), openset=True)   # the run is open-set
+    assert results[baseline]["rows"] == json.loads(json.dumps(evaluate(free, ds)["rows"]))
     # the folder holds the val bank images losslessly (PNG at the teacher's own size, so its eval transform is
     # the identity): the teacher must reproduce its own bank labels exactly. With no near-tie in the bank
     # logits, its accuracy is exactly that of the bank argmax against the intended classes.
@@ -101,6 +103,10 @@ def test_predict_json_and_corrupt_files(smoke_run, folder, capsys):
     cap = capsys.readouterr()
     lines = [json.loads(x) for x in cap.out.splitlines()]
     assert len(lines) == 12 and all(len(x["top"]) == 2 for x in lines)
-    assert all(abs(sum(t["probability"] for t in x["top"]) - 1) < 1e-4 for x in lines)
+    assert all(sum(t["probability"] for t in x["top"]) <= 1 + 1e-4 for x in lines)     # of cat, dog, other
+    assert main(["predict", str(smoke_run), str(root / "photo"), "--json", "--top-k", "3"]) == 0
+    full = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert all(abs(sum(t["probability"] for t in x["top"]) - 1) < 1e-4 for x in full)
+    assert all({t["label"] for t in x["top"]} == {"cat", "dog", "other"} for x in full)
     assert "broken.png" in cap.err
     assert main(["predict", str(smoke_run), str(root / "nothing*.png")]) == 2

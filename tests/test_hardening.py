@@ -144,7 +144,7 @@ def test_unreadable_pretrained_file(tiny_clip, tmp_path, capsys, kind):
 def test_huge_class_list_stops_with_an_estimate_unless_yes(tiny_clip, tmp_path, capsys):
     out = tmp_path / "runs"
     err = _one_line_exit_2(_make(tiny_clip, out, classes=",".join(f"thing{i}" for i in range(1000))), capsys,
-                           "48000 surrogate images in 4000 shards x 10 steps: about")
+                           "56471 surrogate images (8471 of them negatives for 'other') in 4706 shards x 10 steps: about")
     assert "of synthesis on this machine" in err and "synthesis.confirm_above = 20000" in err and "--yes" in err
     _nothing_written(out)
 
@@ -152,7 +152,7 @@ def test_huge_class_list_stops_with_an_estimate_unless_yes(tiny_clip, tmp_path, 
 def test_plan_is_printed_and_confirm_above_is_a_recipe_key(tiny_clip, tmp_path, capsys):
     out = tmp_path / "runs"
     _one_line_exit_2(_make(tiny_clip, out, "--set", "synthesis.confirm_above=50"), capsys,
-                     "96 surrogate images in 8 shards x 10 steps")
+                     "113 surrogate images (17 of them negatives for 'other') in 10 shards x 10 steps")
     _nothing_written(out)
 
 

@@ -30,10 +30,17 @@ def test_every_artifact_exists(smoke_run, report):
     assert not list(smoke_run.rglob(".*.tmp")), "temporary files left behind"
     bank = Bank(smoke_run / "bank")
     plan = bank.plan()
-    assert bank.is_complete() and plan.num_shards == 8 and plan.total == 96
+    # 96 images of the concepts + 17 negatives (synthesis.negative_share 0.15 of the bank, for the generic
+    # "other" prompts: the run is open-set), planned by index after the concepts' images
+    assert bank.is_complete() and plan.num_shards == 10 and plan.total == 113 and plan.negatives == 17
     manifest = [json.loads(x) for x in (smoke_run / "bank/manifest.jsonl").read_text().splitlines()]
-    assert len(manifest) == 96 and {r["split"] for r in manifest} == {"train", "val"}
-    assert all(len(r["logits"]) == 2 for r in manifest)
+    assert len(manifest) == 113 and {r["split"] for r in manifest} == {"train", "val"}
+    assert all(len(r["logits"]) == 3 for r in manifest)          # cat, dog, other
+    neg = [r for r in manifest if r["source"] == "negative"]
+    assert len(neg) == 17 and [r["index"] for r in neg] == list(range(96, 113))
+    assert all(r["class"] is None and r["label"] is None for r in neg)
+    assert {r["style_name"] for r in neg} == {f"other: prompt {i}" for i in range(8)}
+    assert sum(r["source"] == "surrogate" for r in manifest) == 96
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +85,7 @@ def test_student_learned_the_teacher(report, student_and_val):
     pred = ref.argmax(1)
     agree = float((pred == teacher.argmax(1)).mean())
     assert agree > 0.6, f"student-teacher agreement on val {agree} is not above chance"
-    assert set(pred.tolist()) == {0, 1}, "a constant student must fail"
+    assert len(set(pred.tolist())) >= 2, "a constant student must fail"
     assert report["student"]["best_val_agreement"] == pytest.approx(agree, abs=0.05)
 
 
@@ -89,7 +96,7 @@ def test_int8_close_to_fp32(report):
         assert row["agreement"] >= 0.9, (name, row)
     assert report["deployable"] in {r["file"] for r in report["export"]["variants"].values()}
     # fidelity is checked on every bank image (96: 24 val + 72 train), teacher agreement on the val shards only
-    assert report["export"]["fidelity_images"] == 96
+    assert report["export"]["fidelity_images"] == 113   # every bank image, negatives included
     fp32 = report["export"]["variants"]["onnx-fp32"]
     assert fp32["teacher_agreement"] * 24 == pytest.approx(round(fp32["teacher_agreement"] * 24))
 
@@ -104,14 +111,14 @@ def test_runtime_classifies_without_torch(smoke_run, tmp_path):
         "    sys.modules[m] = None\n"
         "from runtime import Classifier\n"
         f"clf = Classifier.load({str(smoke_run)!r})\n"
-        f"res = clf.classify({str(tmp_path / 'x.png')!r}, top_k=2)\n"
+        f"res = clf.classify({str(tmp_path / 'x.png')!r}, top_k=3)\n"
         "assert [l for l, _ in res] and abs(sum(p for _, p in res) - 1) < 1e-5, res\n"
         "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
         "print(res)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "cat" in r.stdout and "dog" in r.stdout
+    assert "cat" in r.stdout and "dog" in r.stdout and "other" in r.stdout
 
 
 def test_rerun_of_finished_run_is_refused_and_exist_ok_redoes_it(smoke_run, tiny_clip, tmp_path, capsys):

@@ -93,7 +93,8 @@ def test_unreadable_images_raise_user_error(tmp_path):
 def test_metadata_json_round_trip_and_versioning():
     m = ModelMetadata(labels=("a", "b"), preprocess=Preprocess(size=64, resize=73), student="x", precision="int8")
     assert ModelMetadata.from_json(m.to_json()) == m
-    newer = m.to_json().replace('"schema_version": 1', '"schema_version": 99')
+    from runtime.metadata import SCHEMA_VERSION
+    newer = m.to_json().replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 99')
     with pytest.raises(UserError, match="newer than this runtime"):
         ModelMetadata.from_json(newer)
     with pytest.raises(UserError, match="fewer than 2 labels"):

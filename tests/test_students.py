@@ -28,9 +28,9 @@ def test_imagenet_head_student_is_the_free_baseline_and_exports(tmp_path):
     concepts = parse_concepts("cats,dogs")
     spec = student_spec(load_recipe("cpu-imagenet"), concepts)
     assert (spec.model, spec.preprocess.size) == ("tf_efficientnet_lite0", 128)
-    assert [len(g) for g in spec.groups] == [7, 118]
+    assert [len(g) for g in spec.groups] == [7, 118, 875]     # cats, dogs, and "other": every other ImageNet row
     student = create_student(spec, "pretrained").eval()
-    baseline = build_teacher(TeacherCfg(model=FREE_BASELINE[0], input_size=FREE_BASELINE[1]), concepts)
+    baseline = build_teacher(TeacherCfg(model=FREE_BASELINE[0], input_size=FREE_BASELINE[1]), concepts, openset=True)
     x = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = student((x - 0.5) / 0.5)
@@ -39,7 +39,7 @@ def test_imagenet_head_student_is_the_free_baseline_and_exports(tmp_path):
     save_torch({"model": student.state_dict()}, tmp_path / "best.pt")
     with torch.no_grad():
         torch.testing.assert_close(load_student(spec, tmp_path / "best.pt")((x - 0.5) / 0.5), ours)
-    meta = ModelMetadata(labels=("cats", "dogs"), preprocess=spec.preprocess, student=spec.model)
+    meta = ModelMetadata(labels=("cats", "dogs"), preprocess=spec.preprocess, student=spec.model, other_label="other")
     export_onnx(student, 128, tmp_path / "s.onnx", meta)
     from exporter.quantize import onnx_to_openvino
     onnx_to_openvino(tmp_path / "s.onnx", tmp_path / "s.xml", meta)
@@ -62,7 +62,7 @@ def test_student_head_choices():
         student_spec(rec.replace({"student.head": "linear"}), cats)
     scratch = student_spec(rec.replace({"student.init": "scratch"}), cats)
     assert (scratch.model, scratch.preprocess.size, scratch.groups) == ("mobilenetv3_small_100", 128, ())
-    assert create_student(scratch).get_classifier().out_features == 2
+    assert create_student(scratch).get_classifier().out_features == 3     # two concepts and "other"
 
 
 def test_auto_recipe_follows_the_teacher_family():
@@ -118,7 +118,7 @@ def test_readme_example_runs_offline_with_the_imagenet_recipe(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 256, (180, 240, 3), dtype=np.uint8)).save(paths[-1])
     clf = Classifier.load(run, exact=True)
     ours = np.stack([clf.logits(clf.preprocess([p]))[0] for p in paths])
-    ref = baseline_predictor(load_concepts(run / "concepts.json"))(paths)
+    ref = baseline_predictor(load_concepts(run / "concepts.json"), openset=True)(paths)   # other included
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=1e-3)
     # epoch 0 (the student as initialised) is scored and kept: epochs = 0 ships the free baseline as is
     import dataclasses

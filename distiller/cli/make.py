@@ -62,6 +62,8 @@ def make(
     offline: bool = typer.Option(False, "--offline", help="Never reach a model hub; fail fast on missing weights."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Start even above synthesis.confirm_above planned images."),
     images: Optional[List[Path]] = IMAGES,
+    other_label: Optional[str] = typer.Option(None, "--other-label", help="Name of the open-set answer for images of "
+                                              "none of the classes (default: other; --set openset=false: none)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any recipe key: --set synthesis.steps=200"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     verbose: bool = VERBOSE,
@@ -75,7 +77,7 @@ def make(
     concepts = parse_concepts(classes, classes_file)
     overrides = {"target": target, "teacher.model": teacher, "teacher.pretrained": pretrained,
                  "prompts.source": prompts, "prompts.styles": styles, "device": device, "seed": seed,
-                 "student.init": student_init}
+                 "student.init": student_init, "other_label": other_label}
     overrides.update(parse_set(set_ or []))
     if recipe == "auto":
         from ..teachers import auto_recipe

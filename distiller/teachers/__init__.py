@@ -33,12 +33,15 @@ class Teacher(Protocol):
 
     input_size: int                               # the size it runs at
     num_classes: int                              # concepts
+    outputs: int                                  # logits columns: the concepts, + 1 with openset
     text: "torch.Tensor | None"                   # class text embeddings [K, D] (CLIP), else None
     text_tower: TextTower | None                  # the text encoder for prompt styles, else None
     members: "list[torch.Tensor] | None"          # ImageNet classes per concept (classifiers), else None
+    openset: bool                                 # logits end with one more column: "other" (none of the concepts)
+    negative_targets: "torch.Tensor | None"       # synthesis targets for the bank's negatives (CLIP + openset), else None
 
     def logits(self, images: "torch.Tensor") -> "torch.Tensor":
-        """Differentiable logits over the concepts [B, K]."""
+        """Differentiable logits over the concepts [B, K], and "other" last with ``openset`` [B, K + 1]."""
 
     def synthesis_loss(self, images, targets, classes, cfg) -> "torch.Tensor":
         """Per-image loss the synthesizer minimises [B]."""
@@ -119,10 +122,10 @@ def judge_cfg(cfg, used=()):
     return dataclasses.replace(cfg, model=name, judge="none", input_size=size)
 
 
-def build_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None) -> Teacher:
-    """The teacher a recipe's ``[teacher]`` slice names, with its concept head."""
+def build_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None, openset=False) -> Teacher:
+    """The teacher a recipe's ``[teacher]`` slice names, with its concept head (and an "other" output)."""
     fam = resolve_family(cfg.model)
-    return fam.build(cfg, concepts, device=device, offline=offline, text_embeddings=text_embeddings)
+    return fam.build(cfg, concepts, device=device, offline=offline, text_embeddings=text_embeddings, openset=openset)
 
 
 # Lookup order: CLIP config path, efficientnet-lite*, timm:, open_clip name.

@@ -44,8 +44,9 @@ class ClipTeacher(torch.nn.Module):
     members = None   # no ImageNet classes: CLIP reads the class text
 
     def __init__(self, model, model_name: str, weights: str, text_embeddings: torch.Tensor, templates, tokenizer,
-                 class_texts):
+                 class_texts, other_embedding: torch.Tensor | None = None, other_prompts: torch.Tensor | None = None):
         super().__init__()
+        self.openset = other_embedding is not None
         self.model = model.eval().requires_grad_(False)
         self.model_name, self.weights, self.templates = model_name, weights, tuple(templates)
         pp = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
@@ -55,6 +56,11 @@ class ClipTeacher(torch.nn.Module):
         self.std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
         self.interpolation = pp.get("interpolation", "bicubic")
         self.register_buffer("text", F.normalize(text_embeddings.float(), dim=-1))
+        # the head: the concepts' embeddings, and with openset the generic prompts' ensemble last ("other")
+        head = self.text if other_embedding is None else torch.cat([self.text, F.normalize(other_embedding.float().view(1, -1), dim=-1)])
+        self.register_buffer("head", head)
+        # synthesis targets for the bank's negatives: each generic prompt's own embedding
+        self.negative_targets = None if other_embedding is None else other_prompts
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1))
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1))
         self.scale = float(model.logit_scale.exp().clamp(max=100))
@@ -64,6 +70,10 @@ class ClipTeacher(torch.nn.Module):
     def num_classes(self) -> int:
         return self.text.shape[0]
 
+    @property
+    def outputs(self) -> int:
+        return self.head.shape[0]
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
             images = F.interpolate(images, size=(self.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
@@ -71,14 +81,14 @@ class ClipTeacher(torch.nn.Module):
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.image_features(images) @ self.text.t()
+        return self.scale * self.image_features(images) @ self.head.t()
 
     def synthesis_loss_and_logits(self, images, targets, classes, cfg):
         """Per image: 1 - cosine to its target (prompt) embedding, plus ``cfg.class_weight`` x the
         cross-entropy of the zero-shot head against its class (keeps styled images on-class); and
         the zero-shot logits of the same forward pass."""
         feats = self.image_features(images)
-        logits = self.scale * feats @ self.text.t()
+        logits = self.scale * feats @ self.head.t()
         loss = 1 - (feats * F.normalize(targets.float(), dim=-1)).sum(-1)
         if cfg.class_weight:
             loss = loss + cfg.class_weight * F.cross_entropy(logits, classes, reduction="none")
@@ -98,6 +108,19 @@ class ClipTeacher(torch.nn.Module):
     def describe(self) -> dict:
         return {"family": "open_clip", "model": self.model_name, "weights": self.weights,
                 "input_size": self.input_size, "templates": list(self.templates)}
+
+
+@torch.no_grad()
+def encode_prompts(model, tokenizer, prompts, device="cpu") -> torch.Tensor:
+    """The normalised mean of the prompts' normalised embeddings: [D]."""
+    return F.normalize(encode_each(model, tokenizer, prompts, device).mean(0), dim=-1)
+
+
+@torch.no_grad()
+def encode_each(model, tokenizer, prompts, device="cpu") -> torch.Tensor:
+    """Each prompt's normalised embedding: [P, D]."""
+    tokens = tokenizer(list(prompts)).to(device)
+    return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
 @torch.no_grad()
@@ -226,13 +249,20 @@ def load_open_clip(name: str, pretrained: str, device="cpu", offline: bool = Fal
     return model, open_clip.get_tokenizer(name), name
 
 
-def build_clip_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None) -> ClipTeacher:
+def build_clip_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None, openset=False) -> ClipTeacher:
     model, tokenizer, name = load_open_clip(cfg.model, cfg.pretrained, device=device, offline=offline)
     model.eval()
     if text_embeddings is None:
         text_embeddings = encode_class_texts(model, tokenizer, concepts, cfg.templates, device)
+    other = each = None
+    if openset:
+        if not cfg.other_prompts:
+            raise UserError("openset = true with a CLIP teacher needs teacher.other_prompts (generic prompts for "
+                            "'none of these'): list some, or set openset = false")
+        each = encode_each(model, tokenizer, cfg.other_prompts, device)
+        other = F.normalize(each.mean(0), dim=-1)
     return ClipTeacher(model, name, cfg.pretrained, text_embeddings.to(device), cfg.templates, tokenizer,
-                       [c.text for c in concepts]).to(device)
+                       [c.text for c in concepts], other, each if openset else None).to(device)
 
 
 TEACHERS.register("open_clip-config", TeacherFamily(matches=_is_config, build=build_clip_teacher, names=lambda: [],

@@ -96,9 +96,11 @@ class BNStats:
 class ImageNetTeacher(torch.nn.Module):
     text = None         # no class text embeddings
     text_tower = None   # no text tower: prompt styles do not apply
+    negative_targets = None   # "other" is every non-member class: no negatives to synthesise
 
-    def __init__(self, model, name: str, arch: str, weights: str, coverage, input_size: int = 0):
+    def __init__(self, model, name: str, arch: str, weights: str, coverage, input_size: int = 0, openset: bool = False):
         super().__init__()
+        self.openset = openset
         self.model = model.eval().requires_grad_(False)
         self.name, self.arch, self.weights, self.coverage = name, arch, weights, coverage
         cfg = model.pretrained_cfg
@@ -106,6 +108,9 @@ class ImageNetTeacher(torch.nn.Module):
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
         self.interpolation, self.crop_pct = cfg.get("interpolation", "bicubic"), cfg.get("crop_pct", 0.875)
         self.members = [torch.tensor(c.classes) for c in coverage]
+        owned = {int(i) for m in self.members for i in m}
+        # "other": every ImageNet class no concept owns, the classes left out as overlaps included
+        self.non_members = torch.tensor([i for i in range(model.num_classes) if i not in owned])
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1))
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1))
         self.bn = BNStats(self.model)
@@ -113,6 +118,10 @@ class ImageNetTeacher(torch.nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.members)
+
+    @property
+    def outputs(self) -> int:
+        return self.num_classes + int(self.openset)
 
     def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
@@ -123,7 +132,8 @@ class ImageNetTeacher(torch.nn.Module):
         return self.concept_logits(self.imagenet_logits(images))
 
     def concept_logits(self, full: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.logsumexp(full[:, m.to(full.device)], dim=1) for m in self.members], 1)
+        groups = self.members + ([self.non_members] if self.openset else [])
+        return torch.stack([torch.logsumexp(full[:, m.to(full.device)], dim=1) for m in groups], 1)
 
     def synthesis_loss_and_logits(self, images, targets, classes, cfg):
         """Per image: cross-entropy to its ImageNet target class (``targets`` None: to its concept, over the
@@ -161,11 +171,11 @@ class ImageNetTeacher(torch.nn.Module):
                 "concepts": {c.label: [c.synset, list(c.classes)] for c in self.coverage}}
 
 
-def build_imagenet_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None) -> ImageNetTeacher:
+def build_imagenet_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None, openset=False) -> ImageNetTeacher:
     from ..imagenet_concepts import map_concepts
     coverage = map_concepts(concepts)
     model, arch, weights = create_classifier(cfg.model)
-    return ImageNetTeacher(model, cfg.model, arch, weights, coverage, cfg.input_size).to(device)
+    return ImageNetTeacher(model, cfg.model, arch, weights, coverage, cfg.input_size, openset).to(device)
 
 
 def check_imagenet(cfg, offline=False, concepts=None) -> None:

@@ -1,0 +1,151 @@
+"""Open-set models: an ``other`` output for images of none of the concepts, and a calibrated threshold."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distiller.cli import main
+from distiller.concepts import parse_concepts
+from runtime import Classifier
+from runtime.errors import UserError
+from runtime.metadata import ModelMetadata, Preprocess
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    from distiller.recipe import TeacherCfg
+    from distiller.teachers import build_teacher
+    concepts = parse_concepts("car,truck,dog")      # car and truck overlap (minivan, ...): left out of both
+    return concepts, build_teacher(TeacherCfg(model="efficientnet-lite0", input_size=64), concepts, openset=True)
+
+
+def test_imagenet_teachers_other_logit_is_the_logsumexp_of_every_non_member(lite0):
+    from distiller.imagenet_concepts import map_concepts
+    concepts, t = lite0
+    coverage = map_concepts(concepts)
+    overlaps = {i for c in coverage for i in c.overlaps}
+    assert overlaps, "the fixture needs concepts that overlap"
+    owned = {i for c in coverage for i in c.classes}
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, out = t.imagenet_logits(x), t.logits(x)
+    assert out.shape == (3, 4) and t.outputs == 4 and t.num_classes == 3
+    others = [i for i in range(1000) if i not in owned]
+    assert overlaps <= set(others) and len(others) == 1000 - len(owned)
+    torch.testing.assert_close(out[:, 3], torch.logsumexp(full[:, others], 1))
+    for k, c in enumerate(coverage):
+        torch.testing.assert_close(out[:, k], torch.logsumexp(full[:, list(c.classes)], 1))
+
+
+def test_pretrained_students_k_plus_1_head_is_its_own_pooled_rows(lite0):
+    from distiller.recipe import load_recipe
+    from distiller.students import create_student, student_spec
+    from distiller.teachers.imagenet import lite_model
+    concepts, t = lite0
+    rec = load_recipe("cpu-imagenet", {"student.input_size": 64})
+    spec = student_spec(rec, concepts)
+    assert spec.num_classes == 4 and len(spec.groups) == 4
+    student = create_student(spec, "pretrained").eval()
+    ref = lite_model("efficientnet-lite0").eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, out = ref(x), student(x)
+    for k, g in enumerate(spec.groups):
+        torch.testing.assert_close(out[:, k], torch.logsumexp(full[:, list(g)], 1), atol=1e-4, rtol=1e-4)
+    closed = student_spec(load_recipe("cpu-imagenet", {"openset": False}), concepts)
+    assert closed.num_classes == 3 and len(closed.groups) == 3
+
+
+def _classifier(logits: np.ndarray, threshold: float, other: str = "other") -> Classifier:
+    meta = ModelMetadata(labels=("cat", "dog"), preprocess=Preprocess(size=8, resize=8), other_label=other,
+                         threshold=threshold)
+    return Classifier(lambda batch: logits[: len(batch)], meta, Path("m.onnx"), "onnxruntime")
+
+
+LOGITS = np.array([[3.0, 0.0, 0.0],      # cat, confidently
+                   [0.2, 0.0, 0.1],      # cat, barely (p = 0.37)
+                   [0.0, 0.0, 4.0]], np.float32)   # other wins
+
+
+def _tops(clf, open_set=True):
+    return [clf._ranked(row, 3, open_set)[0][0] for row in LOGITS]
+
+
+def test_the_threshold_is_monotone_and_other_comes_from_the_metadata():
+    assert _tops(_classifier(LOGITS, 0.0)) == ["cat", "cat", "other"]      # 0: the other output alone decides
+    assert _tops(_classifier(LOGITS, 0.5)) == ["cat", "other", "other"]
+    assert _tops(_classifier(LOGITS, 1.0)) == ["other", "other", "other"]  # 1: everything is other
+    assert _tops(_classifier(LOGITS, 1.0, other="none of these")) == ["none of these"] * 3
+    ranked = _classifier(LOGITS, 0.5)._ranked(LOGITS[1], 3)
+    assert [n for n, _ in ranked] == ["other", "cat", "dog"] and abs(sum(p for _, p in ranked) - 1) < 1e-6
+
+
+def test_open_set_false_restores_the_closed_set_ranking():
+    clf = _classifier(LOGITS, 1.0)
+    for row in LOGITS:
+        ranked = clf._ranked(row, 3, open_set=False)
+        assert [n for n, _ in ranked] == [["cat", "dog"][i] for i in np.argsort(-row[:2], kind="stable")]
+        p = np.exp(row[:2] - row[:2].max())
+        assert ranked[0][1] == pytest.approx(float(p.max() / p.sum()))
+    img = np.zeros((8, 8, 3), np.uint8)
+    assert [n for n, _ in clf.classify(img, open_set=False)] == ["cat", "dog"]
+    assert clf.classify(img)[0][0] == "other"
+
+
+def test_an_old_metadata_version_loads_as_closed_set():
+    old = json.dumps({"labels": ["cat", "dog"], "preprocess": {"size": 8, "resize": 8}, "schema_version": 1})
+    meta = ModelMetadata.from_json(old)
+    assert meta.other_label == "" and meta.outputs == 2
+    clf = Classifier(lambda b: np.array([[0.0, 1.0]] * len(b), np.float32), meta, Path("m.onnx"), "onnxruntime")
+    assert [n for n, _ in clf.classify(np.zeros((8, 8, 3), np.uint8))] == ["dog", "cat"]
+    with pytest.raises(UserError, match="also a concept"):
+        ModelMetadata(labels=("cat", "other"), preprocess=Preprocess(size=8, resize=8), other_label="other")
+
+
+def _lite_make(out, name, *extra):
+    sets = ["teacher.input_size=64", "synthesis.images_per_class=8", "synthesis.shard_size=4", "synthesis.steps=2",
+            "synthesis.crops=1", "distill.epochs=0", "student.input_size=64",
+            'export.variants=["onnx-fp32","onnx-int8"]', "export.latency_runs=3", "export.max_drop=100"]
+    return ["make", "--classes", "dogs,birds", "--teacher", "efficientnet-lite0", "--offline", "--device", "cpu",
+            "--out", str(out), "--name", name, "--quiet", *[a for s in sets for a in ("--set", s)], *extra]
+
+
+def test_every_exported_variant_has_the_other_output_and_predict_prints_it(tmp_path, capsys):
+    from distiller.bank import Bank
+    assert main(_lite_make(tmp_path, "os", "--other-label", "neither")) == 0
+    run = tmp_path / "os"
+    report = json.loads((run / "report.json").read_text())
+    assert report["export"]["threshold"]["value"] == 0.0 and report["export"]["threshold"]["source"] == "none"
+    imgs, logits, _ = Bank(run / "bank").load()
+    assert logits.shape[1] == 3                      # the teacher labelled the bank with K + 1 columns
+    for file in ("student.onnx", "student.int8.onnx"):
+        clf = Classifier.load(run / file, exact=True)
+        assert clf.labels == ["dogs", "birds"] and clf.other_label == "neither" and clf.metadata.outputs == 3
+        assert clf.logits(clf.preprocess([imgs[0]])).shape == (1, 3)
+    # INT8 fidelity counts the K + 1 decisions: a reference whose "other" output wins everywhere agrees
+    # with a variant exactly where that variant answers other
+    from exporter.variants import measure
+    fp = Classifier.load(run / "student.int8.onnx", exact=True)
+    batch = fp.preprocess(list(imgs))
+    out = fp.logits(batch)
+    ref = out.copy()
+    ref[:, 2] = out.max(1) + 10.0
+    m = measure(run / "student.int8.onnx", batch, ref, np.full_like(ref, np.nan), 2, None)
+    assert m["agreement"] == pytest.approx(float((out.argmax(1) == 2).mean()))
+    assert measure(run / "student.int8.onnx", batch, out, np.full_like(out, np.nan), 2, None)["agreement"] == 1.0
+    noise = tmp_path / "noise.png"
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8)).save(noise)
+    capsys.readouterr()
+    assert main(["predict", str(run), str(noise), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert {t["label"] for t in line["top"]} == {"dogs", "birds", "neither"}
+
+
+def test_other_label_must_differ_from_the_classes(tmp_path, capsys):
+    assert main(_lite_make(tmp_path, "bad", "--other-label", "dogs")) == 2
+    assert "is also one of the classes" in capsys.readouterr().err and not (tmp_path / "bad").exists()
