@@ -121,12 +121,23 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((num / den).mean())
 
 
-def measure(path: Path, val: np.ndarray, reference: np.ndarray, teacher: np.ndarray, runs: int, threads: int | None) -> dict:
+def measure(path: Path, val: np.ndarray, reference: np.ndarray, teacher: np.ndarray, runs: int, threads: int | None,
+            concepts: int | None = None) -> dict:
+    """Fidelity against the FP32 reference, agreement with the teacher, latency. ``concepts``: an open-set
+    model's K; then agreement is the lower of the K + 1 decision's and the concepts' own ranking's, so a
+    variant that keeps "other" but scrambles the concepts (a fidelity set the model calls other) fails."""
     clf = Classifier.load(path, threads=threads)
     out = np.concatenate([clf.logits(val[i:i + 64]) for i in range(0, len(val), 64)])
     known = ~np.isnan(teacher).any(-1)   # rows without teacher logits (train images) only check fidelity
+    full = float((out.argmax(-1) == reference.argmax(-1)).mean())
+    extra = {}
+    if concepts is not None and out.shape[-1] > concepts:
+        inner = float((out[:, :concepts].argmax(-1) == reference[:, :concepts].argmax(-1)).mean())
+        extra = {"agreement_open_set": full, "agreement_concepts": inner}
+        full = min(full, inner)
     return {
-        "agreement": float((out.argmax(-1) == reference.argmax(-1)).mean()),
+        **extra,
+        "agreement": full,
         "cosine": cosine(out, reference),
         "max_abs_diff": float(np.abs(out - reference).max()),
         "teacher_agreement": float((out[known].argmax(-1) == teacher[known].argmax(-1)).mean()) if known.any() else None,
@@ -158,7 +169,8 @@ def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray
         ctx.built[name] = path
         row = {"file": v.file, "format": v.format, "precision": v.precision, "description": v.description,
                "size_mb": round(model_size_bytes(path) / 2**20, 3), "build_s": round(time.perf_counter() - t0, 2)}
-        row.update(measure(path, val, reference, teacher, runs, threads))
+        row.update(measure(path, val, reference, teacher, runs, threads,
+                           len(ctx.metadata.labels) if ctx.metadata.other_label else None))
         rows[name] = row
         if on_variant:
             on_variant(name, row)

@@ -46,7 +46,7 @@ def test_pretrained_students_k_plus_1_head_is_its_own_pooled_rows(lite0):
     from distiller.students import create_student, student_spec
     from distiller.teachers.imagenet import lite_model
     concepts, t = lite0
-    rec = load_recipe("cpu-imagenet", {"student.input_size": 64})
+    rec = load_recipe("cpu-imagenet", {"student.input_size": 64, "openset": True})
     spec = student_spec(rec, concepts)
     assert spec.num_classes == 4 and len(spec.groups) == 4
     student = create_student(spec, "pretrained").eval()
@@ -56,7 +56,7 @@ def test_pretrained_students_k_plus_1_head_is_its_own_pooled_rows(lite0):
         full, out = ref(x), student(x)
     for k, g in enumerate(spec.groups):
         torch.testing.assert_close(out[:, k], torch.logsumexp(full[:, list(g)], 1), atol=1e-4, rtol=1e-4)
-    closed = student_spec(load_recipe("cpu-imagenet", {"openset": False}), concepts)
+    closed = student_spec(load_recipe("cpu-imagenet"), concepts)     # off by default
     assert closed.num_classes == 3 and len(closed.groups) == 3
 
 
@@ -109,7 +109,7 @@ def test_an_old_metadata_version_loads_as_closed_set():
 def _lite_make(out, name, *extra):
     sets = ["teacher.input_size=64", "synthesis.images_per_class=8", "synthesis.shard_size=4", "synthesis.steps=2",
             "synthesis.crops=1", "distill.epochs=0", "student.input_size=64",
-            'export.variants=["onnx-fp32","onnx-int8"]', "export.latency_runs=3", "export.max_drop=100"]
+            'export.variants=["onnx-fp32","onnx-int8"]', "export.latency_runs=3", "export.max_drop=100", "openset=true"]
     return ["make", "--classes", "dogs,birds", "--teacher", "efficientnet-lite0", "--offline", "--device", "cpu",
             "--out", str(out), "--name", name, "--quiet", *[a for s in sets for a in ("--set", s)], *extra]
 

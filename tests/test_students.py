@@ -26,7 +26,7 @@ def test_imagenet_head_student_is_the_free_baseline_and_exports(tmp_path):
     from runtime import Classifier
     from runtime.metadata import ModelMetadata
     concepts = parse_concepts("cats,dogs")
-    spec = student_spec(load_recipe("cpu-imagenet"), concepts)
+    spec = student_spec(load_recipe("cpu-imagenet", {"openset": True}), concepts)
     assert (spec.model, spec.preprocess.size) == ("tf_efficientnet_lite0", 128)
     assert [len(g) for g in spec.groups] == [7, 118, 875]     # cats, dogs, and "other": every other ImageNet row
     student = create_student(spec, "pretrained").eval()
@@ -62,7 +62,7 @@ def test_student_head_choices():
         student_spec(rec.replace({"student.head": "linear"}), cats)
     scratch = student_spec(rec.replace({"student.init": "scratch"}), cats)
     assert (scratch.model, scratch.preprocess.size, scratch.groups) == ("mobilenetv3_small_100", 128, ())
-    assert create_student(scratch).get_classifier().out_features == 3     # two concepts and "other"
+    assert create_student(scratch).get_classifier().out_features == 2
 
 
 def test_auto_recipe_follows_the_teacher_family():
@@ -118,7 +118,7 @@ def test_readme_example_runs_offline_with_the_imagenet_recipe(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 256, (180, 240, 3), dtype=np.uint8)).save(paths[-1])
     clf = Classifier.load(run, exact=True)
     ours = np.stack([clf.logits(clf.preprocess([p]))[0] for p in paths])
-    ref = baseline_predictor(load_concepts(run / "concepts.json"), openset=True)(paths)   # other included
+    ref = baseline_predictor(load_concepts(run / "concepts.json"))(paths)
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=1e-3)
     # epoch 0 (the student as initialised) is scored and kept: epochs = 0 ships the free baseline as is
     import dataclasses
