@@ -240,7 +240,7 @@ def run_variants(run: Path) -> tuple[list[Path], list[str]]:
 
 
 def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = None, teacher: bool = True,
-                    baseline: bool = True, offline: bool = False) -> tuple[Dataset, dict, list[str]]:
+                    baseline: bool = True, offline: bool = False, other_data: Path | None = None) -> tuple[Dataset, dict, list[str]]:
     """Score a model file, or every variant of a run folder plus (train install) its teacher and the
     free baseline, on an ImageFolder tree. Returns (dataset, {name: evaluate(...)}, notes)."""
     from runtime import Classifier
@@ -249,6 +249,12 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
     clfs = {str(f.relative_to(path) if path.is_dir() else f): Classifier.load(f, exact=True) for f in files}
     dataset = load_image_folder(data, next(iter(clfs.values())).labels, labels_map)
     results = {name: evaluate(runtime_predictor(c), dataset) for name, c in clfs.items()}
+    others = _other_images(other_data)
+    k = len(dataset.labels)
+    for name, c in clfs.items():
+        if others is not None:
+            logits = batch_predictor(lambda p, c=c: c.preprocess([p])[0], c.logits, c.metadata.outputs)
+            results[name]["open_set"] = _rejection(logits, c.decide, dataset, others, k)
     if not path.is_dir() or not (teacher or baseline):
         return dataset, results, notes
     try:
@@ -258,15 +264,44 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
     from .pipeline import Run
     run = Run(path, device="cpu", offline=offline)
     if teacher:
-        results["teacher"] = evaluate(teacher_predictor(run.teacher(), run.device), dataset)
+        pred = teacher_predictor(run.teacher(), run.device)
+        results["teacher"] = evaluate(pred, dataset)
+        if others is not None:
+            results["teacher"]["open_set"] = _rejection(pred, lambda z: z.argmax(1), dataset, others, k)
     if baseline:
         try:
             pred = baseline_predictor(run.concepts, openset=run.recipe.openset)
         except UserError as exc:
             notes.append(f"free baseline not scored: {exc}")
         else:
-            results[f"free baseline ({FREE_BASELINE[0]} head @ {FREE_BASELINE[1]}px)"] = evaluate(pred, dataset)
+            name = f"free baseline ({FREE_BASELINE[0]} head @ {FREE_BASELINE[1]}px)"
+            results[name] = evaluate(pred, dataset)
+            if others is not None:
+                results[name]["open_set"] = _rejection(pred, lambda z: z.argmax(1), dataset, others, k)
     return dataset, results, notes
+
+
+def _other_images(folder: Path | None) -> list[Path] | None:
+    """``--other-data``: every image under the folder (its folder names are not read)."""
+    if folder is None:
+        return None
+    if not Path(folder).is_dir():
+        raise UserError(f"--other-data {folder}: no such folder: pass a folder of images of none of the classes")
+    paths = list_images(Path(folder))
+    if not paths:
+        raise UserError(f"--other-data {folder}: no images in it: pass a folder of images of none of the classes")
+    return paths
+
+
+def _rejection(logits_of, decide, dataset: Dataset, others: list[Path], k: int) -> dict:
+    """Known-vs-other scores of one model: ``logits_of`` paths -> raw outputs, ``decide`` outputs -> answers."""
+    from .openset import rejection
+
+    def run(paths):
+        z = np.concatenate([logits_of(paths[i:i + 32]) for i in range(0, len(paths), 32)])
+        return z[~np.isnan(z).any(1)]
+    known, other = run([s.path for s in dataset.samples]), run(others)
+    return rejection(known, other, decide(other) if len(other) else np.zeros(0, int), k)
 
 
 def training_overlap(run: Path, dataset: Dataset) -> list[str]:

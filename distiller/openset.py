@@ -30,3 +30,42 @@ def fit_threshold(probs: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
         if s > score + 1e-12:
             best, score = float(min(t, 1.0)), s
     return best, score
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve of scores that should rank ``positive`` above ``negative`` (ties count half)."""
+    pos, neg = np.asarray(positive, float), np.asarray(negative, float)
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def auroc_interval(positive, negative, reps: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the AUROC (each group resampled on its own)."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.asarray(positive, float), np.asarray(negative, float)
+    if not len(pos) or not len(neg):
+        return float("nan"), float("nan")
+    draws = [auroc(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(reps)]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def known_score(logits: np.ndarray, k: int) -> np.ndarray:
+    """How much an image looks like one of the K concepts: the best concept's probability (softmax over
+    every output, "other" included for an open-set model; the maximum softmax probability for a closed one)."""
+    z = logits - logits.max(1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    return p[:, :k].max(1)
+
+
+def rejection(known_logits, other_logits, other_decisions, k: int) -> dict:
+    """Known images against images of other things: AUROC of ``known_score`` with its interval, and the
+    share of the other images answered "other" (decision K) with a Wilson interval."""
+    from .evaluation import wilson
+    pos, neg = known_score(known_logits, k), known_score(other_logits, k)
+    hit = int((np.asarray(other_decisions) == k).sum())
+    n = len(other_decisions)
+    return {"auroc": auroc(pos, neg), "auroc_ci": auroc_interval(pos, neg), "other_accuracy": hit / max(n, 1),
+            "other_ci": wilson(hit, n), "other_images": n, "known_images": int(len(pos))}

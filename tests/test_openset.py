@@ -149,3 +149,48 @@ def test_every_exported_variant_has_the_other_output_and_predict_prints_it(tmp_p
 def test_other_label_must_differ_from_the_classes(tmp_path, capsys):
     assert main(_lite_make(tmp_path, "bad", "--other-label", "dogs")) == 2
     assert "is also one of the classes" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_auroc_and_its_interval():
+    from distiller.openset import auroc, auroc_interval, known_score
+    assert auroc(np.array([0.9, 0.8]), np.array([0.1, 0.2])) == 1.0
+    assert auroc(np.array([0.1]), np.array([0.9])) == 0.0
+    assert auroc(np.array([0.5, 0.5]), np.array([0.5])) == 0.5          # ties count half
+    lo, hi = auroc_interval(np.array([0.9, 0.7, 0.4]), np.array([0.5, 0.2, 0.1]))
+    assert 0 <= lo <= auroc(np.array([0.9, 0.7, 0.4]), np.array([0.5, 0.2, 0.1])) <= hi <= 1
+    z = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    s = known_score(z, 2)
+    assert s[0] > 0.7 and s[1] < 0.01
+
+
+def test_eval_other_data_scores_rejection_for_every_model(tmp_path, capsys):
+    from distiller.bank import Bank
+    from PIL import Image
+    assert main(_lite_make(tmp_path, "os")) == 0
+    run = tmp_path / "os"
+    imgs, _, recs = Bank(run / "bank").load()
+    data, other = tmp_path / "data", tmp_path / "other"
+    for i, (im, r) in enumerate(zip(imgs, recs)):
+        (data / r["label"]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(data / r["label"] / f"{i}.png")
+    other.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(other / f"noise{i}.png")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(data), "--other-data", str(other), "--json", "--no-teacher"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    from distiller.openset import auroc, known_score
+    for name in ("student.onnx", "student.int8.onnx", "free baseline (efficientnet-lite0 head @ 128px)"):
+        r = results[name]["open_set"]
+        assert r["other_images"] == 6 and r["known_images"] == 16 and 0 <= r["auroc"] <= 1
+        assert r["auroc_ci"][0] <= r["auroc"] <= r["auroc_ci"][1]
+    # the student's numbers, recomputed from the runtime
+    clf = Classifier.load(run / "student.onnx", exact=True)
+    kz = clf.logits(clf.preprocess(sorted(data.rglob("*.png"))))
+    oz = clf.logits(clf.preprocess(sorted(other.glob("*.png"))))
+    r = results["student.onnx"]["open_set"]
+    assert r["auroc"] == pytest.approx(auroc(known_score(kz, 2), known_score(oz, 2)))
+    assert r["other_accuracy"] == pytest.approx(float((clf.decide(oz) == 2).mean()))
+    assert json.loads((run / "eval.json").read_text())["results"]["student.onnx"]["open_set"]["other_images"] == 6
+    assert main(["eval", str(run), "--data", str(data), "--other-data", str(tmp_path / "none")]) == 2

@@ -13,7 +13,7 @@ from rich.table import Table
 from runtime.errors import UserError
 
 from . import app
-from .ui import console, err, escape, eval_table
+from .ui import console, err, escape, eval_table, rejection_table
 
 
 def expand_images(items: list[str]) -> list[Path]:
@@ -92,11 +92,15 @@ def evaluate(
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also score the free baseline: EfficientNet-Lite0's "
                                   "own ImageNet head restricted to the run's classes at 128 px (train install)."),
     offline: bool = typer.Option(False, "--offline"),
+    other_data: Optional[Path] = typer.Option(None, "--other-data", help="A folder of images of none of the classes: "
+                                              "scores rejection (AUROC of known against other, and how often "
+                                              "'other' is answered)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Accuracy on real labelled images, per domain, with Wilson 95% intervals."""
+    """Accuracy on real labelled images, per domain, with Wilson 95% intervals (--other-data: rejection too)."""
     from ..evaluation import evaluate_models, read_labels_map, save_eval, training_overlap
-    dataset, results, notes = evaluate_models(Path(model), data, read_labels_map(labels_map), teacher, baseline, offline)
+    dataset, results, notes = evaluate_models(Path(model), data, read_labels_map(labels_map), teacher, baseline, offline,
+                                              other_data)
     overlap = training_overlap(Path(model), dataset)
     warning = (f"[bold red]warning: {len(overlap)} of the {len(dataset.samples)} images in {escape(str(data))} are among "
                f"the run's own --images (same content), e.g. {escape(overlap[0])}: the student and the teacher's labels "
@@ -111,6 +115,8 @@ def evaluate(
                                      "training_overlap": len(overlap)}) + "\n")
         return
     console.print(eval_table(f"{data}: {len(dataset.samples)} images, labels {', '.join(dataset.labels)}", results))
+    if other_data is not None:
+        console.print(rejection_table(f"{other_data}: images of none of the classes", results))
     if warning:   # after the table, where it is read
         err.print(warning)
     for note in notes:

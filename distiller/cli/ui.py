@@ -74,3 +74,17 @@ def eval_table(title: str, results: dict[str, dict]) -> Table:
             t.add_row(model, r["domain"], str(r["n"]), f"{100 * r['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
                       f"{100 * r['balanced_accuracy']:.1f} [{100 * blo:.1f}, {100 * bhi:.1f}]")
     return t
+
+
+def rejection_table(title: str, results: dict[str, dict]) -> Table:
+    """``eval --other-data``: per model, AUROC of known against other and how often "other" is answered."""
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "AUROC [95% CI]", "answers other [95% CI]", "n other"):
+        t.add_column(col, justify="right" if col == "n other" else "left")
+    for model, res in results.items():
+        r = res.get("open_set")
+        if r:
+            (alo, ahi), (olo, ohi) = r["auroc_ci"], r["other_ci"]
+            t.add_row(model, f"{r['auroc']:.3f} [{alo:.3f}, {ahi:.3f}]",
+                      f"{100 * r['other_accuracy']:.1f} [{100 * olo:.1f}, {100 * ohi:.1f}]", str(r["other_images"]))
+    return t
