@@ -233,9 +233,6 @@ def label_images(real: RealImages, teacher, resolution: int, device="cpu",
             on_shard(i, real.num_shards)
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
 
 def real_images(run) -> RealImages | None:
     """The run's real images (``images.json`` and their shards), or None when it has none."""

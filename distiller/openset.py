@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Decisions for probabilities [N, K + 1] (``other`` last): index K for "other"."""
-    k = probs.shape[1] - 1
-    pred = probs.argmax(1)
-    reject = (pred != k) & (probs[np.arange(len(probs)), pred] < threshold)
-    return np.where(reject, k, pred)
+from runtime.classifier import open_set_decision as decide   # the runtime's own rule, fitted here
+from runtime.classifier import softmax
 
 
 def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -55,9 +50,7 @@ def auroc_interval(positive, negative, reps: int = 1000, seed: int = 0) -> tuple
 def known_score(logits: np.ndarray, k: int) -> np.ndarray:
     """How much an image looks like one of the K concepts: the best concept's probability (softmax over
     every output, "other" included for an open-set model; the maximum softmax probability for a closed one)."""
-    z = logits - logits.max(1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    return p[:, :k].max(1)
+    return softmax(logits)[:, :k].max(1)
 
 
 def rejection(known_logits, other_logits, other_decisions, k: int) -> dict:

@@ -272,10 +272,7 @@ class Classifier:
         n = len(self.labels)
         if not self.other_label or not open_set:
             return logits[:, :n].argmax(1)
-        p = softmax(logits[:, :n + 1])
-        pred = p.argmax(1)
-        reject = (pred != n) & (p[np.arange(len(p)), pred] < self.threshold)
-        return np.where(reject, n, pred)
+        return open_set_decision(softmax(logits[:, :n + 1]), self.threshold)
 
     def _ranked(self, logits: np.ndarray, k: int, open_set: bool = True) -> list[tuple[str, float]]:
         """The ranking for one row of raw outputs. Open-set: softmax over the K concepts and ``other``;
@@ -358,6 +355,15 @@ def _check_top_k(top_k, labels: int) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UserError(f"top_k = {top_k!r}: use a whole number >= 1")
     return min(top_k, labels)
+
+
+def open_set_decision(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Answers for probabilities [N, K + 1] (``other`` last) as indices, K for "other": the other output
+    wins, or the best concept's probability is under ``threshold``."""
+    k = probs.shape[1] - 1
+    pred = probs.argmax(1)
+    reject = (pred != k) & (probs[np.arange(len(probs)), pred] < threshold)
+    return np.where(reject, k, pred)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
