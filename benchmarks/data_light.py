@@ -77,8 +77,8 @@ def make(run: Path, classes: str, extra: dict, images: Path | None) -> float:
     return (time.perf_counter() - t0) / 60
 
 
-def prepare(run: Path, bank_run: Path, classes: str, extra: dict, images: Path) -> None:
-    """The run folder as `make` would start it, with the bank run's finished bank copied in."""
+def prepare(run: Path, bank_run: Path, classes: str, extra: dict, images: Path | None) -> None:
+    """The run folder as `make` would start it (with ``--images`` where given), the bank run's bank copied in."""
     import dataclasses
 
     from distiller.concepts import parse_concepts
@@ -88,10 +88,10 @@ def prepare(run: Path, bank_run: Path, classes: str, extra: dict, images: Path) 
     from distiller.teachers import auto_recipe, resolve_paths
     if (run / "recipe.toml").exists():
         return
-    overrides = {"teacher.model": TEACHER, **BASE, **extra}
-    rec = load_recipe(auto_recipe(TEACHER), overrides)
+    rec = load_recipe(auto_recipe(TEACHER), {"teacher.model": TEACHER, **BASE, **extra})
     rec = dataclasses.replace(rec, teacher=resolve_paths(rec.teacher))
-    init_run(run, rec, parse_concepts(classes), images=scan_images([images], rec.seed, rec.images.val_fraction))
+    scan = scan_images([images], rec.seed, rec.images.val_fraction) if images is not None else None
+    init_run(run, rec, parse_concepts(classes), images=scan)
     copy_bank(run, bank_run)
 
 
@@ -221,11 +221,7 @@ def int8_table(args, work: Path, fold: str = "labelme") -> str:
     for name, imgs in (("surrogate", None), ("real", images)):
         run = work / f"int8-{name}-{fold}"
         if not (run / "report.json").exists():
-            if imgs is not None:
-                prepare(run, bank_run, CLASSES, extra, imgs)
-            else:
-                run.mkdir(parents=True, exist_ok=True)
-                prepare_plain(run, bank_run, extra)
+            prepare(run, bank_run, CLASSES, extra, imgs)
             print(f"[{time.strftime('%H:%M:%S')}] make {run.name}", flush=True)
             make(run, CLASSES, extra, imgs)
         report = json.loads((run / "report.json").read_text())
@@ -249,21 +245,6 @@ def int8_table(args, work: Path, fold: str = "labelme") -> str:
                       f"{100 * row['agreement']:.1f}%"]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def prepare_plain(run: Path, bank_run: Path, extra: dict) -> None:
-    """A run folder without --images, with the bank copied in (as ``prepare``)."""
-    import dataclasses
-
-    from distiller.concepts import parse_concepts
-    from distiller.pipeline import init_run
-    from distiller.recipe import load_recipe
-    from distiller.teachers import auto_recipe, resolve_paths
-    if (run / "recipe.toml").exists():
-        return
-    rec = load_recipe(auto_recipe(TEACHER), {"teacher.model": TEACHER, **BASE, **extra})
-    init_run(run, dataclasses.replace(rec, teacher=resolve_paths(rec.teacher)), parse_concepts(CLASSES))
-    copy_bank(run, bank_run)
 
 
 def main(argv=None) -> int:

@@ -308,12 +308,13 @@ def training_overlap(run: Path, dataset: Dataset) -> list[str]:
     """The scored images that the run trained on (its ``--images``, by content hash): a score on them is
     not an accuracy. Empty for model files and runs without images."""
     import hashlib
-    import json
+
+    from .images import read_image_set
     from .runfolder import RunPaths
-    p = RunPaths(run).images
-    if not Path(run).is_dir() or not p.exists():
+    images = read_image_set(RunPaths(run).images) if Path(run).is_dir() else None
+    if images is None:
         return []
-    seen = {f["sha256"] for f in json.loads(p.read_text())["files"]}
+    seen = images.hashes()
     return [str(s.path) for s in dataset.samples if hashlib.sha256(s.path.read_bytes()).hexdigest() in seen]
 
 
