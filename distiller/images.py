@@ -197,10 +197,11 @@ class RealImages(Shards):
         imgs, logits, recs = [], [], []
         for i in range(self.num_shards):
             im, lg = self.arrays(i)
-            keep = [j for j, r in enumerate(self.records(i)) if split is None or r["split"] == split]
+            shard = self.records(i)
+            keep = [j for j, r in enumerate(shard) if split is None or r["split"] == split]
             imgs.append(im[keep])
             logits.append(lg[keep])
-            recs += [self.records(i)[j] for j in keep]
+            recs += [shard[j] for j in keep]
         if not imgs:
             return np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0, 0), np.float32), []
         return np.concatenate(imgs), np.concatenate(logits), recs
