@@ -72,10 +72,19 @@ def total_steps(n_train: int, cfg) -> int:
     return cfg.epochs * steps_per_epoch(n_train, cfg.batch_size)
 
 
+SELECTION = ("real", "judge", "surrogate")   # the order of evidence an epoch is chosen by
+VAL_KEYS = tuple(f"val_agreement_{k}" for k in SELECTION)
+SIGNALS = {"real": "teacher agreement on your held-back real images",
+           "judge": "agreement on the surrogate validation images the held-out judge also sees as their class",
+           "surrogate": "teacher agreement on surrogate validation images (the weakest signal: the teacher's own images)"}
+
+
 @dataclass
 class TransferSet:
     """What the student learns from: train images (uint8 [N, R, R, 3]) with the teacher's logits and a loss
-    weight per image, and validation sets per source (``surrogate``, ``real``). Selection trusts ``real``."""
+    weight per image, and validation sets per source: ``real`` (the user's held-back images), ``judge`` (the
+    bank's validation images the held-out judge confirmed, against their intended class) and ``surrogate``.
+    Selection trusts them in that order (``SELECTION``)."""
     images: np.ndarray
     logits: np.ndarray
     weights: np.ndarray
@@ -83,7 +92,7 @@ class TransferSet:
 
     @property
     def selector(self) -> str:
-        return "real" if len(self.val.get("real", ((),))[0]) else "surrogate"
+        return next(k for k in SELECTION if len(self.val.get(k, ((),))[0]) or k == "surrogate")
 
 
 def check_weights(cfg) -> None:
@@ -94,19 +103,29 @@ def check_weights(cfg) -> None:
                         "(weights are relative; 0 drops a source)")
 
 
-def transfer_set(bank, real, cfg) -> TransferSet:
+def transfer_set(bank, real, cfg, confirmed: set[int] | None = None) -> TransferSet:
     """The union of the surrogate bank's and the real images' train splits, each weighted by the recipe
     (``distill.surrogate_weight``, ``distill.real_weight``). Weights are relative: 0 drops a source when the
-    other one has training images, and a source alone is used whatever its weight. Validation is kept per source."""
+    other one has training images, and a source alone is used whatever its weight. Validation is kept per source;
+    ``confirmed`` (bank indices the held-out judge saw as their class) adds the ``judge`` one."""
     train, val = {}, {}
     sources = [("surrogate", bank)] + ([("real", real)] if real is not None else [])
     for name, src in sources:
-        im, lg, _ = src.load("train")
+        im, lg, recs = src.load("train")
         if len(im):
             train[name] = (im, lg)
-        vi, vl, _ = src.load("val")
+        vi, vl, recs = src.load("val")
         if len(vi):
             val[name] = (vi, vl)
+        if name == "surrogate" and confirmed:
+            keep = [i for i, r in enumerate(recs) if r["class"] is not None and int(r["index"]) in confirmed]
+            classes = [recs[i]["class"] for i in keep]
+            # against the intended class: the teacher and the judge both saw it there. Only when the judge confirmed
+            # images of every concept: otherwise a student answering the confirmed concepts alone would score best
+            if keep and len(set(classes)) == bank.plan().num_classes:
+                target = np.full((len(keep), vl.shape[1]), -10.0, np.float32)
+                target[np.arange(len(keep)), classes] = 10.0
+                val["judge"] = (vi[keep], target)
     if not train:
         raise UserError("nothing to distill on: the run has no training images (check its bank and --images)")
     weights = source_weights({k: len(v[0]) for k, v in train.items()}, cfg)
@@ -154,6 +173,12 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).float().mean())
 
 
+def balanced_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Agreement averaged over the classes ``b`` picks, each weighing the same."""
+    hit, truth = a.argmax(-1) == b.argmax(-1), b.argmax(-1)
+    return float(torch.stack([hit[truth == k].float().mean() for k in truth.unique()]).mean())
+
+
 def kd_loss_weighted(student_logits, teacher_logits, weights, temperature: float) -> torch.Tensor:
     t = temperature
     per = F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="none").sum(-1)
@@ -165,7 +190,8 @@ def _score(student, spec, data: TransferSet, device) -> dict:
     rec = {}
     for name, (im, lg) in data.val.items():
         out, lg = student_logits(student, spec, im, device), torch.from_numpy(lg)
-        rec[f"val_agreement_{name}"] = agreement(out, lg)
+        # the judge's images: balanced over the concepts (the judge may confirm one concept far more than another)
+        rec[f"val_agreement_{name}"] = balanced_agreement(out, lg) if name == "judge" else agreement(out, lg)
         if name == data.selector:
             rec["val_agreement"], rec["val_kl"] = rec[f"val_agreement_{name}"], float(kd_loss(out, lg, 1.0))
     rec["selected_on"] = data.selector

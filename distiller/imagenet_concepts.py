@@ -62,21 +62,44 @@ def _synset_of(label: str, text: str) -> str:
 
 def map_concepts(concepts) -> list[Coverage]:
     """Coverage of each concept, overlaps removed from both sides."""
-    wn = wordnet()
-    raw = []
-    for c in concepts:
-        off = _synset_of(c.label, c.text)
-        raw.append((c.label, off, set(wn["synsets"][off]["classes"])))
-    out = []
-    for i, (label, off, cls) in enumerate(raw):
-        others = set().union(*(r[2] for j, r in enumerate(raw) if j != i)) if len(raw) > 1 else set()
-        out.append(Coverage(label, f"n{off}", tuple(wn["synsets"][off]["lemmas"]), tuple(sorted(cls - others)),
-                            tuple(sorted(cls & others))))
+    out = _coverage([(c.label, _synset_of(c.label, c.text)) for c in concepts])
     empty = [c.label for c in out if not c.classes]
     if empty:
         raise UserError(f"{', '.join(empty)}: every ImageNet class beneath it is also under another class: "
                         f"name a narrower synset (label=nXXXXXXXX)")
     return out
+
+
+def _coverage(pairs) -> list[Coverage]:
+    """(label, synset offset or None) -> Coverage (None where None), overlaps removed from both sides."""
+    wn = wordnet()
+    sets = [set(wn["synsets"][off]["classes"]) if off else set() for _, off in pairs]
+    out = []
+    for i, (label, off) in enumerate(pairs):
+        others = set().union(*(s for j, s in enumerate(sets) if j != i))
+        out.append(None if off is None else Coverage(label, f"n{off}", tuple(wn["synsets"][off]["lemmas"]),
+                                                     tuple(sorted(sets[i] - others)), tuple(sorted(sets[i] & others))))
+    return out
+
+
+def map_each(concepts) -> list[Coverage | None]:
+    """Coverage of each concept that WordNet maps onto ImageNet (overlaps removed), None for the others: a
+    word with no WordNet noun over ImageNet classes, or one whose every class is also another concept's.
+    An explicit synset (label=nXXXXXXXX) that maps nowhere is still the user's error."""
+    pairs = []
+    for c in concepts:
+        try:
+            pairs.append((c.label, _synset_of(c.label, c.text)))
+        except UserError:
+            if re.fullmatch(r"n\d{8}", c.text.strip()):
+                raise
+            pairs.append((c.label, None))
+    return [c if c is not None and c.classes else None for c in _coverage(pairs)]
+
+
+def class_names() -> list[str]:
+    """The 1000 ImageNet class names, the first of each class's names ("tabby", "tiger cat", ...)."""
+    return [c["name"].split(",")[0] for c in wordnet()["classes"]]
 
 
 def warnings_for(coverage: list[Coverage]) -> list[str]:

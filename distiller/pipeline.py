@@ -215,7 +215,7 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
     from .bank import BankPlan
     from .prompts import check_source
     from .students import student_spec
-    from .teachers import check_teacher, judge_cfg, resolve_family
+    from .teachers import check_teacher, resolve_family
     resolve_device(recipe.device)
     syn = recipe.synthesis
     from .stages import negatives
@@ -233,10 +233,24 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
         VARIANTS.get(v)
     check_teacher(recipe.teacher, offline, concepts)
     check_source(recipe.prompts, resolve_family(recipe.teacher.model).styles)
-    judge = judge_cfg(recipe.teacher, synthesis_networks(recipe, concepts))
-    if judge is not None:
-        check_teacher(judge, offline, concepts)
+    check_judges(recipe, concepts, offline)
     check_synthesis(recipe, concepts, offline)
+
+
+def check_judges(recipe: Recipe, concepts: list[Concept], offline: bool = False) -> None:
+    """Every network that may judge the bank can be had: taken as if each concept had ImageNet rows (the CLIP
+    bridge is only known once the teacher has read the classes)."""
+    import dataclasses
+
+    from .bridge import HeadSource
+    from .judge import judge_names, student_teacher_name
+    from .teachers import check_teacher, resolve_family
+    heads = [HeadSource(c.label, "wordnet") for c in concepts]
+    for name in judge_names(recipe, concepts, heads, synthesis_networks(recipe, concepts), student_teacher_name(recipe)):
+        judge = dataclasses.replace(recipe.teacher, model=name, judge="none",
+                                    input_size=recipe.teacher.input_size if not resolve_family(name).styles else 0)
+        # an ImageNet judge of a CLIP run scores pooled rows, not WordNet synsets: its concepts are not checked
+        check_teacher(judge, offline, concepts if not resolve_family(recipe.teacher.model).styles else None)
 
 
 def check_synthesis(recipe: Recipe, concepts: list[Concept], offline: bool = False) -> None:
@@ -255,7 +269,7 @@ def check_synthesis(recipe: Recipe, concepts: list[Concept], offline: bool = Fal
                             f"the teacher (efficientnet-lite0|1|2, timm:NAME) with an ImageNet teacher; {name!r} is not")
         check_teacher(dataclasses.replace(recipe.teacher, model=name), offline, concepts)
     if syn.adversarial and (recipe.student.init != "pretrained" or targets != "imagenet"
-                            or not student_spec(recipe, concepts).groups):
+                            or not student_spec(recipe, concepts).pooled):
         raise UserError("synthesis.adversarial needs an ImageNet teacher and a pretrained student with its ImageNet "
                         "head (student.init = pretrained, student.head = auto|imagenet): the student as initialised "
                         "is what the images are pushed to disagree with. Set it to 0 otherwise")

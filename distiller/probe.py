@@ -23,12 +23,14 @@ def features(student, spec, images_u8, device="cpu", batch_size=64, mirror=True)
     for i in range(0, len(images_u8), batch_size):
         x = norm(resize_center(to_float(images_u8[i:i + batch_size], device), spec.preprocess.size, spec.preprocess.resize))
         for views, acc in ((x, out), (x.flip(-1), flipped)) if mirror else ((x, out),):
-            acc.append(student.forward_head(student.forward_features(views), pre_logits=True).float().cpu())
+            acc.append(student.pre_logits(views).float().cpu())
     return torch.cat(out + flipped)
 
 
-def _fit(z, t, w, k: int, steps: int, temp: float, wd: float):
-    """Soft-label logistic regression on standardised features: full batch, Adam, deterministic."""
+def _fit(z, t, w, k: int, steps: int, temp: float, wd: float, fixed=None, free=None):
+    """Soft-label logistic regression on standardised features: full batch, Adam, deterministic. With ``fixed``
+    [N, k] and ``free`` (a bool mask over the k outputs), only the free outputs are learnt; the others keep
+    their ``fixed`` logits (a pooled ImageNet output beside fresh ones)."""
     weight = torch.zeros(k, z.shape[1], requires_grad=True)
     bias = torch.zeros(k, requires_grad=True)
     opt = torch.optim.Adam([weight, bias], lr=0.01)
@@ -37,6 +39,8 @@ def _fit(z, t, w, k: int, steps: int, temp: float, wd: float):
     loss = torch.tensor(0.0)
     for _ in range(steps):
         s = z @ weight.T + bias
+        if fixed is not None:
+            s = torch.where(free, s, fixed)
         per = torch.nn.functional.kl_div(torch.log_softmax(s / temp, -1), target, reduction="none").sum(-1) * temp * temp
         loss = (per * w).sum() + wd * weight.pow(2).sum()
         opt.zero_grad()
@@ -48,7 +52,7 @@ def _fit(z, t, w, k: int, steps: int, temp: float, wd: float):
 CV_FOLDS = 5
 
 
-def choose_weight_decay(z, t, w, n: int, cfg) -> tuple[float, dict]:
+def choose_weight_decay(z, t, w, n: int, cfg, fixed=None, free=None) -> tuple[float, dict]:
     """The probe's L2 weight from ``cfg.probe_weight_decay`` by 5-fold cross-validation over the images (both
     views of an image in one fold): the weighted agreement of each held-out fold's eval view with the teacher.
     Ties go to the stronger regulariser."""
@@ -64,8 +68,12 @@ def choose_weight_decay(z, t, w, n: int, cfg) -> tuple[float, dict]:
         hit = tot = 0.0
         for f in range(CV_FOLDS):
             tr, te = fold != f, (fold == f) & first
-            weight, bias, _ = _fit(z[tr], t[tr], w[tr], t.shape[1], cfg.probe_steps, cfg.probe_temperature, wd)
-            agree = ((z[te] @ weight.T + bias).argmax(1) == t[te].argmax(1)).float()
+            part = None if fixed is None else fixed[tr]
+            weight, bias, _ = _fit(z[tr], t[tr], w[tr], t.shape[1], cfg.probe_steps, cfg.probe_temperature, wd, part, free)
+            s = z[te] @ weight.T + bias
+            if fixed is not None:
+                s = torch.where(free, s, fixed[te])
+            agree = (s.argmax(1) == t[te].argmax(1)).float()
             hit, tot = hit + float((agree * w[te]).sum()), tot + float(w[te].sum())
         scores[wd] = hit / max(tot, 1e-9)
     best = max(grid, key=lambda wd: scores[wd])         # max keeps the first (strongest) of equals
@@ -73,20 +81,26 @@ def choose_weight_decay(z, t, w, n: int, cfg) -> tuple[float, dict]:
 
 
 def fit_head(student, spec, images_u8, teacher_logits, weights, cfg, device="cpu") -> dict:
-    """Fit ``student``'s classifier on frozen features to the teacher's soft labels (at ``probe_temperature``);
-    the L2 weight chosen by cross-validation. Returns {probe_loss, probe_weight_decay, probe_cv}."""
+    """Fit the fresh outputs of a pretrained ``student``'s concept head (a ``PooledStudent``) on frozen features
+    to the teacher's soft labels (at ``probe_temperature``), its pooled outputs held as they are; the L2 weight
+    chosen by cross-validation. Returns {probe_loss, probe_weight_decay, probe_cv}."""
     feats = features(student, spec, images_u8, device)
     n = len(images_u8)
     reps = len(feats) // n
     t = torch.as_tensor(teacher_logits).float().repeat(reps, 1)
     w = torch.as_tensor(weights).float().repeat(reps)
+    head, outputs = student.head, list(spec.fresh_outputs)
+    free = torch.zeros(t.shape[1], dtype=torch.bool)
+    free[outputs] = True
+    fixed = None
+    if not bool(free.all()):
+        with torch.no_grad():
+            fixed = head.cpu()(feats).float()
+        head.to(device)
     mean, std = feats.mean(0), feats.std(0).clamp_min(1e-4)
     z = (feats - mean) / std                    # standardised: one learning rate suits every backbone
-    wd, cv = choose_weight_decay(z, t, w, n, cfg)
-    weight, bias, loss = _fit(z, t, w, t.shape[1], cfg.probe_steps, cfg.probe_temperature, wd)
-    fc = student.get_classifier()
-    with torch.no_grad():                       # fold the standardisation into the layer
-        wf = weight / std
-        fc.weight.copy_(wf.to(fc.weight))
-        fc.bias.copy_((bias - wf @ mean).to(fc.bias))
+    wd, cv = choose_weight_decay(z, t, w, n, cfg, fixed, free)
+    weight, bias, loss = _fit(z, t, w, t.shape[1], cfg.probe_steps, cfg.probe_temperature, wd, fixed, free)
+    wf = weight / std                           # fold the standardisation into the rows
+    head.set_rows(outputs, wf[outputs], (bias - wf @ mean)[outputs])
     return {"probe_loss": loss, "probe_weight_decay": wd, "probe_cv": {str(k): round(v, 4) for k, v in cv.items()}}

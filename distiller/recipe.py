@@ -87,8 +87,9 @@ class SynthesisCfg:
 class StudentCfg:
     model: str = ""                             # timm name; empty: the target's default
     input_size: int = num(0, min=0, max=1024)   # 0: the target's default
-    init: str = "scratch"                       # scratch | pretrained (the target's offline ImageNet student)
+    init: str = "pretrained"                    # pretrained (the target's offline ImageNet student) | scratch
     head: str = "auto"                          # auto | fresh | imagenet (pretrained: own ImageNet rows per concept)
+    bridge_min_similarity: float = num(0.85, min=-1.0, max=1.0)   # CLIP bridge: least cosine to an ImageNet class
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,9 @@ def _training_chart(history: list[dict], chosen: int) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3))
     ep = [h["epoch"] for h in history]
-    for key, name, color in (("val_agreement_real", "real images", "#1b7f3b"), ("val_agreement_surrogate", "surrogate images", "#999999")):
-        if key in history[-1] and history[-1].get("selected_on") == "real":
+    for key, name, color in (("val_agreement_real", "real images", "#1b7f3b"), ("val_agreement_judge", "judge-confirmed images",
+                             "#8a4b00"), ("val_agreement_surrogate", "surrogate images", "#999999")):
+        if key in history[-1] and history[-1].get("selected_on") != "surrogate":
             ax.plot(ep, [100 * h.get(key, np.nan) for h in history], marker=".", color=color, label=name)
     ax.plot(ep, [100 * h["val_agreement"] for h in history], marker="o", color="#2d6cdf",
             label=f"selected on ({history[-1].get('selected_on', 'surrogate')})")
@@ -190,13 +191,20 @@ def render(run, teacher_latency: dict | None = None) -> str:
     # concepts
     concepts = run.concepts
     members = json.loads(run.paths.teacher.read_text()).get("concepts", {}) if run.paths.teacher.exists() else {}
+    heads = student.get("head") if student.get("init") == "pretrained" and isinstance(student.get("head"), dict) else {}
     rows = []
     for c in concepts:
-        m = members.get(c.label)
-        rows.append([_e(c.label), _e(c.text), _e(m[0]) if m else "-", str(len(m[1])) if m else "-"])
-    parts.append("<section><h2>Concepts</h2>" + _table(["label", "teacher reads", "WordNet synset", "ImageNet classes"], rows)
+        m, h = members.get(c.label), heads.get(c.label)
+        pooled = "-" if not h or not h["classes"] else _e(", ".join(h["classes"][:6]) + (
+            f", +{len(h['classes']) - 6}" if len(h["classes"]) > 6 else ""))
+        rows.append([_e(c.label), _e(c.text), _e(m[0]) if m else "-", str(len(m[1])) if m else "-",
+                     _e(h["source"]) if h else "-", pooled])
+    parts.append("<section><h2>Concepts</h2>" + _table(["label", "teacher reads", "WordNet synset", "ImageNet classes",
+                                                        "student head", "its ImageNet rows"], rows)
                  + "<p class=meta>A CLIP teacher reads the text through its prompt templates; an ImageNet teacher scores a "
-                 "concept as the logsumexp of the classes beneath it.</p></section>")
+                 "concept as the logsumexp of the classes beneath it. The student's head per concept: wordnet (its own "
+                 "rows for the WordNet classes), clip (rows of the ImageNet classes the CLIP text tower found near it, "
+                 "weighted) or fresh (a new row, learnt).</p></section>")
 
     # surrogate images and the judge
     bank = Bank(run.paths.bank)
@@ -213,8 +221,8 @@ def render(run, teacher_latency: dict | None = None) -> str:
                    f"judge {_e(judge['judge'])}, a network that took no part in making the bank: concepts under the "
                    "dashed line may not transfer to real images</figcaption></figure>")
     else:
-        sec.append("<p class=meta>No held-out judge for this teacher (a CLIP teacher has no offline network to judge its "
-                   "images): read the student's real-image accuracy with <code>distiller eval</code>.</p>")
+        sec.append("<p class=meta>No held-out judge for this run (teacher.judge = none, or no network left to judge): "
+                   "read the student's real-image accuracy with <code>distiller eval</code>.</p>")
     parts.append("<section><h2>Surrogate images</h2>" + "".join(sec) + "</section>")
 
     # the user's own images (--images)
@@ -241,9 +249,10 @@ def render(run, teacher_latency: dict | None = None) -> str:
     history = DistillStage.checkpoints(run).history()
     chosen = max(history, key=lambda h: h["val_agreement"])["epoch"]   # the first best, as best.pt keeps it
     why = ("the student as initialised scored best: it ships unchanged" if chosen == 0 else
-           f"the best validation agreement with the teacher ({100 * max(h['val_agreement'] for h in history):.1f}%)")
+           f"the best validation agreement ({100 * max(h['val_agreement'] for h in history):.1f}%)")
+    signal = f" The deciding signal: {_e(student['selection'])}." if student.get("selection") else ""
     parts.append("<section><h2>Training</h2>" + _img(_training_chart(history, chosen), "image/png", "validation agreement per epoch")
-                 + f"<p>Chosen: epoch {chosen}, {why}; epoch 0 (as initialised) always competes.</p></section>")
+                 + f"<p>Chosen: epoch {chosen}, {why}; epoch 0 (as initialised) always competes.{signal}</p></section>")
 
     # deployment
     rows = [[_e(r["file"]) + (" <span class=ok>deployable</span>" if n == deployable else ""), _e(r["precision"]),

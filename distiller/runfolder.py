@@ -28,3 +28,4 @@ class RunPaths:
     teacher_latency = property(lambda s: s.root / "teacher_latency.json")
     html = property(lambda s: s.root / "report.html")
     images = property(lambda s: s.root / "images.json")       # --images: the user's files (images.py)
+    heads = property(lambda s: s.root / "heads.json")         # each concept's head source (bridge.py)

@@ -16,10 +16,12 @@ from runtime.classifier import read_report as read_report_file
 from runtime.errors import UserError
 
 from . import __version__
-from .atomic import read_json, write_bytes, write_json
+from .atomic import write_bytes, write_json
+from .bridge import HeadsStage
 from .images import LabelStage
+from .judge import JudgeStage
 from .report_html import HtmlReportStage
-from .pipeline import Run, synthesis_networks
+from .pipeline import Run
 
 Progress = Callable[..., None]
 
@@ -192,57 +194,6 @@ class SynthesizeStage:
         write_bytes(run.paths.samples, bank.samples_png())
 
 
-class JudgeStage:
-    """``judge.json``: a held-out network's per-concept agreement with the bank's intended classes.
-
-    Surrogate images that only convince the network that made them are adversarial textures, not
-    data; a judge that never took part in synthesis is a cheap proxy for whether they transfer."""
-    name = "judge"
-
-    @staticmethod
-    def cfg(run: Run):
-        from .teachers import judge_cfg
-        return judge_cfg(run.recipe.teacher, synthesis_networks(run.recipe, run.concepts))
-
-    def done(self, run: Run) -> bool:
-        return self.cfg(run) is None or run.paths.judge.exists()
-
-    def work(self, run: Run) -> int:
-        return 0 if self.cfg(run) is None else 1
-
-    def describe(self, run: Run) -> str:
-        return f"held-out judge {self.cfg(run).model}"
-
-    def run(self, run: Run, progress: Progress) -> None:
-        import numpy as np
-        import torch
-
-        from .synthesis import teacher_logits
-        from .teachers import build_teacher
-        rec, cfg = run.recipe, self.cfg(run)
-        judge = build_teacher(cfg, run.concepts, run.device, run.offline, openset=rec.openset)
-        imgs, _, recs = _bank(run).load()
-        with torch.no_grad():
-            pred = teacher_logits(judge, torch.from_numpy(imgs), device=run.device).argmax(1).numpy()
-        keep = np.array([r["class"] is not None for r in recs])          # negatives have no concept to judge
-        pred, truth = pred[keep], np.array([r["class"] for r in recs if r["class"] is not None])
-        per = {c.label: float((pred[truth == k] == k).mean()) for k, c in enumerate(run.concepts)}
-        result = {"judge": cfg.model, "per_concept": per, "overall": float((pred == truth).mean()), "images": int(len(truth)),
-                  "min": rec.teacher.judge_min}
-        write_json(run.paths.judge, result)
-        for label, a in per.items():
-            if a < rec.teacher.judge_min:
-                hint = "" if run.paths.images.exists() else (
-                    "; give the run some real, unlabelled photos of your world (--images DIR): the teacher labels them")
-                run.warn(f"{label}: the held-out judge {cfg.model} sees it in only {100 * a:.0f}% of its surrogate "
-                         f"images: they may not transfer; the student can fail on real {label}{hint}")
-        progress()
-
-    @staticmethod
-    def result(run: Run) -> dict | None:
-        return read_json(run.paths.judge, None)
-
-
 class DistillStage:
     """``checkpoints/``: the student, trained (or as initialised) against the teacher's soft labels."""
     name = "distill"
@@ -250,7 +201,7 @@ class DistillStage:
     @staticmethod
     def spec(run: Run):
         from .students import student_spec
-        return student_spec(run.recipe, run.concepts)
+        return student_spec(run.recipe, run.concepts, HeadsStage.heads(run))
 
     @staticmethod
     def checkpoints(run: Run):
@@ -271,7 +222,7 @@ class DistillStage:
     def probes(run: Run) -> bool:
         """Whether the student's head is fresh on a pretrained backbone, so it is fitted first (LP-FT)."""
         rec = run.recipe
-        return rec.student.init == "pretrained" and not DistillStage.spec(run).groups and rec.distill.probe_steps > 0
+        return rec.student.init == "pretrained" and bool(DistillStage.spec(run).fresh_outputs) and rec.distill.probe_steps > 0
 
     def describe(self, run: Run) -> str:
         spec = self.spec(run)
@@ -280,13 +231,13 @@ class DistillStage:
         return f"distill {spec.model} @ {spec.preprocess.size}px"
 
     def run(self, run: Run, progress: Progress) -> None:
-        from .distill import train_student, transfer_set
+        from .distill import VAL_KEYS, train_student, transfer_set
         from .images import real_images
         from .students import create_student
         rec, spec = run.recipe, self.spec(run)
         student = create_student(spec, rec.student.init)
         teacher = run.teacher() if rec.distill.relabel else None
-        data = transfer_set(_bank(run), real_images(run), rec.distill)
+        data = transfer_set(_bank(run), real_images(run), rec.distill, JudgeStage.confirmed(run))
         done = [0]
 
         def on_step(step, total):
@@ -295,7 +246,7 @@ class DistillStage:
 
         def on_epoch(r):
             what = ("as initialised" + (" (head probed)" if "probe_loss" in r else "")) if r["loss"] is None else f"loss {r['loss']:.3f}"
-            agree = ", ".join(f"{k[14:]} {r[k]:.3f}" for k in ("val_agreement_real", "val_agreement_surrogate") if k in r)
+            agree = ", ".join(f"{k[14:]} {r[k]:.3f}" for k in VAL_KEYS if k in r)
             run.reporter.log(f"epoch {r['epoch']}: {what}, val agreement {agree}")
         train_student(student, spec, data, rec.distill, run.paths.checkpoints, rec.seed, teacher, run.device,
                       run.autocast(), on_step=on_step, on_epoch=on_epoch, probe=self.probes(run))
@@ -419,20 +370,12 @@ class ReportStage:
 
     def run(self, run: Run, progress: Progress) -> None:
         from .images import transfer_set_info
-        spec, ckpts = DistillStage.spec(run), DistillStage.checkpoints(run)
         export = ExportStage.result(run)
-        history = ckpts.history()
-        best = max(history, key=lambda h: h["val_agreement"])   # the epoch best.pt holds (the first best)
-        student = {"model": spec.model, "input_size": spec.preprocess.size,
-                   "best_val_agreement": best["val_agreement"], "epochs": ckpts.last_epoch(),
-                   "best_epoch": best["epoch"], "selected_on": best.get("selected_on", "surrogate"),
-                   "head": "imagenet" if spec.groups else "fresh", "probed": DistillStage.probes(run)}
-        student.update({k: best[k] for k in ("val_agreement_real", "val_agreement_surrogate") if k in best})
         report = {
             "distiller_version": __version__,
             "labels": run.labels,
             "teacher": teacher_info(run),
-            "student": student,
+            "student": student_info(run),
             "transfer_set": transfer_set_info(run),
             "recipe": run.recipe.name,
             "judge": JudgeStage.result(run),
@@ -442,6 +385,25 @@ class ReportStage:
         }
         write_json(run.paths.report, report)
         progress()
+
+
+def student_info(run: Run) -> dict:
+    """report.json's ``student``: the network, how it started, each concept's head source, and the epoch shipped
+    with the signal that chose it."""
+    from .distill import SIGNALS, VAL_KEYS
+    spec, ckpts = DistillStage.spec(run), DistillStage.checkpoints(run)
+    history = ckpts.history()
+    best = max(history, key=lambda h: h["val_agreement"])   # the epoch best.pt holds (the first best)
+    signal = best.get("selected_on", "surrogate")
+    student = {"model": spec.model, "input_size": spec.preprocess.size,
+               "best_val_agreement": best["val_agreement"], "epochs": ckpts.last_epoch(),
+               "init": run.recipe.student.init, "best_epoch": best["epoch"], "selected_on": signal,
+               "selection": SIGNALS[signal] + ("; ties go to the student as initialised" if len(history) > 1 else ""),
+               "head": {h.label: h.to_json() for h in HeadsStage.heads(run)} if run.recipe.student.init == "pretrained"
+               else {c.label: {"source": "fresh", "classes": [], "similarity": None} for c in run.concepts},
+               "probed": DistillStage.probes(run)}
+    student.update({k: best[k] for k in VAL_KEYS if k in best})
+    return student
 
 
 def read_report(run: Run) -> dict:
@@ -455,7 +417,8 @@ def export_run(run: Run) -> dict:
     return read_report(run)
 
 
-STAGES: tuple[Stage, ...] = (PromptsStage(), GeneratorStage(), SynthesizeStage(), LabelStage(), JudgeStage(),
-                             DistillStage(), ExportStage(), ReportStage(), HtmlReportStage())
-SYNTHESIS_STAGES = STAGES[:4]
-EXPORT_STAGES = STAGES[6:]
+STAGES: tuple[Stage, ...] = (HeadsStage(), PromptsStage(), GeneratorStage(), SynthesizeStage(), LabelStage(),
+                             JudgeStage(), DistillStage(), ExportStage(), ReportStage(), HtmlReportStage())
+SYNTHESIS_STAGES = STAGES[:5]
+DISTILL_STAGES = (STAGES[0], STAGES[6])     # the student's heads, then distillation
+EXPORT_STAGES = STAGES[7:]

