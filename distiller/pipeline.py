@@ -221,7 +221,12 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
     from .stages import negatives
     BankPlan(tuple(c.label for c in concepts), ("plain",), syn.images_per_class, syn.shard_size,
              syn.resolution, syn.val_every, recipe.seed, negatives(recipe, len(concepts))).validate()
-    student_spec(recipe, concepts)
+    bridged = resolve_family(recipe.teacher.model).styles and recipe.student.head == "imagenet"
+    if bridged:   # head = imagenet with a CLIP teacher: the text bridge may yet find rows WordNet has not
+        from .bridge import plan_heads
+        student_spec(recipe, concepts, plan_heads(concepts, "auto"))
+    else:
+        student_spec(recipe, concepts)
     if recipe.openset:
         labels = [c.label for c in concepts]
         if not recipe.other_label.strip() or recipe.other_label in labels:

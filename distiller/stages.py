@@ -234,7 +234,9 @@ class DistillStage:
         from .distill import VAL_KEYS, train_student, transfer_set
         from .images import real_images
         from .students import create_student
+        import torch
         rec, spec = run.recipe, self.spec(run)
+        torch.manual_seed(rec.seed)   # the same student, whatever ran before in this process (a judge's network, ...)
         student = create_student(spec, rec.student.init)
         teacher = run.teacher() if rec.distill.relabel else None
         data = transfer_set(_bank(run), real_images(run), rec.distill, JudgeStage.confirmed(run))
