@@ -22,7 +22,6 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SOURCES = ("wordnet", "clip", "fresh")
 SHOWN = 5   # nearest classes kept per concept for display (distiller concepts, report.json)
 
 

@@ -263,7 +263,8 @@ def render(run, teacher_latency: dict | None = None) -> str:
         ["file", "precision", "MB", "vs FP32", "cosine", "vs teacher", "p50 ms", "p90 ms", "p99 ms", "eligible"], rows)
         + _img(_latency_chart(exp["variants"], teacher_latency), "image/png", "latency per variant")
         + "<p class=meta>Eligible: within max_drop points of FP32 agreement and fast enough; the fastest eligible "
-        "variant ships. <code>distiller bench RUN --select</code> re-picks it on the device.</p></section>")
+        "variant ships. <code>distiller bench RUN --select</code> re-picks it on the device.</p>" + _open_set_line(run, exp)
+        + "</section>")
 
     # accuracy on real images (distiller eval)
     if run.paths.eval.exists():
@@ -279,10 +280,18 @@ def render(run, teacher_latency: dict | None = None) -> str:
                               f"{100 * hi:.1f}]", _e(per)])
         overlap = (f"<p class=warn>{ev['training_overlap']} of these images are among the run's own --images: a score on "
                    "them is not an accuracy.</p>") if ev.get("training_overlap") else ""
+        rejection = [[_e(m), f"{res['open_set']['auroc']:.3f} [{res['open_set']['auroc_ci'][0]:.3f}, "
+                      f"{res['open_set']['auroc_ci'][1]:.3f}]", f"{100 * res['open_set']['other_accuracy']:.1f} "
+                      f"[{100 * res['open_set']['other_ci'][0]:.1f}, {100 * res['open_set']['other_ci'][1]:.1f}]",
+                      f"{res['open_set']['known_images']} / {res['open_set']['other_images']}"]
+                     for m, res in ev["results"].items() if res.get("open_set")]
         parts.append("<section><h2>Accuracy on real images</h2>" + f"<p class=meta>{_e(ev['data'])}: {ev['images']} images, "
                      f"content sha256 {_e(ev['content_hash'][:16])}..., scored {_e(ev['date'])}</p>" + overlap
                      + _img(_accuracy_chart(ev), "image/png", "balanced accuracy per domain")
-                     + _table(["model", "domain", "n", "balanced [95% CI]", "recall per class [95% CI]"], table) + "</section>")
+                     + _table(["model", "domain", "n", "balanced [95% CI]", "recall per class [95% CI]"], table)
+                     + (("<p>Known classes against images of other things (<code>--other-data</code>):</p>" + _table(
+                         ["model", "AUROC known vs other [95% CI]", "answered other (%) [95% CI]", "known / other images"],
+                         rejection)) if rejection else "") + "</section>")
 
     # timings and the recipe
     t = report.get("timings_s", {})
@@ -293,6 +302,18 @@ def render(run, teacher_latency: dict | None = None) -> str:
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content=\"width=device-width,"
             f"initial-scale=1\"><title>distiller: {_e(', '.join(report['labels']))}</title><style>{CSS}</style></head>"
             f"<body><main>{body}</main></body></html>\n")
+
+
+def _open_set_line(run, exp: dict) -> str:
+    """What an open-set model answers for none of its classes, and how its threshold was chosen."""
+    t = exp.get("threshold") or {}
+    if not run.recipe.openset or "value" not in t:
+        return ""
+    how = (f"fitted on {t['images']} {_e(t['source'])} validation images ({t.get('other_images', 0)} of them other; "
+           f"balanced accuracy {100 * t['balanced_accuracy']:.1f}%)" if t.get("source", "none") != "none"
+           else _e(t.get("note", "not fitted")))
+    return (f"<p>Open set: the model answers <b>{_e(run.recipe.other_label)}</b> when its other output wins or its best "
+            f"class's probability is below the threshold {t['value']:.3f}, {how}.</p>")
 
 
 class HtmlReportStage:

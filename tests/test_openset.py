@@ -193,4 +193,7 @@ def test_eval_other_data_scores_rejection_for_every_model(tmp_path, capsys):
     assert r["auroc"] == pytest.approx(auroc(known_score(kz, 2), known_score(oz, 2)))
     assert r["other_accuracy"] == pytest.approx(float((clf.decide(oz) == 2).mean()))
     assert json.loads((run / "eval.json").read_text())["results"]["student.onnx"]["open_set"]["other_images"] == 6
+    assert main(["report", str(run)]) == 0                  # report.html shows the rejection table, every model
+    page = (run / "report.html").read_text()
+    assert "Known classes against images of other things" in page and f"{r['auroc']:.3f} [" in page
     assert main(["eval", str(run), "--data", str(data), "--other-data", str(tmp_path / "none")]) == 2

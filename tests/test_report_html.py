@@ -48,6 +48,10 @@ def test_smoke_run_writes_a_self_contained_report(smoke_run, capsys):
     for label in ("cat", "dog"):
         assert f"{label}: a row per style" in page
     assert "resnet10t" in page and "student.int8.onnx" in page
+    # the smoke recipe is open-set: the page says what the model answers for none of the classes, and why
+    threshold = json.loads((smoke_run / "export.json").read_text())["threshold"]
+    assert f"answers <b>other</b>" in page and f"threshold {threshold['value']:.3f}" in page
+    assert f"fitted on {threshold['images']} surrogate+negatives validation images" in page
 
 
 def test_report_picks_up_eval_results(smoke_run, tmp_path, capsys):
@@ -70,6 +74,7 @@ def test_report_picks_up_eval_results(smoke_run, tmp_path, capsys):
     assert "report.html" in capsys.readouterr().out
     page = (run / "report.html").read_text()
     assert "<h2>Accuracy on real images</h2>" in page and ev["content_hash"][:16] in page
+    assert "Known classes against images of other things" not in page      # no --other-data given
     _static_checks(page)
     assert len(_data_images(page)) == len(_data_images((smoke_run / "report.html").read_text())) + 1
 
