@@ -10,6 +10,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The CLIP bridge's text-embedding cache goes to a folder of the session's, never the user's ~/.cache."""
+    old = os.environ.get("DISTILLER_CACHE")
+    os.environ["DISTILLER_CACHE"] = str(tmp_path_factory.mktemp("distiller-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DISTILLER_CACHE", None)
+    else:
+        os.environ["DISTILLER_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> tuple[Path, Path]:
     """(config JSON, weights file) of a tiny randomly initialised open_clip model."""
