@@ -227,17 +227,20 @@ class Bank(Shards):
 
 
 def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", autocast=None,
-              on_shard: Callable[[int, int], None] | None = None, on_step=None, objective=None, produce=None) -> None:
-    """Synthesize every missing shard of ``plan`` into ``bank`` (resumable). The images minimise
-    ``objective`` (default: the teacher's own loss), or come from ``produce(targets, classes, gen)``
-    (a trained generator); the teacher labels them."""
+              on_shard: Callable[[int, int], None] | None = None, on_step=None, objective=None, produce=None,
+              shards=None) -> None:
+    """Synthesize every missing shard of ``plan`` into ``bank`` (resumable), then its manifest. The images
+    minimise ``objective`` (default: the teacher's own loss), or come from ``produce(targets, classes, gen)``
+    (a trained generator); the teacher labels them. ``shards``: only these (one rank's share); the caller
+    then starts the bank before and writes the manifest after every rank is done."""
     import torch
 
     from .synthesis import synthesize, teacher_logits
 
-    bank.start(plan)
+    if shards is None:
+        bank.start(plan)
     done = set(bank.complete())
-    for i in range(plan.num_shards):
+    for i in (range(plan.num_shards) if shards is None else shards):
         if i in done:
             continue
         seed = plan.shard_seed(i)
@@ -270,4 +273,5 @@ def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", au
         bank.write_shard(i, images.numpy(), logits.numpy(), records)
         if on_shard:
             on_shard(i, plan.num_shards)
-    bank.write_manifest()
+    if shards is None:
+        bank.write_manifest()

@@ -200,6 +200,7 @@ class HeadsStage:
     """``heads.json``: each concept's head source, decided before anything long runs (a ``fresh`` concept is
     warned about at once). Made for every run: the judge scores bridged concepts by the same rows."""
     name = "heads"
+    sharded = False
 
     @staticmethod
     def _bridges(run) -> bool:

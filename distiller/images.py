@@ -246,6 +246,7 @@ def real_images(run) -> RealImages | None:
 class LabelStage:
     """``bank/real_*``: the teacher's labels on the user's images (``--images``); done at once without any."""
     name = "label images"
+    sharded = False
 
     def done(self, run) -> bool:
         real = real_images(run)

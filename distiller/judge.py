@@ -124,6 +124,7 @@ def judge_bank(recipe, concepts, heads, bank, used=(), student_network=None, dev
 class JudgeStage:
     """``judge.json``: held-out judges' per-concept agreement with the bank's intended classes."""
     name = "judge"
+    sharded = False
 
     @staticmethod
     def plan(run) -> list[Assignment]:

@@ -17,6 +17,7 @@ from runtime.errors import UserError
 
 from .atomic import load_torch, read_json, save_torch, write_json, write_text
 from .concepts import Concept, load_concepts, save_concepts
+from .dist import world
 from .recipe import Recipe, recipe_from_dict, tomllib
 from .runfolder import RunPaths
 
@@ -65,7 +66,7 @@ class Run:
             emb = load_torch(path, weights_only=True) if path.exists() else None
             self._teacher = build_teacher(self.recipe.teacher, self.concepts, self.device, self.offline, emb,
                                           self.recipe.openset)
-        if self._teacher.text is not None and not self.paths.text_embeddings.exists():
+        if self._teacher.text is not None and not self.paths.text_embeddings.exists() and world().main:
             save_torch(self._teacher.text.cpu(), self.paths.text_embeddings)
         return self._teacher
 
@@ -73,7 +74,7 @@ class Run:
         """Print a warning and keep it in warnings.json (report.html lists every warning the run printed)."""
         self.reporter.warn(message)
         seen = self.warnings()
-        if message not in seen:
+        if message not in seen and world().main:   # rank 0 alone writes the run folder's files
             write_json(self.paths.warnings, seen + [message])
 
     def warnings(self) -> list[str]:
@@ -94,6 +95,8 @@ class Run:
 
         def tick(force: bool = False) -> None:
             now = time.perf_counter()
+            if not world().main:   # rank 0 times the stage for everyone
+                return
             if force or now - last[1] >= every_s:
                 t = self.timings()
                 t[stage] = round(t.get(stage, 0.0) + now - last[0], 2)
@@ -291,29 +294,52 @@ def synthesis_networks(recipe, concepts) -> tuple[str, ...]:
 
 
 def run_stages(run: Run, stages) -> None:
-    """Run each stage that is not done yet, with a progress bar over its work and its time recorded."""
-    for stage in stages:
-        if stage.done(run):
-            if stage.work(run):   # a stage with nothing to do for this recipe says nothing
-                run.reporter.log(f"{stage.name}: done, skipped")
-            continue
-        with run.timer(stage.name) as tick, run.reporter.task(stage.describe(run), max(1, stage.work(run))) as advance:
-            def progress(n: int = 1, _advance=advance, _tick=tick) -> None:
-                _advance(n)
-                _tick()
-            stage.run(run, progress)
+    """Run each stage that is not done yet, with a progress bar over its work and its time recorded. Under
+    torchrun every rank takes part in the ``sharded`` stages (each its share) and waits while rank 0 runs the
+    stages before them; after the last sharded stage the other ranks are done and rank 0 goes on alone."""
+    from .dist import barrier
+    w = world()
+    last = max((i for i, s in enumerate(stages) if s.sharded), default=-1) if w.size > 1 else -1
+    for i, stage in enumerate(stages):
+        if i > last and not w.main:
+            return
+        if w.main or stage.sharded:
+            _run_stage(run, stage)
+        if i <= last:
+            barrier(f"stage {stage.name}")
+
+
+def _run_stage(run: Run, stage) -> None:
+    if stage.done(run):
+        if stage.work(run):   # a stage with nothing to do for this recipe says nothing
+            run.reporter.log(f"{stage.name}: done, skipped")
+        return
+    with run.timer(stage.name) as tick, run.reporter.task(stage.describe(run), max(1, stage.work(run))) as advance:
+        def progress(n: int = 1, _advance=advance, _tick=tick) -> None:
+            _advance(n)
+            _tick()
+        stage.run(run, progress)
 
 
 def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Reporter | None = None,
-         exist_ok: bool = False, offline: bool = False, yes: bool = False, images=None) -> dict:
+         exist_ok: bool = False, offline: bool = False, yes: bool = False, images=None) -> dict | None:
     """The whole pipeline; rerun the same call to resume an interrupted run. ``images``: the user's own
-    unlabelled images (``images.scan_images``), labelled by the teacher beside the bank."""
+    unlabelled images (``images.scan_images``), labelled by the teacher beside the bank. Under torchrun,
+    rank 0 returns the report and the other ranks None (``dist``)."""
+    from . import dist
     from .plan import confirm_plan
     from .stages import STAGES, read_report
     preflight(recipe, concepts, offline)
-    resume = run_state(run_dir, recipe, concepts, exist_ok, images) == "resume"   # a finished run is refused here, early
-    teacher = confirm_plan(run_dir if resume else None, recipe, concepts, reporter or Reporter(), yes, offline)
-    init_run(run_dir, recipe, concepts, exist_ok, reporter, images)
-    run = Run(run_dir, reporter, offline=offline, teacher=teacher)
-    run_stages(run, STAGES)
-    return read_report(run)
+    w = dist.init(resolve_device(recipe.device))
+    try:
+        teacher = None
+        if w.main:   # rank 0 alone decides and writes the run folder; the others wait for it
+            resume = run_state(run_dir, recipe, concepts, exist_ok, images) == "resume"   # a finished run is refused early
+            teacher = confirm_plan(run_dir if resume else None, recipe, concepts, reporter or Reporter(), yes, offline)
+            init_run(run_dir, recipe, concepts, exist_ok, reporter, images)
+        dist.barrier("the run folder")
+        run = Run(run_dir, reporter, offline=offline, teacher=teacher)
+        run_stages(run, STAGES)
+        return read_report(run) if w.main else None
+    finally:
+        dist.finish()

@@ -319,6 +319,7 @@ def _open_set_line(run, exp: dict) -> str:
 class HtmlReportStage:
     """``report.html``: the page a user looks at (``report_html``); the teacher is timed once for it."""
     name = "report.html"
+    sharded = False
 
     def done(self, run) -> bool:
         return run.paths.html.exists()

@@ -28,6 +28,7 @@ Progress = Callable[..., None]
 
 class Stage(Protocol):
     name: str
+    sharded: bool     # under torchrun: every rank runs its share (else rank 0 alone)
 
     def done(self, run: Run) -> bool: ...
     def work(self, run: Run) -> int: ...
@@ -65,6 +66,7 @@ def negatives(recipe, k: int) -> int:
 class PromptsStage:
     """Learnt prompt styles (``styles.pt``); sources with nothing to learn are done from the start."""
     name = "prompts"
+    sharded = False
 
     def _source(self, run: Run):
         from .prompts import source_class
@@ -120,6 +122,7 @@ def resolution(run: Run) -> int:
 class GeneratorStage:
     """Amortised synthesis (``synthesis.generator_steps > 0``): the generator, trained and checkpointed."""
     name = "generator"
+    sharded = False
 
     def done(self, run: Run) -> bool:
         from .generator import trained_steps
@@ -159,6 +162,7 @@ def synthesis_inputs(run: Run):
 class SynthesizeStage:
     """The surrogate bank (``bank/``), ``teacher.json`` and ``samples.png``."""
     name = "synthesize"
+    sharded = True     # every rank fills its share of the shards (dist)
 
     def done(self, run: Run) -> bool:
         bank = _bank(run)
@@ -175,28 +179,48 @@ class SynthesizeStage:
 
     def run(self, run: Run, progress: Progress) -> None:
         from .bank import fill_bank
-        rec, bank = run.recipe, _bank(run)
+        from .dist import barrier, world
+        rec, bank, w = run.recipe, _bank(run), world()
         teacher = run.teacher()
-        write_json(run.paths.teacher, teacher.describe())
-        for note in teacher.warnings():
-            run.warn(note)
-        if run.device == "cpu" and teacher.text_tower is not None and rec.teacher.model == "ViT-B-32":
-            run.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
+        if w.main:
+            write_json(run.paths.teacher, teacher.describe())
+            for note in teacher.warnings():
+                run.warn(note)
+            if run.device == "cpu" and teacher.text_tower is not None and rec.teacher.model == "ViT-B-32":
+                run.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
         source, objective = synthesis_inputs(run)
         plan = bank_plan(run, source.style_names, resolution(run))
         produce = None
         if rec.synthesis.generator_steps:
             from .generator import sampler
             produce = sampler(GeneratorStage.generator(run, source, objective), objective, rec.synthesis, run.device)
-        progress(len(bank.complete()))
-        fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(),
-                  on_shard=lambda i, n: progress(), objective=objective, produce=produce)
-        write_bytes(run.paths.samples, bank.samples_png())
+        shown = [len(bank.complete())]
+        progress(shown[0])
+
+        def on_shard(i, n):   # rank 0's bar counts every rank's shards
+            now = len(bank.complete())
+            progress(now - shown[0])
+            shown[0] = now
+        if w.main:
+            bank.start(plan)       # the plan written and a killed run's half shards cleared, before anyone writes
+        barrier("the bank's start")
+        fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(), on_shard=on_shard,
+                  objective=objective, produce=produce, shards=w.mine(plan.num_shards))
+        if w.size > 1:   # each rank says what it did (the progress bar is rank 0's alone)
+            import sys
+            print(f"rank {w.rank}/{w.size}: shards {list(w.mine(plan.num_shards))} of {plan.num_shards} are in the bank"
+                  + ("" if w.main else "; the other stages are rank 0's"), file=sys.stderr, flush=True)
+        barrier("synthesis")
+        if w.main:
+            on_shard(-1, plan.num_shards)
+            bank.write_manifest()
+            write_bytes(run.paths.samples, bank.samples_png())
 
 
 class DistillStage:
     """``checkpoints/``: the student, trained (or as initialised) against the teacher's soft labels."""
     name = "distill"
+    sharded = False
 
     @staticmethod
     def spec(run: Run):
@@ -262,6 +286,7 @@ FIDELITY_IMAGES = 256   # bank images on which INT8 variants must agree with FP3
 class ExportStage:
     """``export.json`` and the model files: every variant built, measured, and the deployable one picked."""
     name = "export"
+    sharded = False
 
     def done(self, run: Run) -> bool:
         return run.paths.export.exists() or run.paths.report.exists()
@@ -360,6 +385,7 @@ def teacher_info(run: Run) -> dict:
 class ReportStage:
     """``report.json``: what every other stage made, in one file (its presence marks a finished run)."""
     name = "report"
+    sharded = False
 
     def done(self, run: Run) -> bool:
         return run.paths.report.exists()

@@ -27,6 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 from . import info, make, models  # noqa: E402  (commands register themselves on app)
 
 INTERRUPTED = "interrupted: run the same command again to resume where it stopped"
+ARGS: list[str] = []   # the command line main() is running
 
 
 def _flags_show_no_type(command) -> None:
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and formats every user error in one place (one line, exit 2)."""
     from .ui import error_line
     args = sys.argv[1:] if argv is None else list(argv)
+    ARGS[:] = args   # what `make --nproc N` relaunches under torchrun
     command = typer.main.get_command(app)
     _flags_show_no_type(command)
     try:

@@ -67,8 +67,13 @@ def make(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any recipe key: --set synthesis.steps=200"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     verbose: bool = VERBOSE,
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (torchrun): they share the "
+                              "synthesis; see the README for several machines."),
 ):
     """Class names in, deployable CPU classifier out: synthesize, distill, quantize, export."""
+    from ..dist import world
+    if nproc > 1 and world().size == 1:
+        raise typer.Exit(_torchrun(nproc))
     _set_env(offline, verbose)
     import dataclasses
 
@@ -93,13 +98,35 @@ def make(
     if images:
         from ..images import scan_images
         image_set = scan_images(images, rec.seed, rec.images.val_fraction)
+    main_rank = world().main
+    quiet = quiet or not main_rank   # one display: rank 0's
     reporter = RichReporter(quiet)
     if not quiet:
         err.print(f"[bold]distiller make[/bold] {', '.join(c.label for c in concepts)} -> {run_dir} "
                   f"(recipe {rec.name}, target {rec.target}, teacher {rec.teacher.model})", highlight=False)
     t0 = time.perf_counter()
     report = make_run(run_dir, rec, concepts, reporter, exist_ok=exist_ok, offline=offline, yes=yes, images=image_set)
-    _summary(run_dir, report, time.perf_counter() - t0)
+    if report is not None:   # rank 0 (the other ranks leave once the bank is complete)
+        _summary(run_dir, report, time.perf_counter() - t0)
+
+
+def _torchrun(nproc: int) -> int:
+    """`make --nproc N`: the same command under torchrun on this machine, N processes; its exit code."""
+    import subprocess
+    import sys
+
+    from . import ARGS
+    args, skip = [], False
+    for a in ARGS:   # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "distiller",
+           *args]
+    return subprocess.call(cmd)
 
 
 def _summary(run_dir: Path, report: dict, seconds: float) -> None:
