@@ -212,6 +212,11 @@ class SynthesizeStage:
                   + ("" if w.main else "; the other stages are rank 0's"), file=sys.stderr, flush=True)
         barrier("synthesis")
         if w.main:
+            missing = plan.num_shards - len(bank.complete())
+            if missing:   # every rank said it finished, yet rank 0 does not see their shards
+                raise UserError(f"{missing} of {plan.num_shards} shards are missing from {bank.root} after every rank "
+                                f"finished: with several machines the run folder must be on a filesystem they all share "
+                                f"(--out /shared/path)")
             on_shard(-1, plan.num_shards)
             bank.write_manifest()
             write_bytes(run.paths.samples, bank.samples_png())
