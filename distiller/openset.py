@@ -62,3 +62,19 @@ def rejection(known_logits, other_logits, other_decisions, k: int) -> dict:
     n = len(other_decisions)
     return {"auroc": auroc(pos, neg), "auroc_ci": auroc_interval(pos, neg), "other_accuracy": hit / max(n, 1),
             "other_ci": wilson(hit, n), "other_images": n, "known_images": int(len(pos))}
+
+
+def open_set_threshold(recipe, reference, teacher_logits, source: str | None) -> tuple[float, dict]:
+    """The open-set threshold and how it was chosen: fitted on validation images (the teacher's argmax,
+    "other" included, as the truth) from ``source``: the real ones (--images), or the bank's with its
+    negatives; with neither (None), 0, so the other output alone decides."""
+    if not recipe.openset:
+        return 0.0, {}
+    rows = ~np.isnan(teacher_logits).any(1)
+    if source is None or not rows.any():
+        return 0.0, {"source": "none", "images": 0,
+                     "note": "no real validation images and no negatives to fit on: the other output alone decides"}
+    truth = teacher_logits[rows].argmax(1)
+    t, score = fit_threshold(softmax(reference[rows]), truth)
+    return t, {"source": source, "images": int(rows.sum()), "balanced_accuracy": round(score, 4),
+               "other_images": int((truth == teacher_logits.shape[1] - 1).sum())}

@@ -334,6 +334,7 @@ class ExportStage:
         with torch.no_grad():
             reference = student(torch.from_numpy(val)).numpy()
         has_negatives = source is bank and bank.plan().negatives > 0
+        from .openset import open_set_threshold
         threshold, fit = open_set_threshold(rec, reference, va_logit, "real" if source is real else
                                             "surrogate+negatives" if has_negatives else None)
         meta = ModelMetadata(
@@ -356,27 +357,6 @@ class ExportStage:
     @staticmethod
     def result(run: Run) -> dict:
         return json.loads(run.paths.export.read_text())
-
-
-def open_set_threshold(recipe, reference, teacher_logits, source: str | None) -> tuple[float, dict]:
-    """The open-set threshold and how it was chosen: fitted on validation images (the teacher's argmax,
-    "other" included, as the truth) from ``source``: the real ones (--images), or the bank's with its
-    negatives; with neither (None), 0, so the other output alone decides."""
-    import numpy as np
-
-    from runtime.classifier import softmax
-
-    from .openset import fit_threshold
-    if not recipe.openset:
-        return 0.0, {}
-    rows = ~np.isnan(teacher_logits).any(1)
-    if source is None or not rows.any():
-        return 0.0, {"source": "none", "images": 0,
-                     "note": "no real validation images and no negatives to fit on: the other output alone decides"}
-    truth = teacher_logits[rows].argmax(1)
-    t, score = fit_threshold(softmax(reference[rows]), truth)
-    return t, {"source": source, "images": int(rows.sum()), "balanced_accuracy": round(score, 4),
-               "other_images": int((truth == teacher_logits.shape[1] - 1).sum())}
 
 
 def teacher_info(run: Run) -> dict:
