@@ -131,7 +131,7 @@ class JudgeStage:
         from .bridge import HeadsStage
         from .pipeline import synthesis_networks
         return assignments(run.recipe, run.concepts, HeadsStage.heads(run), synthesis_networks(run.recipe, run.concepts),
-                           _student_network(run))
+                           student_teacher_name(run.recipe))
 
     def done(self, run) -> bool:
         return run.paths.judge.exists() or not self.plan(run)
@@ -148,7 +148,7 @@ class JudgeStage:
         from .pipeline import synthesis_networks
         rec = run.recipe
         result = judge_bank(rec, run.concepts, HeadsStage.heads(run), Bank(run.paths.bank),
-                            synthesis_networks(rec, run.concepts), _student_network(run), run.device, run.offline)
+                            synthesis_networks(rec, run.concepts), student_teacher_name(run.recipe), run.device, run.offline)
         write_json(run.paths.judge, result)
         if result["self_judged"]:
             run.warn(f"{', '.join(result['self_judged'])}: judged by the CLIP teacher itself with held-out templates "
@@ -174,10 +174,6 @@ class JudgeStage:
         """Bank indices the judge saw as their own class, or None when nobody judged."""
         out = read_json(run.paths.judge, None)
         return None if out is None else set(out.get("confirmed", ()))
-
-
-def _student_network(run) -> str | None:
-    return student_teacher_name(run.recipe)
 
 
 def student_teacher_name(recipe) -> str | None:

@@ -252,11 +252,10 @@ def check_judges(recipe: Recipe, concepts: list[Concept], offline: bool = False)
 
     from .bridge import HeadSource
     from .judge import judge_names, student_teacher_name
-    from .teachers import check_teacher, resolve_family
+    from .teachers import check_teacher, judge_cfg, resolve_family
     heads = [HeadSource(c.label, "wordnet") for c in concepts]
     for name in judge_names(recipe, concepts, heads, synthesis_networks(recipe, concepts), student_teacher_name(recipe)):
-        judge = dataclasses.replace(recipe.teacher, model=name, judge="none",
-                                    input_size=recipe.teacher.input_size if not resolve_family(name).styles else 0)
+        judge = judge_cfg(dataclasses.replace(recipe.teacher, judge=name))
         # an ImageNet judge of a CLIP run scores pooled rows, not WordNet synsets: its concepts are not checked
         check_teacher(judge, offline, concepts if not resolve_family(recipe.teacher.model).styles else None)
 
