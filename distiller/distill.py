@@ -111,7 +111,7 @@ def transfer_set(bank, real, cfg, confirmed: set[int] | None = None) -> Transfer
     train, val = {}, {}
     sources = [("surrogate", bank)] + ([("real", real)] if real is not None else [])
     for name, src in sources:
-        im, lg, recs = src.load("train")
+        im, lg, _ = src.load("train")
         if len(im):
             train[name] = (im, lg)
         vi, vl, recs = src.load("val")

@@ -27,6 +27,12 @@ def features(student, spec, images_u8, device="cpu", batch_size=64, mirror=True)
     return torch.cat(out + flipped)
 
 
+def _scores(z, weight, bias, fixed=None, free=None):
+    """The probe's logits: the linear rows, with ``fixed`` logits kept where ``free`` is False."""
+    s = z @ weight.T + bias
+    return s if fixed is None else torch.where(free, s, fixed)
+
+
 def _fit(z, t, w, k: int, steps: int, temp: float, wd: float, fixed=None, free=None):
     """Soft-label logistic regression on standardised features: full batch, Adam, deterministic. With ``fixed``
     [N, k] and ``free`` (a bool mask over the k outputs), only the free outputs are learnt; the others keep
@@ -38,9 +44,7 @@ def _fit(z, t, w, k: int, steps: int, temp: float, wd: float, fixed=None, free=N
     w = w / w.sum()
     loss = torch.tensor(0.0)
     for _ in range(steps):
-        s = z @ weight.T + bias
-        if fixed is not None:
-            s = torch.where(free, s, fixed)
+        s = _scores(z, weight, bias, fixed, free)
         per = torch.nn.functional.kl_div(torch.log_softmax(s / temp, -1), target, reduction="none").sum(-1) * temp * temp
         loss = (per * w).sum() + wd * weight.pow(2).sum()
         opt.zero_grad()
@@ -70,9 +74,7 @@ def choose_weight_decay(z, t, w, n: int, cfg, fixed=None, free=None) -> tuple[fl
             tr, te = fold != f, (fold == f) & first
             part = None if fixed is None else fixed[tr]
             weight, bias, _ = _fit(z[tr], t[tr], w[tr], t.shape[1], cfg.probe_steps, cfg.probe_temperature, wd, part, free)
-            s = z[te] @ weight.T + bias
-            if fixed is not None:
-                s = torch.where(free, s, fixed[te])
+            s = _scores(z[te], weight, bias, None if fixed is None else fixed[te], free)
             agree = (s.argmax(1) == t[te].argmax(1)).float()
             hit, tot = hit + float((agree * w[te]).sum()), tot + float(w[te].sum())
         scores[wd] = hit / max(tot, 1e-9)
