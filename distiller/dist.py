@@ -5,13 +5,16 @@
 
 Every rank runs ``make``'s checks; rank 0 alone writes the run folder's files. The bank is the unit of
 work: rank r fills shards r, r+N, r+2N, ... (each shard is seeded by its index, so the bank does not
-depend on N), then rank 0 writes the manifest and the samples. The other stages are rank 0's; the other
-ranks leave once the bank is complete. Collectives time out (``DISTILLER_DIST_TIMEOUT``, seconds), so a
+depend on N), then rank 0 writes the manifest and the samples; the teacher labels ``--images`` shards the
+same way. Distillation is DistributedDataParallel: each step's batch is the one-process batch, split
+between the ranks (``World.mine``), so the student does not depend on N either, and a run resumes with
+another N. The other stages are rank 0's; the other ranks leave once the student is trained. Collectives time out (``DISTILLER_DIST_TIMEOUT``, seconds), so a
 rank that dies ends the group with one line instead of a hang (torchrun also stops the others).
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -62,11 +65,21 @@ def init(device: str) -> World:
     import torch
     import torch.distributed as dist
     if not dist.is_initialized():
-        cuda = device == "cuda"
+        cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(w.local_rank)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s()))
     return w
+
+
+@contextmanager
+def group(device: str):
+    """In the process group for the block (``init`` then ``finish``); alone, nothing."""
+    w = init(device)
+    try:
+        yield w
+    finally:
+        finish()
 
 
 def barrier(what: str) -> None:
@@ -75,12 +88,75 @@ def barrier(what: str) -> None:
     if w.size == 1:
         return
     import torch.distributed as dist
+    _collective(what, dist.barrier)
+
+
+def rank_device(device: str, w: World | None = None) -> str:
+    """The device this rank computes on: ``cuda:LOCAL_RANK`` (one GPU per local rank) for CUDA, else ``device``."""
+    w = w or world()
+    return f"cuda:{w.local_rank}" if device == "cuda" else device
+
+
+def wrap(model, device: str):
+    """``model`` under DistributedDataParallel (rank 0's parameters and buffers copied to every rank); alone, itself."""
+    w = world()
+    if w.size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [int(device.split(":")[1])] if device.startswith("cuda:") else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def gather_rows(local, n: int):
+    """Every rank holds the rows r, r + N, ... of an ``n``-row tensor (``World.mine(n)``); every rank gets all of
+    it back, in order (alone: ``local`` itself)."""
+    w = world()
+    if w.size == 1:
+        return local
+    import torch
+    import torch.distributed as dist
+    m = -(-n // w.size)
+    padded = torch.zeros((m, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(w.size)]
+    _collective("validation", dist.all_gather, parts, padded)
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    for r, part in enumerate(parts):
+        out[r::w.size] = part[:len(range(r, n, w.size))]
+    return out
+
+
+def mean(value: float, device: str = "cpu") -> float:
+    """The mean of one number over the ranks (alone: itself)."""
+    w = world()
+    if w.size == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    _collective("the epoch's loss", dist.all_reduce, t)
+    return float(t) / w.size
+
+
+def _collective(what: str, fn, *args) -> None:
     try:
-        dist.barrier()
+        fn(*args)
     except Exception as exc:   # gloo/nccl raise their own types (RuntimeError, DistBackendError, ...)
-        raise UserError(f"rank {w.rank} of {w.size}: another rank failed or did not reach '{what}' within "
-                        f"{timeout_s():.0f} s ({type(exc).__name__}): see that rank's error above, fix it and rerun "
-                        f"the same command (finished shards are kept)") from None
+        raise _lost(what, exc) from None
+
+
+def _lost(what: str, exc: Exception) -> UserError:
+    w = world()
+    return UserError(f"rank {w.rank} of {w.size}: another rank failed or did not reach '{what}' within "
+                     f"{timeout_s():.0f} s ({type(exc).__name__}): see that rank's error above, fix it and rerun "
+                     f"the same command (finished work is kept)")
+
+
+def require_shared(missing: int, total: int, folder) -> None:
+    """Rank 0, once every rank said its shards are written: those it cannot see mean no shared filesystem."""
+    if missing:
+        raise UserError(f"{missing} of {total} shards are missing from {folder} after every rank finished: with "
+                        f"several machines the run folder must be on a filesystem they all share (--out /shared/path)")
 
 
 def finish() -> None:

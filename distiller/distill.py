@@ -21,6 +21,7 @@ from runtime.errors import UserError
 
 from .atomic import load_torch, save_torch
 from .augment import random_views, resize_center
+from .dist import gather_rows, mean, world, wrap
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
@@ -153,8 +154,10 @@ class Normalizer(torch.nn.Module):
 
 
 def to_float(images_u8: np.ndarray | torch.Tensor, device) -> torch.Tensor:
-    x = torch.as_tensor(images_u8).to(device)
-    return x.permute(0, 3, 1, 2).float() / 255.0
+    x = torch.as_tensor(images_u8)
+    if str(device).startswith("cuda"):   # uint8 through pinned memory: a quarter of the bytes of float, copied async
+        x = x.pin_memory().to(device, non_blocking=True)
+    return x.to(device).permute(0, 3, 1, 2).float() / 255.0
 
 
 @torch.no_grad()
@@ -186,10 +189,13 @@ def kd_loss_weighted(student_logits, teacher_logits, weights, temperature: float
 
 
 def _score(student, spec, data: TransferSet, device) -> dict:
-    """Agreement with the teacher on each validation source; ``val_agreement`` is the selecting one's."""
-    rec = {}
+    """Agreement with the teacher on each validation source; ``val_agreement`` is the selecting one's. Under
+    torchrun each rank scores its share of the images and every rank gets the same numbers."""
+    rec, w = {}, world()
     for name, (im, lg) in data.val.items():
-        out, lg = student_logits(student, spec, im, device), torch.from_numpy(lg)
+        mine = im[w.rank::w.size]
+        out = student_logits(student, spec, mine, device) if len(mine) else torch.zeros((0, lg.shape[1]))
+        out, lg = gather_rows(out.to(device), len(im)).cpu(), torch.from_numpy(lg)
         # the judge's images: balanced over the concepts (the judge may confirm one concept far more than another)
         rec[f"val_agreement_{name}"] = balanced_agreement(out, lg) if name == "judge" else agreement(out, lg)
         if name == data.selector:
@@ -202,10 +208,21 @@ def train_student(student, spec, data: TransferSet, cfg, ckpt_dir: Path, seed: i
                   on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int], None] | None = None,
                   probe: bool = False) -> list[dict]:
     """Run (or resume) the KD loop; returns the per-epoch history. ``probe``: fit the (fresh) head on frozen
-    features before epoch 0 (LP-FT)."""
+    features before epoch 0 (LP-FT).
+
+    Under torchrun (``dist``) this is DistributedDataParallel: every step's batch is the one a single process
+    takes (the same seeded order, the same views), split between the ranks (rank r: its images r, r + N, ...,
+    as a DistributedSampler deals them), and each rank's loss is scaled so the averaged gradient is the whole
+    batch's: the effective batch is the recipe's, whatever N. Rank 0 probes the head and writes the checkpoints;
+    validation is scored in shares and gathered. A checkpoint is an epoch, so a run resumes with another N."""
     ckpt_dir = Path(ckpt_dir)
     tr_img, tr_logit, tr_w = torch.from_numpy(data.images), torch.from_numpy(data.logits), torch.from_numpy(data.weights)
     n, bs = len(tr_img), min(cfg.batch_size, len(tr_img))
+    w = world()
+    if bs < w.size:
+        raise UserError(f"a batch of {bs} images cannot be split between {w.size} ranks: use at most {bs} processes "
+                        f"(or a larger distill.batch_size and bank)")
+    mine = slice(w.rank, None, w.size)
     steps = steps_per_epoch(n, cfg.batch_size)
     total = cfg.epochs * steps
     warm = cfg.warmup_epochs * steps
@@ -233,9 +250,11 @@ def train_student(student, spec, data: TransferSet, cfg, ckpt_dir: Path, seed: i
     def checkpoint(rec, epoch):
         nonlocal best
         history.append(rec)
-        improved = rec["val_agreement"] > best
+        improved = rec["val_agreement"] > best   # the same on every rank: the scores are gathered
         if improved:
             best = rec["val_agreement"]
+        if not w.main:
+            return
         ckpts.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "epoch": epoch, "best": best, "history": history},
                    best={"model": student.state_dict(), "student": spec.model, "num_classes": spec.num_classes,
@@ -243,11 +262,12 @@ def train_student(student, spec, data: TransferSet, cfg, ckpt_dir: Path, seed: i
         if on_epoch:
             on_epoch(rec)
 
+    rec = {"epoch": 0, "loss": None}
+    if not history and probe and w.main:   # rank 0 fits the (fresh) head; wrapping hands its weights to every rank
+        from .probe import fit_head
+        rec.update(fit_head(student, spec, data.images, data.logits, data.weights, cfg, device))
+    model = wrap(student, device)
     if not history:   # epoch 0: the student as initialised (its fresh head probed first, with ``probe``)
-        rec = {"epoch": 0, "loss": None}
-        if probe:
-            from .probe import fit_head
-            rec.update(fit_head(student, spec, data.images, data.logits, data.weights, cfg, device))
         checkpoint({**rec, **_score(student, spec, data, device)}, 0)
     for epoch in range(start, cfg.epochs):
         student.train()
@@ -259,24 +279,27 @@ def train_student(student, spec, data: TransferSet, cfg, ckpt_dir: Path, seed: i
         perm = torch.randperm(n, generator=gen)
         running = 0.0
         for s in range(steps):
-            idx = perm[s * bs:(s + 1) * bs]
+            idx = perm[s * bs:(s + 1) * bs]   # the whole step's batch: its views are drawn as one process draws them
             x = to_float(tr_img[idx], device)
-            w = tr_w[idx].to(device)
+            wt = tr_w[idx].to(device)
             if cfg.relabel:   # consistent KD: the teacher labels exactly the view the student sees
                 views = random_views(x, teacher.input_size, gen, cfg.crop_scale)
                 if cfg.mixup > 0:
-                    lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+                    # seeded by the step, not the global RNG: the same on every rank and after a resume
+                    lam = float(np.random.default_rng([seed, epoch, s]).beta(cfg.mixup, cfg.mixup))
                     views = lam * views + (1 - lam) * views.flip(0)
-                    w = lam * w + (1 - lam) * w.flip(0)
+                    wt = lam * wt + (1 - lam) * wt.flip(0)
+                views = views[mine]   # this rank's share
                 with torch.no_grad():
                     t_logits = teacher.logits(views).float()
                 s_in = F.interpolate(views, size=(spec.preprocess.size,) * 2, mode="bilinear", antialias=True, align_corners=False)
             else:
-                s_in = random_views(x, spec.preprocess.size, gen, cfg.crop_scale)
-                t_logits = tr_logit[idx].to(device)
+                s_in = random_views(x, spec.preprocess.size, gen, cfg.crop_scale)[mine]
+                t_logits = tr_logit[idx][mine].to(device)
             with autocast() if autocast else torch.enable_grad():
-                out = student(norm(s_in))
-            loss = kd_loss_weighted(out.float(), t_logits, w, cfg.temperature)
+                out = model(norm(s_in))
+            # this rank's weighted sum over the whole batch's weight, times N: DDP's mean of the gradients is the batch's
+            loss = kd_loss_weighted(out.float(), t_logits, wt[mine], cfg.temperature) * (wt[mine].sum() / wt.sum() * w.size)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
@@ -285,7 +308,8 @@ def train_student(student, spec, data: TransferSet, cfg, ckpt_dir: Path, seed: i
             running += loss.item()
             if on_step:
                 on_step(epoch * steps + s + 1, total)
-        checkpoint({"epoch": epoch + 1, "loss": running / steps, **_score(student, spec, data, device)}, epoch + 1)
+        checkpoint({"epoch": epoch + 1, "loss": mean(running / steps, device), **_score(student, spec, data, device)},
+                   epoch + 1)
     return history
 
 

@@ -208,16 +208,16 @@ class RealImages(Shards):
 
 
 def label_images(real: RealImages, teacher, resolution: int, device="cpu",
-                 on_shard: Callable[[int, int], None] | None = None) -> None:
-    """The teacher labels every image not labelled yet, one atomic shard at a time (resumable)."""
+                 on_shard: Callable[[int, int], None] | None = None, shards=None) -> None:
+    """The teacher labels every image not labelled yet, one atomic shard at a time (resumable). ``shards``: only
+    these (one rank's share); the caller then clears stale shards before and checks every shard after."""
     import torch
 
     from .synthesis import teacher_logits
-    real.root.mkdir(parents=True, exist_ok=True)
-    for i in real.stale():
-        remove(real.shard_dir(i))
+    if shards is None:
+        clear_stale(real)
     done = set(real.complete())
-    for i in range(real.num_shards):
+    for i in (range(real.num_shards) if shards is None else shards):
         if i in done:
             continue
         files = [real.images.files[g] for g in real.indices(i)]
@@ -235,6 +235,12 @@ def label_images(real: RealImages, teacher, resolution: int, device="cpu",
 
 
 
+def clear_stale(real: RealImages) -> None:
+    real.root.mkdir(parents=True, exist_ok=True)
+    for i in real.stale():
+        remove(real.shard_dir(i))
+
+
 def real_images(run) -> RealImages | None:
     """The run's real images (``images.json`` and their shards), or None when it has none."""
     images = read_image_set(run.paths.images)
@@ -246,7 +252,7 @@ def real_images(run) -> RealImages | None:
 class LabelStage:
     """``bank/real_*``: the teacher's labels on the user's images (``--images``); done at once without any."""
     name = "label images"
-    sharded = False
+    sharded = True     # every rank labels its share of the shards, as synthesis fills the bank (dist)
 
     def done(self, run) -> bool:
         real = real_images(run)
@@ -262,12 +268,25 @@ class LabelStage:
 
     def run(self, run, progress) -> None:
         from .bank import write_manifest
+        from .dist import barrier, require_shared, world
         from .stages import resolution
-        real = real_images(run)
-        res = resolution(run)
-        progress(len(set(real.complete()) - set(real.stale())))
-        label_images(real, run.teacher(), res, run.device, on_shard=lambda i, n: progress())
-        write_manifest(run.paths.bank)
+        real, w = real_images(run), world()
+        if w.main:
+            clear_stale(real)   # before anyone labels
+        barrier("labelling's start")
+        shown = [len(real.complete())]
+        progress(shown[0])
+
+        def on_shard(i, n):   # rank 0's bar counts every rank's shards
+            now = len(real.complete())
+            progress(now - shown[0])
+            shown[0] = now
+        label_images(real, run.teacher(), resolution(run), run.device, on_shard=on_shard, shards=w.mine(real.num_shards))
+        barrier("labelling")
+        if w.main:
+            require_shared(real.num_shards - len(real.complete()), real.num_shards, real.root)
+            on_shard(-1, real.num_shards)
+            write_manifest(run.paths.bank)
 
 
 def transfer_set_info(run) -> dict:

@@ -17,7 +17,7 @@ from runtime.errors import UserError
 
 from .atomic import load_torch, read_json, save_torch, write_json, write_text
 from .concepts import Concept, load_concepts, save_concepts
-from .dist import world
+from .dist import rank_device, world
 from .recipe import Recipe, recipe_from_dict, tomllib
 from .runfolder import RunPaths
 
@@ -51,7 +51,7 @@ class Run:
             raise UserError(f"{root}: its recipe.toml or concepts.json is damaged ({type(exc).__name__}): "
                             "start the run again with `distiller make ... --exist-ok`") from None
         self.reporter = reporter or Reporter()
-        self.device = resolve_device(device or self.recipe.device)
+        self.device = rank_device(resolve_device(device or self.recipe.device))   # cuda:LOCAL_RANK under torchrun
         self.offline = offline
         self._teacher = teacher
 
@@ -81,7 +81,7 @@ class Run:
         return read_json(self.paths.warnings, [])
 
     def autocast(self):
-        if self.device != "cuda":
+        if not self.device.startswith("cuda"):   # bf16 autocast on GPUs; CPUs compute in float32
             return None
         import torch
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
@@ -301,15 +301,22 @@ def run_stages(run: Run, stages) -> None:
     last = max((i for i, s in enumerate(stages) if s.sharded), default=-1) if w.size > 1 else -1
     for i, stage in enumerate(stages):
         if i > last and not w.main:
+            import sys
+            print(f"rank {w.rank}/{w.size}: done; {', '.join(s.name for s in stages[i:])}: rank 0's", file=sys.stderr, flush=True)
             return
         if w.main or stage.sharded:
-            _run_stage(run, stage)
+            _run_stage(run, stage, agree=i <= last and stage.sharded)
         if i <= last:
             barrier(f"stage {stage.name}")
 
 
-def _run_stage(run: Run, stage) -> None:
-    if stage.done(run):
+def _run_stage(run: Run, stage, agree: bool = False) -> None:
+    """``agree``: every rank decides whether the stage is done before any of them starts on it."""
+    done = stage.done(run)
+    if agree:
+        from .dist import barrier
+        barrier(f"{stage.name}: what is done")
+    if done:
         if stage.work(run):   # a stage with nothing to do for this recipe says nothing
             run.reporter.log(f"{stage.name}: done, skipped")
         return
@@ -329,8 +336,7 @@ def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Repor
     from .plan import confirm_plan
     from .stages import STAGES, read_report
     preflight(recipe, concepts, offline)
-    w = dist.init(resolve_device(recipe.device))
-    try:
+    with dist.group(resolve_device(recipe.device)) as w:
         teacher = None
         if w.main:   # rank 0 alone decides and writes the run folder; the others wait for it
             resume = run_state(run_dir, recipe, concepts, exist_ok, images) == "resume"   # a finished run is refused early
@@ -340,5 +346,3 @@ def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Repor
         run = Run(run_dir, reporter, offline=offline, teacher=teacher)
         run_stages(run, STAGES)
         return read_report(run) if w.main else None
-    finally:
-        dist.finish()

@@ -179,7 +179,7 @@ class SynthesizeStage:
 
     def run(self, run: Run, progress: Progress) -> None:
         from .bank import fill_bank
-        from .dist import barrier, world
+        from .dist import barrier, require_shared, world
         rec, bank, w = run.recipe, _bank(run), world()
         teacher = run.teacher()
         if w.main:
@@ -208,15 +208,11 @@ class SynthesizeStage:
                   objective=objective, produce=produce, shards=w.mine(plan.num_shards))
         if w.size > 1:   # each rank says what it did (the progress bar is rank 0's alone)
             import sys
-            print(f"rank {w.rank}/{w.size}: shards {list(w.mine(plan.num_shards))} of {plan.num_shards} are in the bank"
-                  + ("" if w.main else "; the other stages are rank 0's"), file=sys.stderr, flush=True)
+            print(f"rank {w.rank}/{w.size}: shards {list(w.mine(plan.num_shards))} of {plan.num_shards} are in the bank",
+                  file=sys.stderr, flush=True)
         barrier("synthesis")
         if w.main:
-            missing = plan.num_shards - len(bank.complete())
-            if missing:   # every rank said it finished, yet rank 0 does not see their shards
-                raise UserError(f"{missing} of {plan.num_shards} shards are missing from {bank.root} after every rank "
-                                f"finished: with several machines the run folder must be on a filesystem they all share "
-                                f"(--out /shared/path)")
+            require_shared(plan.num_shards - len(bank.complete()), plan.num_shards, bank.root)
             on_shard(-1, plan.num_shards)
             bank.write_manifest()
             write_bytes(run.paths.samples, bank.samples_png())
@@ -225,7 +221,7 @@ class SynthesizeStage:
 class DistillStage:
     """``checkpoints/``: the student, trained (or as initialised) against the teacher's soft labels."""
     name = "distill"
-    sharded = False
+    sharded = True     # DistributedDataParallel: every rank trains on its share of each batch (distill)
 
     @staticmethod
     def spec(run: Run):

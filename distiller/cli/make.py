@@ -106,7 +106,7 @@ def make(
                   f"(recipe {rec.name}, target {rec.target}, teacher {rec.teacher.model})", highlight=False)
     t0 = time.perf_counter()
     report = make_run(run_dir, rec, concepts, reporter, exist_ok=exist_ok, offline=offline, yes=yes, images=image_set)
-    if report is not None:   # rank 0 (the other ranks leave once the bank is complete)
+    if report is not None:   # rank 0 (the other ranks leave once the student is trained)
         _summary(run_dir, report, time.perf_counter() - t0)
 
 
@@ -184,8 +184,9 @@ def _head_line(label: str, h: dict) -> str:
 
 def _run(path: Path, device: Optional[str] = None, offline: bool = False, quiet: bool = False, verbose: bool = False):
     _set_env(offline, verbose)
+    from ..dist import world
     from ..pipeline import Run
-    return Run(path, RichReporter(quiet), device=device, offline=offline)
+    return Run(path, RichReporter(quiet or not world().main), device=device, offline=offline)   # one display: rank 0's
 
 
 @app.command()
@@ -195,23 +196,29 @@ def synthesize(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), 
     """Fill (or finish) a run's surrogate image bank; --images DIR adds your own images to it."""
     from ..pipeline import run_stages
     from ..stages import SYNTHESIS_STAGES
+    from .. import dist
     r = _run(run, device, offline, quiet, verbose)
-    if images:
-        from ..images import add_images
-        added = add_images(r, images)
-        r.reporter.log(f"{len(added.files)} images to label, {len(added.skipped)} skipped")
-        for s in added.skipped[:SKIPPED_SHOWN]:
-            r.reporter.log(f"  skipped {s['path']}: {s['reason']}")
-    run_stages(r, SYNTHESIS_STAGES)
+    with dist.group(r.device) as w:   # under torchrun: the ranks share the shards, as in make
+        if images and w.main:
+            from ..images import add_images
+            added = add_images(r, images)
+            r.reporter.log(f"{len(added.files)} images to label, {len(added.skipped)} skipped")
+            for s in added.skipped[:SKIPPED_SHOWN]:
+                r.reporter.log(f"  skipped {s['path']}: {s['reason']}")
+        dist.barrier("the images added")
+        run_stages(r, SYNTHESIS_STAGES)
 
 
 @app.command()
 def distill(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), offline: bool = typer.Option(False, "--offline"),
             quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Train (or resume training) a run's student on its bank."""
+    from ..dist import group
     from ..pipeline import run_stages
     from ..stages import DISTILL_STAGES
-    run_stages(_run(run, device, offline, quiet, verbose), DISTILL_STAGES)
+    r = _run(run, device, offline, quiet, verbose)
+    with group(r.device):   # under torchrun: DistributedDataParallel, as in make
+        run_stages(r, DISTILL_STAGES)
 
 
 @app.command()
