@@ -218,6 +218,8 @@ class Bank(Shards):
         for y, key in enumerate(keys):
             r0 = recs[rows[key][0]]
             name = r0["label"] if r0["style_name"] == "plain" else f"{r0['label']}\n{r0['style_name']}"
+            if r0.get("prior"):   # banks made before the priors did not record theirs
+                name += f"\n{r0['prior']} prior"
             draw.text((4, y * tile + 4), name, fill="black")
             for x, i in enumerate(rows[key][:per_class]):
                 sheet.paste(Image.fromarray(np.asarray(imgs[i])).resize((tile, tile), Image.BILINEAR), (label_w + x * tile, y * tile))
@@ -260,14 +262,16 @@ def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", au
         else:
             images, loss = synthesize(objective or teacher, targets, cls, cfg, plan.resolution, gen, device, autocast, on_step)
         logits = teacher_logits(teacher, images, device=device)
+        prior = "generator" if produce is not None else cfg.prior   # what made the images
         records = [
             {"index": g, "shard": i, "source": "surrogate", "class": int(c), "label": plan.labels[int(c)], "style": int(s),
              "style_name": plan.style_names[int(s)], "seed": seed, "split": plan.split(i),
-             "synthesis_loss": round(float(lo), 5), "path": None, "sha256": image_sha256(im)}
+             "synthesis_loss": round(float(lo), 5), "prior": prior, "path": None, "sha256": image_sha256(im)}
             if not plan.is_negative(g) else
             {"index": g, "shard": i, "source": "negative", "class": None, "label": None, "style": None,
              "style_name": f"other: prompt {plan.negative_prompt(g, len(teacher.negative_targets))}", "seed": seed,
-             "split": plan.split(i), "synthesis_loss": round(float(lo), 5), "path": None, "sha256": image_sha256(im)}
+             "split": plan.split(i), "synthesis_loss": round(float(lo), 5), "prior": prior, "path": None,
+             "sha256": image_sha256(im)}
             for g, c, s, lo, im in zip(idx, cls, sty, loss, images.numpy())
         ]
         bank.write_shard(i, images.numpy(), logits.numpy(), records)

@@ -102,9 +102,21 @@ def wrap(model, device: str):
     w = world()
     if w.size == 1:
         return model
+    import torch
     from torch.nn.parallel import DistributedDataParallel
-    ids = [int(device.split(":")[1])] if device.startswith("cuda:") else None
+    ids = None
+    if device.startswith("cuda"):
+        ids = [torch.device(device).index or 0]
+        model = sync_bn(model)
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def sync_bn(model):
+    """BN statistics over the whole batch, as one process computes them, on GPUs (CPUs have no SyncBatchNorm:
+    there each rank normalises its share alone). timm's converter keeps its fused BN + activation layers; the
+    parameters and buffers are the same tensors, so the optimiser's references stay valid."""
+    from timm.layers import convert_sync_batchnorm
+    return convert_sync_batchnorm(model)
 
 
 def gather_rows(local, n: int):

@@ -240,6 +240,8 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
     for v in recipe.export.variants:
         VARIANTS.get(v)
     check_teacher(recipe.teacher, offline, concepts)
+    from .priors import check_prior
+    check_prior(recipe.synthesis, offline)
     check_source(recipe.prompts, resolve_family(recipe.teacher.model).styles)
     check_judges(recipe, concepts, offline)
     check_synthesis(recipe, concepts, offline)

@@ -43,6 +43,7 @@ def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, s
     and scale to the bank: shards x synthesis.steps (+ generator steps)."""
     import torch
 
+    from .priors import PRIORS
     from .prompts import ClassPrompts
     from .synthesis import synthesize
     from .stages import negatives
@@ -56,10 +57,11 @@ def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, s
     targets = teacher.text[cls] if teacher.text is not None else ClassPrompts(teacher, recipe.prompts).targets(cls, cls, gen)
     objective = synthesis_objective(recipe, concepts, teacher, device, offline)
     stamps: list[float] = []
-    synthesize(objective, targets, cls, dataclasses.replace(syn, steps=steps), syn.resolution or teacher.input_size,
+    prior = PRIORS.get(syn.prior)
+    synthesize(objective, targets, cls, prior.timing_cfg(syn, steps), syn.resolution or teacher.input_size,
                gen, device, on_step=lambda i, loss: stamps.append(time.perf_counter()))
     per_step = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
-    total = per_step * (shards * syn.steps + syn.generator_steps)
+    total = per_step * (shards * prior.steps(syn) + syn.generator_steps)
     return Estimate(images, shards, total, per_step, neg)
 
 
@@ -70,6 +72,7 @@ def confirm_plan(resumed, recipe, concepts, reporter: Reporter, yes: bool, offli
     bank is already complete (nothing left to plan)."""
     from .bank import Bank
     from .pipeline import resolve_device
+    from .priors import PRIORS
     from .runfolder import RunPaths
     from .teachers import build_teacher
     if resumed is not None and Bank(RunPaths(resumed).bank).is_complete():
@@ -77,9 +80,9 @@ def confirm_plan(resumed, recipe, concepts, reporter: Reporter, yes: bool, offli
     device = resolve_device(recipe.device)
     teacher = build_teacher(recipe.teacher, concepts, device, offline, openset=recipe.openset)
     est = estimate_synthesis(recipe, concepts, teacher, device, offline)
-    limit = recipe.synthesis.confirm_above
+    limit, steps = recipe.synthesis.confirm_above, PRIORS.get(recipe.synthesis.prior).steps(recipe.synthesis)
     if limit and est.images > limit and not yes:
-        raise UserError(f"{est.line(recipe.synthesis.steps)}: more than synthesis.confirm_above = {limit} images; "
+        raise UserError(f"{est.line(steps)}: more than synthesis.confirm_above = {limit} images; "
                         f"pass --yes to start, or lower synthesis.images_per_class")
-    reporter.log("plan: " + est.line(recipe.synthesis.steps))
+    reporter.log("plan: " + est.line(steps))
     return teacher

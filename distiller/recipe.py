@@ -59,13 +59,39 @@ class PromptsCfg:
 
 
 @dataclass(frozen=True)
+class PixelsCfg:
+    """``synthesis.prior = "pixels"``: DeepInversion's ImageNet recipe (NVlabs imagenet_inversion.py, setting 0)."""
+    lr: float = num(0.25, above=0.0)            # Adam on pixels in ImageNet-normalised units
+    betas: tuple[float, float] = num((0.5, 0.9), min=0.0, max=0.999)
+    warmup: float = num(0.05, min=0.0, max=1.0)   # share of each phase warming up, then cosine to 0 (100 of 2000)
+    jitter: float = num(0.134, min=0.0, max=0.5)  # random roll, share of the side (30 px of 224)
+    flip: bool = True
+    bn_weight: float = num(0.01, min=0.0)       # r_feature: the BN statistics prior's weight
+    bn_form: str = "l2"                         # l2 (DeepInversion: ||mean gap|| + ||variance gap||) | kl
+    first_bn_weight: float = num(10.0, min=0.0)   # the first BN layer's term, times this
+    tv_l2: float = num(1e-4, min=0.0)           # L2 total variation (4 directions)
+    l2: float = num(1e-5, min=0.0)              # L2 norm of the image
+
+
+@dataclass(frozen=True)
+class VqganCfg:
+    """``synthesis.prior = "vqgan"``: VQGAN-CLIP's latent optimisation."""
+    lr: float = num(0.1, above=0.0)             # Adam on the latents
+    quantize: bool = True                       # straight-through nearest-codebook step before decoding
+
+
+@dataclass(frozen=True)
 class SynthesisCfg:
     images_per_class: int = num(64, min=1)
     shard_size: int = num(32, min=1)            # images optimised together and written as one shard
     val_every: int = num(5, min=2)              # every val_every-th shard is validation
     resolution: int = num(0, min=0, max=1024)   # stored image size; 0: the teacher's input size
+    prior: str = "fourier"                      # how an image is parametrised: fourier | pixels | vqgan (priors.py)
+    prior_weights: str = ""                     # vqgan: a diffusers VQModel, hub id (ORG/NAME[/SUBFOLDER]) or folder
     steps: int = num(100, min=1)
-    lr: float = num(0.05, above=0.0)
+    resolutions: tuple[int, ...] = ()           # pixels: coarse to fine, e.g. [64, 128]; (): the bank's resolution
+    resolution_steps: tuple[int, ...] = ()      # pixels: steps at each of resolutions (they replace steps)
+    lr: float = num(0.05, above=0.0)            # fourier: Adam on the spectra
     crops: int = num(2, min=1)                  # augmented views per image per step
     crop_scale: tuple[float, float] = num((0.4, 1.0), above=0.0, max=1.0)
     rotate_deg: float = num(10.0, min=0.0, max=180.0)
@@ -73,7 +99,9 @@ class SynthesisCfg:
     decay_power: float = num(1.0, min=0.0)      # Fourier amplitude falls as 1/f^decay_power
     tv_weight: float = num(0.0, min=0.0)
     class_weight: float = num(0.1, min=0.0)     # CLIP: zero-shot cross-entropy on the image's class
-    bn_weight: float = num(1.0, min=0.0)        # ImageNet teachers: batch-norm statistics prior
+    bn_weight: float = num(1.0, min=0.0)        # ImageNet teachers: batch-norm statistics prior (pixels: its own)
+    bn_form: str = "kl"                         # kl (per-channel Gaussian KL, scale-free) | l2 (DeepInversion's)
+    first_bn_weight: float = num(1.0, min=0.0)  # the first BN layer's term, times this
     ensemble: tuple[str, ...] = ()              # more teachers whose synthesis loss is averaged in (same target space)
     adversarial: float = num(0.0, min=0.0)      # weight of disagreement with the student as initialised (pretrained)
     generator_steps: int = num(0, min=0)        # 0: optimise each image; > 0: train a generator this long, sample the bank
@@ -81,6 +109,8 @@ class SynthesisCfg:
     generator_diversity: float = num(0.0, min=0.0)  # mode-seeking term: samples of one class must differ with z
     negative_share: float = num(0.15, min=0.0, max=0.5)   # CLIP + openset: bank share made for teacher.other_prompts
     confirm_above: int = num(20000, min=0)      # more planned images than this need `make --yes` (0: never ask)
+    pixels: PixelsCfg = field(default_factory=PixelsCfg)
+    vqgan: VqganCfg = field(default_factory=VqganCfg)
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,9 @@ class SynthesizeStage:
     def describe(self, run: Run) -> str:
         syn = run.recipe.synthesis
         neg = negatives(run.recipe, len(run.labels))
-        return f"synthesis ({syn.images_per_class * len(run.labels)} images{f' + {neg} negatives' if neg else ''}, {syn.steps} steps)"
+        from .priors import PRIORS
+        return (f"synthesis ({syn.images_per_class * len(run.labels)} images{f' + {neg} negatives' if neg else ''}, "
+                f"{PRIORS.get(syn.prior).steps(syn)} steps, {syn.prior} prior)")
 
     def run(self, run: Run, progress: Progress) -> None:
         from .bank import fill_bank
@@ -188,6 +190,7 @@ class SynthesizeStage:
                 run.warn(note)
             if run.device == "cpu" and teacher.text_tower is not None and rec.teacher.model == "ViT-B-32":
                 run.warn("CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)")
+            _warn_prior_cost(run)
         source, objective = synthesis_inputs(run)
         plan = bank_plan(run, source.style_names, resolution(run))
         produce = None
@@ -216,6 +219,22 @@ class SynthesizeStage:
             on_shard(-1, plan.num_shards)
             bank.write_manifest()
             write_bytes(run.paths.samples, bank.samples_png())
+
+
+def _warn_prior_cost(run: Run) -> None:
+    """A costly prior (vqgan) on a CPU: its decoder's forward and backward pass, measured here, times the bank."""
+    from .priors import PRIORS, step_cost
+    syn = run.recipe.synthesis
+    prior = PRIORS.get(syn.prior)
+    if not prior.costly or run.device != "cpu":
+        return
+    size = resolution(run)
+    per = step_cost(syn, size, run.device)
+    images = syn.images_per_class * len(run.labels) + negatives(run.recipe, len(run.labels))
+    from .plan import format_duration
+    run.warn(f"synthesis.prior = {syn.prior} on a CPU: its decoder's forward and backward pass takes {per:.2f} s per "
+             f"image and step at {size} px here (measured), so {images} images x {prior.steps(syn)} steps add about "
+             f"{format_duration(per * images * prior.steps(syn))}: use a GPU (--recipe gpu-vqgan) for real banks")
 
 
 class DistillStage:

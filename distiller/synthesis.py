@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .augment import random_views
 
 # Lucid's colour correlation (square root of the ImageNet colour covariance).
 _COLOR = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -99,37 +98,49 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., :, 1:] - x[..., :, :-1]).abs().mean((1, 2, 3))
 
 
-def robust_loss(objective, img: torch.Tensor, targets, classes: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
+def robust_loss(objective, img: torch.Tensor, targets, classes: torch.Tensor, cfg, generator: torch.Generator,
+                views=None) -> torch.Tensor:
     """Per image of ``img`` [B, 3, H, W]: ``objective``'s synthesis loss averaged over ``cfg.crops`` random
-    views (crop, flip, rotation, noise). ``targets`` None: the objective aims at ``classes`` itself."""
+    views (default: crop, flip, rotation, noise; a prior may bring its own, ``views(img, size, generator)``).
+    ``targets`` None: the objective aims at ``classes`` itself."""
+    from .priors import crop_views
     b = img.shape[0]
-    views = torch.cat([random_views(img, objective.input_size, generator, cfg.crop_scale, cfg.rotate_deg, True, cfg.noise)
-                       for _ in range(cfg.crops)])
+    v = views(img, objective.input_size, generator) if views else crop_views(img, objective.input_size, generator, cfg)
     rep = None if targets is None else targets.repeat(cfg.crops, *([1] * (targets.dim() - 1)))
-    return objective.synthesis_loss(views, rep, classes.repeat(cfg.crops), cfg).float().view(cfg.crops, b).mean(0)
+    return objective.synthesis_loss(v, rep, classes.repeat(cfg.crops), cfg).float().view(cfg.crops, b).mean(0)
 
 
 def synthesize(teacher, targets: torch.Tensor, classes: torch.Tensor, cfg, size: int, generator: torch.Generator, device="cpu", autocast=None, on_step=None):
-    """Optimise ``len(targets)`` images (``classes``: each one's concept index) of ``size`` px; returns (uint8 [B, H, W, 3] CPU tensor, final loss [B])."""
+    """Optimise ``len(targets)`` images (``classes``: each one's concept index) of ``size`` px through the recipe's
+    image prior (``synthesis.prior``: phases, images, views, penalties); returns (uint8 [B, H, W, 3] CPU tensor,
+    final loss [B])."""
+    from .priors import make_prior
     b = targets.shape[0]
-    image = FourierImage(b, size, generator, cfg.decay_power).to(device)
-    opt = torch.optim.Adam(image.parameters(), lr=cfg.lr)
+    prior = make_prior(cfg, b, size, generator, device)
+    loss_cfg = prior.loss_cfg(cfg)
     targets, classes = targets.to(device), classes.to(device)
-    loss_per = torch.zeros(b)
-    for step in range(cfg.steps):
-        img = image()
-        with autocast() if autocast else _null():
-            loss = robust_loss(teacher, img, targets, classes, cfg, generator)
-        if cfg.tv_weight:
-            loss = loss + cfg.tv_weight * total_variation(img)
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        opt.step()
-        loss_per = loss.detach().cpu()
-        if on_step:
-            on_step(step + 1, float(loss_per.mean()))
-    with torch.no_grad():
-        final = (image() * 255).round().clamp(0, 255).to(torch.uint8)
+    loss_per, step = torch.zeros(b), 0
+    for phase, steps in enumerate(prior.schedule()):
+        opt, sched = prior.begin(phase)
+        for _ in range(steps):
+            img = prior.image()
+            with autocast() if autocast else _null():
+                loss = robust_loss(teacher, img, targets, classes, loss_cfg, generator, prior.views)
+            if cfg.tv_weight:
+                loss = loss + cfg.tv_weight * total_variation(img)
+            extra = prior.penalty()
+            if extra is not None:
+                loss = loss + extra
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            prior.after_step()
+            loss_per, step = loss.detach().cpu(), step + 1
+            if on_step:
+                on_step(step, float(loss_per.mean()))
+    final = (prior.final() * 255).round().clamp(0, 255).to(torch.uint8)
     return final.permute(0, 2, 3, 1).cpu().contiguous(), loss_per
 
 

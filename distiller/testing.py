@@ -1,7 +1,8 @@
-"""A tiny randomly initialised open_clip model, for tests and offline try-outs of the pipeline.
+"""A tiny randomly initialised open_clip model (and VQGAN decoder), for tests and offline try-outs of the pipeline.
 
-    python -m distiller.testing DIR      # writes DIR/tiny.json and DIR/tiny.pt
+    python -m distiller.testing DIR      # writes DIR/tiny.json, DIR/tiny.pt and DIR/tiny-vq/
     distiller make --classes cat,dog --teacher DIR/tiny.json --pretrained DIR/tiny.pt --recipe smoke
+    ... --set 'synthesis.prior="vqgan"' --set 'synthesis.prior_weights="DIR/tiny-vq"'
 
 It knows nothing about cats or dogs: it exercises every stage in seconds, nothing more.
 """
@@ -34,6 +35,23 @@ def make_tiny_clip(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     return cfg, weights
 
 
+# two down blocks (f = 2), 4 latent channels, 64 codes: a VQModel in miniature (diffusers' own class)
+TINY_VQ = {"down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+           "block_out_channels": [32, 64], "latent_channels": 4, "num_vq_embeddings": 64, "sample_size": 64,
+           "norm_num_groups": 32, "layers_per_block": 1, "mid_block_add_attention": False}   # no attention: 1.6x faster
+
+
+def make_tiny_vq(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random diffusers ``VQModel`` saved with ``save_pretrained`` into ``folder``."""
+    import torch
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    VQModel(**TINY_VQ).save_pretrained(str(folder))
+    return Path(folder)
+
+
 if __name__ == "__main__":
-    for p in make_tiny_clip(sys.argv[1] if len(sys.argv) > 1 else "."):
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    for p in (*make_tiny_clip(out), make_tiny_vq(out / "tiny-vq")):
         print(p)

@@ -23,6 +23,13 @@ def private_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_vq(tmp_path_factory) -> Path:
+    """A folder holding a tiny random diffusers VQModel (save_pretrained)."""
+    from distiller.testing import make_tiny_vq
+    return make_tiny_vq(tmp_path_factory.mktemp("tiny_vq") / "vq")
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> tuple[Path, Path]:
     """(config JSON, weights file) of a tiny randomly initialised open_clip model."""
     from distiller.testing import make_tiny_clip

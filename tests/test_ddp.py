@@ -143,3 +143,18 @@ def test_each_rank_gets_its_own_gpu_and_autocast_falls_back_without_one(smoke_ru
         with pytest.warns(UserWarning, match="CUDA is not available"), ctx():
             y = torch.nn.Linear(4, 2)(torch.ones(1, 4))
         assert y.dtype == torch.float32
+
+
+def test_gpu_ranks_sync_bn_statistics_without_changing_the_student():
+    """On GPUs the student's BN layers become synchronised ones (timm's fused BN + activation kept): the same
+    outputs, the same parameter tensors the optimiser holds."""
+    import timm
+    from distiller.dist import sync_bn
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=3).eval()
+    params = [id(p) for p in model.parameters()]
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    synced = sync_bn(model).eval()
+    assert type(synced.bn1).__name__ == "SyncBatchNormAct"
+    assert torch.equal(synced(x), before)
+    assert [id(p) for p in synced.parameters()] == params

@@ -92,7 +92,9 @@ def make(
     from ..pipeline import make as make_run
     from ..teachers import resolve_paths
     preflight(rec, concepts, offline)
-    rec = dataclasses.replace(rec, teacher=resolve_paths(rec.teacher))   # the run works from any folder
+    from ..priors import resolve_weights
+    rec = dataclasses.replace(rec, teacher=resolve_paths(rec.teacher),   # the run works from any folder
+                              synthesis=resolve_weights(rec.synthesis))
     run_dir = check_out(out, name if name is not None else _slug([c.label for c in concepts]))
     image_set = None
     if images:
