@@ -111,6 +111,23 @@ EXPERIMENTS = [
 ]
 
 
+# The image prior (synthesis.prior) at equal CPU minutes: the same teacher forward passes (80 steps x 2 views per
+# image at 128 px: the pixels prior hands its 64-px phase up to the teacher's 128 px), each scored by the fresh-head
+# Lite0 student (the CLIP proxy: a head learnt from the bank alone) and by the held-out judge.
+FRESH = {**PRETRAINED, "student.head": "fresh", "distill.epochs": 30, "distill.lr": 0.001}
+PRIOR_ROWS = [
+    Experiment("prior-fourier", "fourier prior (the default): 1/f spectra, crops, flips, rotations; KL BN prior",
+               {**FRESH, "synthesis.prior": "fourier"}, recipe="cpu", per_class=16),
+    Experiment("prior-pixels", "DeepInversion's pixels: jitter + flips, L2 BN prior (first layer x10), Adam (0.5, 0.9) "
+               "lr 0.25, warm-up + cosine", {**FRESH, "synthesis.prior": "pixels"}, recipe="cpu", per_class=16,
+               control="prior-fourier-16"),
+    Experiment("prior-pixels-multires", "the same at 64 px for 54 steps, then handed up to 128 px for 26 (DeepInversion's "
+               "2:1)", {**FRESH, "synthesis.prior": "pixels", "synthesis.resolutions": [64, 128],
+                        "synthesis.resolution_steps": [54, 26]}, recipe="cpu", per_class=16, control="prior-fourier-16"),
+]
+EXPERIMENTS += PRIOR_ROWS
+
+
 def run_sets(exp: Experiment, per_class: int) -> dict:
     if not exp.common:
         return {**exp.sets, "synthesis.images_per_class": per_class}
