@@ -122,9 +122,12 @@ def plan_heads(concepts, head: str = "auto", text_emb=None, class_emb=None, scal
     return heads
 
 
-def fresh_warning(h: HeadSource, min_similarity: float) -> str:
-    """The loud warning for a concept whose head must be learnt from scratch."""
+def fresh_warning(h: HeadSource, min_similarity: float, asked: bool = False) -> str:
+    """The loud warning for a concept whose head must be learnt from scratch (``asked``: student.head = fresh)."""
     from .imagenet_concepts import class_names
+    if asked:
+        return (f"{h.label}: student.head = fresh, so its head is learnt from scratch. Give real, unlabelled photos "
+                f"with --images DIR, or expect surrogate-only quality for {h.label}")
     near = ""
     if h.nearest:
         near = (f" (nearest ImageNet class {class_names()[h.nearest[0]]!r} at cosine {h.nearest_similarity[0]:.2f}, "
@@ -237,7 +240,7 @@ class HeadsStage:
                 run.reporter.log(f"{h.label}: CLIP bridge to {len(h.classes)} ImageNet class"
                                  f"{'es' if len(h.classes) > 1 else ''} ({top}{', ...' if len(h.classes) > 3 else ''})")
             elif h.source == "fresh" and rec.student.init == "pretrained":
-                run.warn(fresh_warning(h, rec.student.bridge_min_similarity))
+                run.warn(fresh_warning(h, rec.student.bridge_min_similarity, asked=rec.student.head == "fresh"))
         if class_emb is None:
             progress()
 

@@ -316,3 +316,15 @@ def step_cost(cfg, size: int, device="cpu") -> float:
     t0 = time.perf_counter()
     prior.image().float().mean().backward()
     return time.perf_counter() - t0
+
+
+def cost_warning(cfg, size: int, images: int, device: str) -> str | None:
+    """For a costly prior (vqgan) on a CPU: its decoder's pass, measured on one image here, times the planned bank."""
+    prior = PRIORS.get(cfg.prior)
+    if not prior.costly or device != "cpu":
+        return None
+    from .plan import format_duration
+    per, steps = step_cost(cfg, size, device), prior.steps(cfg)
+    return (f"synthesis.prior = {cfg.prior} on a CPU: its decoder's forward and backward pass takes {per:.2f} s per image "
+            f"and step at {size} px here (measured), so {images} images x {steps} steps add about "
+            f"{format_duration(per * images * steps)}: use a GPU (--recipe gpu-vqgan) for real banks")

@@ -222,19 +222,12 @@ class SynthesizeStage:
 
 
 def _warn_prior_cost(run: Run) -> None:
-    """A costly prior (vqgan) on a CPU: its decoder's forward and backward pass, measured here, times the bank."""
-    from .priors import PRIORS, step_cost
+    from .priors import cost_warning
     syn = run.recipe.synthesis
-    prior = PRIORS.get(syn.prior)
-    if not prior.costly or run.device != "cpu":
-        return
-    size = resolution(run)
-    per = step_cost(syn, size, run.device)
-    images = syn.images_per_class * len(run.labels) + negatives(run.recipe, len(run.labels))
-    from .plan import format_duration
-    run.warn(f"synthesis.prior = {syn.prior} on a CPU: its decoder's forward and backward pass takes {per:.2f} s per "
-             f"image and step at {size} px here (measured), so {images} images x {prior.steps(syn)} steps add about "
-             f"{format_duration(per * images * prior.steps(syn))}: use a GPU (--recipe gpu-vqgan) for real banks")
+    note = cost_warning(syn, resolution(run), syn.images_per_class * len(run.labels) + negatives(run.recipe, len(run.labels)),
+                        run.device)
+    if note:
+        run.warn(note)
 
 
 class DistillStage:

@@ -235,3 +235,11 @@ def test_the_judge_signal_needs_confirmed_images_of_every_concept(smoke_run):
     data = transfer_set(bank, None, cfg, some)
     assert data.selector == "judge" and len(data.val["judge"][0]) == len(some)
     assert sorted(data.val["judge"][1].argmax(1).tolist()) == sorted(r["class"] for r in val if r["index"] in some)
+
+
+def test_a_fresh_head_the_user_asked_for_is_not_blamed_on_imagenet():
+    from distiller.bridge import fresh_warning
+    h = HeadSource("bird", "fresh", nearest=(10,), nearest_similarity=(0.5,))
+    assert "no ImageNet class" in fresh_warning(h, 0.85) and "below student.bridge_min_similarity" in fresh_warning(h, 0.85)
+    asked = fresh_warning(h, 0.85, asked=True)
+    assert asked.startswith("bird: student.head = fresh") and "no ImageNet class" not in asked and "--images DIR" in asked
