@@ -95,9 +95,17 @@ def _close(a, b):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
 
 
-@pytest.mark.parametrize("relabel", [False, True], ids=["cached-logits", "relabel+mixup"])
-def test_ddp_equals_one_process_and_resumes_across_world_sizes(tmp_path, relabel):
+@pytest.fixture
+def one_thread():
+    """One thread here, as in each spawned rank (the same float reductions); the session's count restored after."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("relabel", [False, True], ids=["cached-logits", "relabel+mixup"])
+def test_ddp_equals_one_process_and_resumes_across_world_sizes(tmp_path, relabel, one_thread):
     one, one_half, two_half = tmp_path / "one", tmp_path / "one_half", tmp_path / "two_half"
     _train(one, relabel, stop=False)                       # 1 process, 4 epochs
     _train(one_half, relabel, stop=True)                   # 1 process, killed after epoch 2
