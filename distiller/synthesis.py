@@ -1,10 +1,11 @@
 """Surrogate-image synthesis: optimise images from noise until the teacher sees their targets.
 
-The paper uses a VQGAN image prior, whose weights cannot be had offline. We substitute the
-Fourier-spectrum / decorrelated-colour parametrisation of feature visualisation (Olah et al.,
-Lucid), which biases the optimisation towards natural 1/f images, and transformation robustness:
-every step scores several random crops, flips and rotations of each image, so the result must
-look like its target from many views rather than through one pixel-exact adversarial pattern.
+What is optimised is the image prior's (``priors.py``, ``synthesis.prior``): the default is the
+Fourier-spectrum / decorrelated-colour parametrisation of feature visualisation (Olah et al., Lucid,
+``FourierImage`` here), which biases the optimisation towards natural 1/f images, seen through
+transformation robustness: every step scores several random crops, flips and rotations of each image,
+so the result must look like its target from many views rather than through one pixel-exact
+adversarial pattern. DeepInversion's pixels and the paper's VQGAN latents are the other priors.
 
 Knows nothing about files: it takes targets and returns finished uint8 images.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 
 # Lucid's colour correlation (square root of the ImageNet colour covariance).
 _COLOR = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])

@@ -2,9 +2,11 @@
 
 A concept's logit is the logsumexp of the ImageNet logits of the classes beneath it (WordNet,
 ``imagenet_concepts``). Synthesis inverts the network DeepInversion-style: cross-entropy to a
-sampled member class plus a batch-norm statistics prior, a per-channel Gaussian KL between the
-batch's feature statistics and the running ones (scale-free, unlike the usual L2 of mean and
-variance gaps, which swamps everything on EfficientNet).
+sampled member class plus a batch-norm statistics prior (``synthesis.bn_form``): by default a
+per-channel Gaussian KL between the batch's feature statistics and the running ones (scale-free,
+unlike the usual L2 of mean and variance gaps, which swamps everything on EfficientNet at weight 1),
+or DeepInversion's L2 form (the pixels prior's, at its weight 0.01), the first layer weighted by
+``first_bn_weight``.
 """
 from __future__ import annotations
 
