@@ -216,16 +216,18 @@ class Bank(Shards):
         sheet = Image.new("RGB", (label_w + per_class * tile, len(keys) * tile), "white")
         draw = ImageDraw.Draw(sheet)
         for y, key in enumerate(keys):
-            r0 = recs[rows[key][0]]
-            name = r0["label"] if r0["style_name"] == "plain" else f"{r0['label']}\n{r0['style_name']}"
-            if r0.get("prior"):   # banks made before the priors did not record theirs
-                name += f"\n{r0['prior']} prior"
-            draw.text((4, y * tile + 4), name, fill="black")
+            draw.text((4, y * tile + 4), row_label(recs[rows[key][0]]), fill="black")
             for x, i in enumerate(rows[key][:per_class]):
                 sheet.paste(Image.fromarray(np.asarray(imgs[i])).resize((tile, tile), Image.BILINEAR), (label_w + x * tile, y * tile))
         buf = io.BytesIO()
         sheet.save(buf, format="PNG")
         return buf.getvalue()
+
+
+def row_label(rec: dict) -> str:
+    """samples.png's label of a row: the class, its style, and the image prior that made it."""
+    name = rec["label"] if rec["style_name"] == "plain" else f"{rec['label']}\n{rec['style_name']}"
+    return name + (f"\n{rec['prior']} prior" if rec.get("prior") else "")   # banks before the priors lack it
 
 
 def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", autocast=None,

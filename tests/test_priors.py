@@ -168,6 +168,8 @@ def test_the_issue_call_finishes_with_a_complete_bank(tiny_clip, tiny_vq, tmp_pa
     assert bank.is_complete() and len(lines) == bank.plan().total > 0
     assert (tmp_path / "r" / "report.json").is_file() and (tmp_path / "r" / "samples.png").is_file()
     assert {json.loads(x)["prior"] for x in lines} == {prior}
+    from distiller.bank import row_label
+    assert row_label(json.loads(lines[0])).endswith(f"\n{prior} prior")      # samples.png's rows say it
     from distiller.pipeline import Run
     warned = [w for w in Run(tmp_path / "r").warnings() if "on a CPU" in w]
     if prior == "vqgan":   # the decoder's cost, measured, times the bank
