@@ -164,6 +164,34 @@ def _lost(what: str, exc: Exception) -> UserError:
                      f"the same command (finished work is kept)")
 
 
+def share_shards(store, total: int, progress, start, fill, what: str) -> bool:
+    """A sharded stage's shape: rank 0 starts the store (``start()``: its plan written, half shards cleared) before
+    anyone writes; every rank fills its share (``fill(shards, on_shard)``) while rank 0's bar counts every rank's
+    complete shards (``store.complete()``); after a barrier rank 0 checks that it sees all ``total`` of them.
+    Returns whether this rank goes on to finish the stage (rank 0)."""
+    w = world()
+    if w.main:
+        start()
+    barrier(f"{what}'s start")
+    shown = [len(store.complete())]   # after the start: stale shards it removed are not counted
+    progress(shown[0])
+
+    def on_shard(*_):
+        now = len(store.complete())
+        progress(now - shown[0])
+        shown[0] = now
+    fill(w.mine(total), on_shard)
+    if w.size > 1:   # each rank says what it did (the progress bar is rank 0's alone)
+        import sys
+        print(f"rank {w.rank}/{w.size}: shards {list(w.mine(total))} of {total} are in the bank", file=sys.stderr, flush=True)
+    barrier(what)
+    if not w.main:
+        return False
+    require_shared(total - len(store.complete()), total, store.root)
+    on_shard()
+    return True
+
+
 def require_shared(missing: int, total: int, folder) -> None:
     """Rank 0, once every rank said its shards are written: those it cannot see mean no shared filesystem."""
     if missing:

@@ -268,24 +268,12 @@ class LabelStage:
 
     def run(self, run, progress) -> None:
         from .bank import write_manifest
-        from .dist import barrier, require_shared, world
+        from .dist import share_shards
         from .stages import resolution
-        real, w = real_images(run), world()
-        if w.main:
-            clear_stale(real)   # before anyone labels
-        barrier("labelling's start")
-        shown = [len(real.complete())]
-        progress(shown[0])
-
-        def on_shard(i, n):   # rank 0's bar counts every rank's shards
-            now = len(real.complete())
-            progress(now - shown[0])
-            shown[0] = now
-        label_images(real, run.teacher(), resolution(run), run.device, on_shard=on_shard, shards=w.mine(real.num_shards))
-        barrier("labelling")
-        if w.main:
-            require_shared(real.num_shards - len(real.complete()), real.num_shards, real.root)
-            on_shard(-1, real.num_shards)
+        real = real_images(run)
+        teacher, res = run.teacher(), resolution(run)
+        if share_shards(real, real.num_shards, progress, start=lambda: clear_stale(real), what="labelling",
+                        fill=lambda mine, on_shard: label_images(real, teacher, res, run.device, on_shard, mine)):
             write_manifest(run.paths.bank)
 
 

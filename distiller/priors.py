@@ -40,8 +40,9 @@ def crop_views(img: torch.Tensor, out_size: int, generator: torch.Generator, cfg
                       for _ in range(cfg.crops)])
 
 
-class _Prior:
-    """What every prior shares: one phase of ``cfg.steps`` Adam steps at ``cfg.lr``, crop views, no penalty."""
+class Prior:
+    """An image prior: what the synthesizer asks of it (phases, images, views, penalties, the loss settings it
+    implies). The defaults: one phase of ``cfg.steps`` Adam steps at ``cfg.lr``, crop views, no penalty."""
     costly = False   # a forward and backward pass costs far more than the teacher's (warned about on CPUs)
 
     def __init__(self, batch: int, size: int, generator: torch.Generator, cfg, device="cpu"):
@@ -86,7 +87,7 @@ class _Prior:
 
 
 @PRIORS.register("fourier")
-class FourierPrior(_Prior):
+class FourierPrior(Prior):
     def __init__(self, batch, size, generator, cfg, device="cpu"):
         super().__init__(batch, size, generator, cfg, device)
         from .synthesis import FourierImage
@@ -97,7 +98,7 @@ class FourierPrior(_Prior):
 
 
 @PRIORS.register("pixels")
-class PixelsPrior(_Prior):
+class PixelsPrior(Prior):
     """Pixels in ImageNet-normalised units (DeepInversion's space: its learning rate and penalties mean the same)."""
 
     def __init__(self, batch, size, generator, cfg, device="cpu"):
@@ -185,7 +186,7 @@ class PixelsPrior(_Prior):
 
 
 @PRIORS.register("vqgan")
-class VQGANPrior(_Prior):
+class VQGANPrior(Prior):
     """Latents of the decoder's codebook dimension, ``size / 2^(down blocks - 1)`` on a side, starting at random codes."""
     costly = True
 
@@ -223,7 +224,7 @@ def downsampling(vq) -> int:
     return 2 ** (len(vq.config.block_out_channels) - 1)
 
 
-def make_prior(cfg, batch: int, size: int, generator: torch.Generator, device="cpu") -> _Prior:
+def make_prior(cfg, batch: int, size: int, generator: torch.Generator, device="cpu") -> Prior:
     return PRIORS.get(cfg.prior)(batch, size, generator, cfg, device)
 
 

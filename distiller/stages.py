@@ -181,7 +181,7 @@ class SynthesizeStage:
 
     def run(self, run: Run, progress: Progress) -> None:
         from .bank import fill_bank
-        from .dist import barrier, require_shared, world
+        from .dist import share_shards, world
         rec, bank, w = run.recipe, _bank(run), world()
         teacher = run.teacher()
         if w.main:
@@ -197,26 +197,10 @@ class SynthesizeStage:
         if rec.synthesis.generator_steps:
             from .generator import sampler
             produce = sampler(GeneratorStage.generator(run, source, objective), objective, rec.synthesis, run.device)
-        shown = [len(bank.complete())]
-        progress(shown[0])
-
-        def on_shard(i, n):   # rank 0's bar counts every rank's shards
-            now = len(bank.complete())
-            progress(now - shown[0])
-            shown[0] = now
-        if w.main:
-            bank.start(plan)       # the plan written and a killed run's half shards cleared, before anyone writes
-        barrier("the bank's start")
-        fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(), on_shard=on_shard,
-                  objective=objective, produce=produce, shards=w.mine(plan.num_shards))
-        if w.size > 1:   # each rank says what it did (the progress bar is rank 0's alone)
-            import sys
-            print(f"rank {w.rank}/{w.size}: shards {list(w.mine(plan.num_shards))} of {plan.num_shards} are in the bank",
-                  file=sys.stderr, flush=True)
-        barrier("synthesis")
-        if w.main:
-            require_shared(plan.num_shards - len(bank.complete()), plan.num_shards, bank.root)
-            on_shard(-1, plan.num_shards)
+        def fill(mine, on_shard):
+            fill_bank(bank, plan, teacher, source, rec.synthesis, run.device, run.autocast(), on_shard=on_shard,
+                      objective=objective, produce=produce, shards=mine)
+        if share_shards(bank, plan.num_shards, progress, start=lambda: bank.start(plan), fill=fill, what="synthesis"):
             bank.write_manifest()
             write_bytes(run.paths.samples, bank.samples_png())
 
