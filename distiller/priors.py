@@ -53,9 +53,14 @@ class Prior:
         """The recipe's settings for this prior, before anything is written."""
 
     @staticmethod
-    def steps(cfg) -> int:
+    def phases(cfg) -> list[int]:
+        """The optimisation steps of each phase (one phase unless the prior has a schedule)."""
+        return [cfg.steps]
+
+    @classmethod
+    def steps(cls, cfg) -> int:
         """Optimisation steps per image (the plan's estimate and the progress count)."""
-        return cfg.steps
+        return sum(cls.phases(cfg))
 
     @staticmethod
     def timing_cfg(cfg, steps: int):
@@ -63,7 +68,7 @@ class Prior:
         return dataclasses.replace(cfg, steps=steps)
 
     def schedule(self) -> list[int]:
-        return [self.cfg.steps]
+        return self.phases(self.cfg)
 
     def begin(self, phase: int):
         """The optimiser and learning-rate schedule (or None) of ``phase``."""
@@ -119,15 +124,12 @@ class PixelsPrior(Prior):
             raise UserError(f"synthesis.resolution_steps {steps}: every phase needs at least one step")
 
     @staticmethod
-    def steps(cfg) -> int:
-        return sum(cfg.resolution_steps) or cfg.steps
+    def phases(cfg) -> list[int]:
+        return list(cfg.resolution_steps) or [cfg.steps]
 
     @staticmethod
     def timing_cfg(cfg, steps):   # every phase's step costs the teacher's forward at its own input size
         return dataclasses.replace(cfg, steps=steps, resolutions=(), resolution_steps=())
-
-    def schedule(self) -> list[int]:
-        return list(self.cfg.resolution_steps) or [self.cfg.steps]
 
     def parameters(self):
         return [self.x]
@@ -156,9 +158,7 @@ class PixelsPrior(Prior):
             v = torch.roll(img, shifts=(u[0], u[1]), dims=(2, 3))
             if self.px.flip and bool(torch.rand((), generator=generator) < 0.5):
                 v = v.flip(3)
-            if v.shape[-1] != out_size:
-                v = F.interpolate(v, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
-            out.append(v)
+            out.append(_resized(v, out_size))
         return torch.cat(out)
 
     def penalty(self):
@@ -179,10 +179,13 @@ class PixelsPrior(Prior):
 
     def final(self):
         with torch.no_grad():
-            img = self.image().clamp(0, 1)
-            if img.shape[-1] != self.size:
-                img = F.interpolate(img, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-            return img
+            return _resized(self.image().clamp(0, 1), self.size)
+
+
+def _resized(img: torch.Tensor, size: int) -> torch.Tensor:
+    if img.shape[-1] == size:
+        return img
+    return F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 @PRIORS.register("vqgan")
