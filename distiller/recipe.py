@@ -166,7 +166,7 @@ class Recipe:
     seed: int = num(0, min=0, max=2**63 - 1)
     device: str = "auto"                        # auto | cpu | cuda
     target: str = "cpu"
-    openset: bool = False                       # models have an extra last output, other_label: "none of these"
+    openset: bool = True                        # models have an extra last output, other_label: "none of these"
     other_label: str = "other"
     teacher: TeacherCfg = field(default_factory=TeacherCfg)
     prompts: PromptsCfg = field(default_factory=PromptsCfg)

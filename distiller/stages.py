@@ -315,16 +315,21 @@ class ExportStage:
         source = real if real is not None and real.images.count("val") and real.images.count("train") else bank
         tr_img, _, _ = source.load("train")
         va_img, va_logit, _ = source.load("val")
-        pick = np.linspace(0, len(tr_img) - 1, min(rec.export.calibration_images, len(tr_img))).round().astype(int)
-        calib = np.stack([preprocess(im, spec.preprocess) for im in tr_img[pick]])
-        # INT8 fidelity is numeric, not generalisation: check it on the val shards plus train images (up to
-        # FIDELITY_IMAGES); "vs teacher" agreement stays on the val shards (NaN teacher rows are skipped)
-        extra = np.linspace(0, len(tr_img) - 1, max(0, min(len(tr_img), FIDELITY_IMAGES - len(va_img)))).round().astype(int)
-        check = np.concatenate([va_img, tr_img[extra]])
-        va_logit = np.concatenate([va_logit, np.full((len(extra), va_logit.shape[1]), np.nan, np.float32)])
+        calib_rows, check_rows = quantizer_split(len(tr_img), rec.export.calibration_images, FIDELITY_IMAGES - len(va_img))
+        calib = np.stack([preprocess(im, spec.preprocess) for im in tr_img[calib_rows]])
+        # INT8 fidelity is measured on images the quantizers never saw (the val shards, then train images
+        # outside the calibration set, up to FIDELITY_IMAGES): accuracy-controlled quantization tunes on the
+        # calibration images, so it cannot pass by fitting the images it is judged on. "vs teacher" agreement
+        # stays on the val shards (NaN teacher rows are skipped)
+        if not len(va_img) and not len(check_rows):   # a bank too small for both: judged on what it has
+            check_rows = calib_rows
+            run.warn("the INT8 fidelity check reuses the calibration images: the bank has no others (make a bigger bank)")
+        check = np.concatenate([va_img, tr_img[check_rows]])
+        va_logit = np.concatenate([va_logit, np.full((len(check_rows), va_logit.shape[1]), np.nan, np.float32)])
         val = np.stack([preprocess(im, spec.preprocess) for im in check])
         with torch.no_grad():
             reference = student(torch.from_numpy(val)).numpy()
+            tune_reference = student(torch.from_numpy(calib)).numpy()
         has_negatives = source is bank and bank.plan().negatives > 0
         from .openset import open_set_threshold
         threshold, fit = open_set_threshold(rec, reference, va_logit, "real" if source is real else
@@ -335,11 +340,12 @@ class ExportStage:
             package_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             other_label=rec.other_label if rec.openset else "", threshold=threshold, threshold_fit=fit,
         )
-        ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset)
+        ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset, tune_reference=tune_reference)
         result = export_all(ctx, rec.export.variants, val, reference, va_logit, rec.export.max_drop,
                             rec.export.latency_runs, rec.export.threads or None, on_variant=lambda n, r: progress(),
                             min_speedup=rec.export.min_speedup)
         result["fidelity_images"] = len(val)
+        result["calibration_images"] = len(calib)
         result["calibration_source"] = "real" if source is real else "surrogate"
         result["threshold"] = {"value": threshold, **fit}
         for note in result["notes"]:
@@ -349,6 +355,16 @@ class ExportStage:
     @staticmethod
     def result(run: Run) -> dict:
         return json.loads(run.paths.export.read_text())
+
+
+def quantizer_split(train: int, calibration: int, fidelity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the train images the quantizers calibrate (and accuracy control tunes) on, spread
+    evenly, and of up to ``fidelity`` other train images for the fidelity check; never the same image."""
+    import numpy as np
+    calib = np.unique(np.linspace(0, train - 1, min(calibration, train)).round().astype(int)) if train else np.zeros(0, int)
+    rest = np.setdiff1d(np.arange(train), calib)
+    pick = np.unique(np.linspace(0, len(rest) - 1, min(len(rest), max(0, fidelity))).round().astype(int)) if len(rest) else rest
+    return calib, rest[pick]
 
 
 def teacher_info(run: Run) -> dict:

@@ -29,10 +29,9 @@ class ExportContext:
     model: object                      # torch student, eval mode
     metadata: ModelMetadata
     calibration: np.ndarray            # preprocessed train images, NCHW float32
-    val: np.ndarray | None = None      # preprocessed val images (accuracy-controlled quantization)
-    reference: np.ndarray | None = None  # FP32 logits on ``val``
-    max_drop: float = 1.0              # points of top-1 agreement
     opset: int = 17
+    tune_reference: np.ndarray | None = None  # FP32 outputs on ``calibration``: accuracy control tunes on them
+    max_drop: float = 1.0              # points of top-1 agreement
     built: dict = field(default_factory=dict)
 
 
@@ -85,7 +84,10 @@ OV_INT8 = {
 
 
 def _ov_int8(c: ExportContext, file: str, opts: dict) -> Path:
-    extra = {"validation": (c.val, c.reference), "max_drop": c.max_drop / 100} if opts.get("accuracy_control") else {}
+    # tuned on the calibration images, never on the fidelity images ``export_all`` judges it on
+    if opts.get("accuracy_control") and c.tune_reference is None:
+        raise ValueError("accuracy control needs ExportContext.tune_reference (FP32 outputs on the calibration images)")
+    extra = {"validation": (c.calibration, c.tune_reference), "max_drop": c.max_drop / 100} if opts.get("accuracy_control") else {}
     return quantize.quantize_openvino(c.built["openvino-fp32"], c.out_dir / "openvino" / file, c.calibration,
                                       _meta(c, "int8", "openvino", quantization=opts), **opts, **extra)
 
@@ -150,7 +152,7 @@ def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray
                max_drop: float, runs: int = 50, threads: int | None = None, on_variant=None,
                min_speedup: float = 1.0) -> dict:
     """Build, measure and rank the variants; returns the export part of report.json."""
-    ctx.val, ctx.reference, ctx.max_drop = val, reference, max_drop
+    ctx.max_drop = max_drop
     rows = {}
     failed = {}
     for name in build_order(names):

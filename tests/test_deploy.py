@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from distiller.cli import main
@@ -43,6 +44,17 @@ def test_int8_must_be_min_speedup_faster_than_fp32():
     assert select(rows, max_drop=1.0, min_speedup=1.05)[0] == "openvino-int8"
 
 
+def test_calibration_and_fidelity_images_never_overlap():
+    from distiller.stages import quantizer_split
+    calib, check = quantizer_split(100, 16, 40)
+    assert len(calib) == 16 and len(check) == 40 and not set(calib) & set(check)
+    assert calib[0] == 0 and calib[-1] == 99                     # spread over the bank, not its first shards
+    calib, check = quantizer_split(8, 64, 256)                   # a bank smaller than the calibration set
+    assert list(calib) == list(range(8)) and len(check) == 0
+    calib, check = quantizer_split(20, 4, 0)                     # the val shards already fill the check
+    assert len(calib) == 4 and len(check) == 0
+
+
 def test_every_registered_variant_has_a_distinct_file():
     files = [VARIANTS.get(n).file for n in VARIANTS.names()]
     assert len(files) == len(set(files))
@@ -63,16 +75,31 @@ def _copy_run(smoke_run, dst, **export):
 
 
 def test_repair_and_candidate_variants_on_a_real_student(smoke_run, tmp_path):
+    import torch
+
+    from distiller.distill import load_student
     from distiller.pipeline import Run
-    from distiller.stages import export_run
+    from distiller.stages import DistillStage, _bank, export_run, quantizer_split
+    from runtime import Classifier
+    from runtime.preprocess import preprocess
     run = _copy_run(smoke_run, tmp_path, max_drop=0.0, latency_runs=5,
                     variants=["onnx-fp32", "onnx-int8-skip-ends", "onnx-int8-percentile", "openvino-int8-acc"])
     report = export_run(Run(run))
     rows = report["export"]["variants"]
     assert set(rows) == {"onnx-fp32", "openvino-fp32", "onnx-int8-skip-ends", "onnx-int8-percentile", "openvino-int8-acc"}
     assert report["export"]["failed"] == {}
-    # NNCF's accuracy control validates on the same val images we measure: it must keep the drop within 0
-    assert rows["openvino-int8-acc"]["agreement"] == 1.0
+    # NNCF's accuracy control tunes on the calibration images, which the fidelity check never sees: with
+    # max_drop 0 it keeps every decision there; the selection judges it on the other bank images
+    r = Run(run)
+    calib_rows, check_rows = quantizer_split(len(_bank(r).load("train")[0]), r.recipe.export.calibration_images, 256)
+    assert not set(calib_rows) & set(check_rows)
+    assert (report["export"]["calibration_images"], report["export"]["fidelity_images"]) == (16, 97)
+    spec = DistillStage.spec(r)
+    calib = np.stack([preprocess(im, spec.preprocess) for im in _bank(r).load("train")[0][calib_rows]])
+    with torch.no_grad():
+        ref = load_student(spec, DistillStage.checkpoints(r).best)(torch.from_numpy(calib)).numpy()
+    tuned = Classifier.load(run / rows["openvino-int8-acc"]["file"]).logits(calib)
+    assert (tuned.argmax(1) == ref.argmax(1)).all()
     best = report["export"]["deployable_variant"]
     assert rows[best]["drop_points"] <= 0.0
     assert all(r["status"] for r in rows.values())

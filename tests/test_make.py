@@ -95,8 +95,9 @@ def test_int8_close_to_fp32(report):
         assert row["cosine"] >= 0.99, (name, row)
         assert row["agreement"] >= 0.9, (name, row)
     assert report["deployable"] in {r["file"] for r in report["export"]["variants"].values()}
-    # fidelity is checked on every bank image (96: 24 val + 72 train), teacher agreement on the val shards only
-    assert report["export"]["fidelity_images"] == 113   # every bank image, negatives included
+    # fidelity is checked on every bank image the quantizers did not calibrate on (113, negatives included,
+    # less the 16 calibration images), teacher agreement on the val shards only
+    assert (report["export"]["fidelity_images"], report["export"]["calibration_images"]) == (97, 16)
     fp32 = report["export"]["variants"]["onnx-fp32"]
     assert fp32["teacher_agreement"] * 24 == pytest.approx(round(fp32["teacher_agreement"] * 24))
 

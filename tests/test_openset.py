@@ -56,7 +56,7 @@ def test_pretrained_students_k_plus_1_head_is_its_own_pooled_rows(lite0):
         full, out = ref(x), student(x)
     for k, g in enumerate(spec.groups):
         torch.testing.assert_close(out[:, k], torch.logsumexp(full[:, list(g)], 1), atol=1e-4, rtol=1e-4)
-    closed = student_spec(load_recipe("cpu-imagenet"), concepts)     # off by default
+    closed = student_spec(load_recipe("cpu-imagenet", {"openset": False}), concepts)
     assert closed.num_classes == 3 and len(closed.groups) == 3
 
 

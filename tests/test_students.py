@@ -53,9 +53,10 @@ def test_student_head_choices():
     cats = parse_concepts("cats,dogs")
     odd = parse_concepts("glorbs,dogs")
     fresh = student_spec(rec.replace({"student.head": "fresh"}), cats)
-    assert fresh.groups == ((), ()) and fresh.fresh_outputs == (0, 1) and not fresh.pooled
+    assert fresh.groups == ((), (), ()) and fresh.fresh_outputs == (0, 1, 2) and not fresh.pooled   # "other" learnt too
     mixed = student_spec(rec, odd)                          # auto: per concept; glorbs is outside ImageNet
     assert mixed.groups[0] == () and len(mixed.groups[1]) == 118 and mixed.fresh_outputs == (0,)
+    assert len(mixed.groups[2]) == 1000 - 118               # "other": every ImageNet row no concept owns
     assert student_spec(rec, cats).pooled and student_spec(rec, cats).fresh_outputs == ()
     with pytest.raises(UserError, match="glorbs"):
         student_spec(rec.replace({"student.head": "imagenet"}), odd)
@@ -65,8 +66,8 @@ def test_student_head_choices():
         student_spec(rec.replace({"student.head": "linear"}), cats)
     scratch = student_spec(rec.replace({"student.init": "scratch"}), cats)
     assert (scratch.model, scratch.preprocess.size, scratch.groups) == ("mobilenetv3_small_100", 128, ())
-    assert create_student(scratch).get_classifier().out_features == 2
-    assert scratch.fresh_outputs == (0, 1)
+    assert create_student(scratch).get_classifier().out_features == 3     # two concepts and "other" (the default)
+    assert scratch.fresh_outputs == (0, 1, 2)
     assert load_recipe("cpu").student.init == "pretrained" and load_recipe("smoke").student.init == "scratch"
 
 
@@ -123,7 +124,7 @@ def test_readme_example_runs_offline_with_the_imagenet_recipe(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 256, (180, 240, 3), dtype=np.uint8)).save(paths[-1])
     clf = Classifier.load(run, exact=True)
     ours = np.stack([clf.logits(clf.preprocess([p]))[0] for p in paths])
-    ref = baseline_predictor(load_concepts(run / "concepts.json"))(paths)
+    ref = baseline_predictor(load_concepts(run / "concepts.json"), openset=True)(paths)   # open-set by default
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=1e-3)
     # epoch 0 (the student as initialised) is scored and kept: epochs = 0 ships the free baseline as is
     import dataclasses
