@@ -254,20 +254,32 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
     for name, c in clfs.items():
         if others is not None:
             logits = batch_predictor(lambda p, c=c: c.preprocess([p])[0], c.logits, c.metadata.outputs)
-            results[name]["open_set"] = _rejection(logits, c.decide, dataset, others, k)
+            results[name]["open_set"] = _rejection(logits, c.scores, c.decide, dataset, others, k)
     if not path.is_dir() or not (teacher or baseline):
         return dataset, results, notes
     try:
         import torch  # noqa: F401
     except ImportError:
         return dataset, results, ["teacher and free baseline not scored: torch is not installed (runtime-only install)"]
+    from runtime.classifier import with_other_bias
+
     from .pipeline import Run
     run = Run(path, device="cpu", offline=offline)
+    bias = run.recipe.other_bias if run.recipe.openset else 0.0
+
+    def read(z):   # the teacher and the free baseline are read with the shipped model's other_bias
+        return with_other_bias(z, k, bias)
+
+    def argmax(z):
+        return read(z).argmax(1)
+
+    def biased(pred):
+        return lambda paths: read(pred(paths))
     if teacher:
         pred = teacher_predictor(run.teacher(), run.device)
-        results["teacher"] = evaluate(pred, dataset)
+        results["teacher"] = evaluate(biased(pred), dataset)
         if others is not None:
-            results["teacher"]["open_set"] = _rejection(pred, lambda z: z.argmax(1), dataset, others, k)
+            results["teacher"]["open_set"] = _rejection(pred, read, argmax, dataset, others, k)
     if baseline:
         try:
             pred = baseline_predictor(run.concepts, openset=run.recipe.openset)
@@ -275,9 +287,9 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
             notes.append(f"free baseline not scored: {exc}")
         else:
             name = f"free baseline ({FREE_BASELINE[0]} head @ {FREE_BASELINE[1]}px)"
-            results[name] = evaluate(pred, dataset)
+            results[name] = evaluate(biased(pred), dataset)
             if others is not None:
-                results[name]["open_set"] = _rejection(pred, lambda z: z.argmax(1), dataset, others, k)
+                results[name]["open_set"] = _rejection(pred, read, argmax, dataset, others, k)
     return dataset, results, notes
 
 
@@ -293,15 +305,16 @@ def _other_images(folder: Path | None) -> list[Path] | None:
     return paths
 
 
-def _rejection(logits_of, decide, dataset: Dataset, others: list[Path], k: int) -> dict:
-    """Known-vs-other scores of one model: ``logits_of`` paths -> raw outputs, ``decide`` outputs -> answers."""
+def _rejection(logits_of, read, decide, dataset: Dataset, others: list[Path], k: int) -> dict:
+    """Known-vs-other scores of one model: ``logits_of`` paths -> raw outputs, ``read`` raw outputs -> the
+    scores its decision reads (other_bias applied), ``decide`` raw outputs -> answers."""
     from .openset import rejection
 
     def run(paths):
         z = np.concatenate([logits_of(paths[i:i + 32]) for i in range(0, len(paths), 32)])
         return z[~np.isnan(z).any(1)]
     known, other = run([s.path for s in dataset.samples]), run(others)
-    return rejection(known, other, decide(other) if len(other) else np.zeros(0, int), k)
+    return rejection(read(known), read(other), decide(other) if len(other) else np.zeros(0, int), k)
 
 
 def training_overlap(run: Path, dataset: Dataset) -> list[str]:

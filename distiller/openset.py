@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.classifier import open_set_decision as decide   # the runtime's own rule, fitted here
-from runtime.classifier import softmax
+from runtime.classifier import softmax, with_other_bias
 
 
 def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -67,14 +67,16 @@ def rejection(known_logits, other_logits, other_decisions, k: int) -> dict:
 def open_set_threshold(recipe, reference, teacher_logits, source: str | None) -> tuple[float, dict]:
     """The open-set threshold and how it was chosen: fitted on validation images (the teacher's argmax,
     "other" included, as the truth) from ``source``: the real ones (--images), or the bank's with its
-    negatives; with neither (None), 0, so the other output alone decides."""
+    negatives; with neither (None), 0, so the other output alone decides. Both the student's outputs and
+    the teacher's truth are read with the recipe's ``other_bias``."""
     if not recipe.openset:
         return 0.0, {}
     rows = ~np.isnan(teacher_logits).any(1)
     if source is None or not rows.any():
         return 0.0, {"source": "none", "images": 0,
                      "note": "no real validation images and no negatives to fit on: the other output alone decides"}
-    truth = teacher_logits[rows].argmax(1)
-    t, score = fit_threshold(softmax(reference[rows]), truth)
+    k, bias = teacher_logits.shape[1] - 1, recipe.other_bias
+    truth = with_other_bias(teacher_logits[rows], k, bias).argmax(1)
+    t, score = fit_threshold(softmax(with_other_bias(reference[rows], k, bias)), truth)
     return t, {"source": source, "images": int(rows.sum()), "balanced_accuracy": round(score, 4),
                "other_images": int((truth == teacher_logits.shape[1] - 1).sum())}

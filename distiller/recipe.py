@@ -168,6 +168,7 @@ class Recipe:
     target: str = "cpu"
     openset: bool = True                        # models have an extra last output, other_label: "none of these"
     other_label: str = "other"
+    other_bias: float = num(0.0, min=-20.0, max=20.0)   # log-odds taken off the other output before deciding: > 0 answers other less
     teacher: TeacherCfg = field(default_factory=TeacherCfg)
     prompts: PromptsCfg = field(default_factory=PromptsCfg)
     synthesis: SynthesisCfg = field(default_factory=SynthesisCfg)

@@ -312,8 +312,10 @@ def _open_set_line(run, exp: dict) -> str:
     how = (f"fitted on {t['images']} {_e(t['source'])} validation images ({t.get('other_images', 0)} of them other; "
            f"balanced accuracy {100 * t['balanced_accuracy']:.1f}%)" if t.get("source", "none") != "none"
            else _e(t.get("note", "not fitted")))
-    return (f"<p>Open set: the model answers <b>{_e(run.recipe.other_label)}</b> when its other output wins or its best "
-            f"class's probability is below the threshold {t['value']:.3f}, {how}.</p>")
+    bias = run.recipe.other_bias
+    read = f" (its other output read {bias:g} log-odds lower: other_bias)" if bias else ""
+    return (f"<p>Open set: the model answers <b>{_e(run.recipe.other_label)}</b> when its other output{read} wins or its "
+            f"best class's probability is below the threshold {t['value']:.3f}, {how}.</p>")
 
 
 class HtmlReportStage:

@@ -339,6 +339,7 @@ class ExportStage:
             teacher=teacher_info(run), recipe=rec.to_dict(),
             package_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             other_label=rec.other_label if rec.openset else "", threshold=threshold, threshold_fit=fit,
+            other_bias=rec.other_bias if rec.openset else 0.0,
         )
         ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset, tune_reference=tune_reference)
         result = export_all(ctx, rec.export.variants, val, reference, va_logit, rec.export.max_drop,

@@ -231,6 +231,7 @@ class Classifier:
         self.labels = list(metadata.labels)
         self.other_label = metadata.other_label or None    # open-set models answer it for "none of these"
         self.threshold = float(metadata.threshold)
+        self.other_bias = float(metadata.other_bias)
         self.path = path
         self.backend = backend
         self.exact = exact
@@ -263,16 +264,22 @@ class Classifier:
         """Raw logits for a preprocessed NCHW float32 batch."""
         return np.asarray(self._run(np.ascontiguousarray(batch, dtype=np.float32)))
 
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """Raw outputs [..., outputs] as the model's metadata says to read them: an open-set model's
+        ``other_bias`` taken off its other output (a copy; closed-set outputs come back as they are)."""
+        return with_other_bias(logits, len(self.labels), self.other_bias if self.other_label else 0.0)
+
     def probabilities(self, images, channels: str = "rgb") -> np.ndarray:
-        return softmax(self.logits(self.preprocess(images, channels)))
+        return softmax(self.scores(self.logits(self.preprocess(images, channels))))
 
     def decide(self, logits: np.ndarray, open_set: bool = True) -> np.ndarray:
         """The answer per row of raw outputs [N, outputs], as an index: a concept, or K for ``other_label``
-        (open-set: the other output wins, or the best concept's probability is under the threshold)."""
+        (open-set: the other output, less ``other_bias``, wins, or the best concept's probability is under
+        the threshold)."""
         n = len(self.labels)
         if not self.other_label or not open_set:
             return logits[:, :n].argmax(1)
-        return open_set_decision(softmax(logits[:, :n + 1]), self.threshold)
+        return open_set_decision(softmax(self.scores(logits)[:, :n + 1]), self.threshold)
 
     def _ranked(self, logits: np.ndarray, k: int, open_set: bool = True) -> list[tuple[str, float]]:
         """The ranking for one row of raw outputs. Open-set: softmax over the K concepts and ``other``;
@@ -282,7 +289,7 @@ class Classifier:
         if not self.other_label or not open_set:
             p = softmax(logits[:n])
             return [(self.labels[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
-        p = softmax(logits[:n + 1])
+        p = softmax(self.scores(logits)[:n + 1])
         order = list(np.argsort(-p, kind="stable"))
         if order[0] != n and p[order[0]] < self.threshold:
             order.remove(n)
@@ -355,6 +362,14 @@ def _check_top_k(top_k, labels: int) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UserError(f"top_k = {top_k!r}: use a whole number >= 1")
     return min(top_k, labels)
+
+
+def with_other_bias(logits: np.ndarray, k: int, bias: float) -> np.ndarray:
+    """``logits`` [..., K + 1] with ``bias`` taken off the other output (index K); a copy."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if bias and out.shape[-1] > k:
+        out[..., k] -= bias
+    return out
 
 
 def open_set_decision(probs: np.ndarray, threshold: float) -> np.ndarray:

@@ -7,12 +7,14 @@ the exporter, the training side or torch.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
 
 METADATA_KEY = "distiller"
-SCHEMA_VERSION = 2   # 2: open-set models (other_label, threshold); version 1 models load as closed-set
+SCHEMA_VERSION = 3   # 2: open-set models (other_label, threshold); 3: other_bias. Version 1 loads as closed-set,
+                     # version 2 with other_bias 0
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
@@ -57,6 +59,7 @@ class ModelMetadata:
     other_label: str = ""        # open-set: the name of the model's extra last output ("" : closed-set, K outputs)
     threshold: float = 0.0       # open-set: answer other_label when the best concept's probability is below this
     threshold_fit: dict = field(default_factory=dict)   # how the threshold was chosen (images, source, score)
+    other_bias: float = 0.0      # open-set: log-odds taken off the other output before softmax and decision
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -65,6 +68,8 @@ class ModelMetadata:
             raise UserError("model metadata lists fewer than 2 labels: re-export the model")
         if self.other_label and self.other_label in self.labels:
             raise UserError(f"the open-set label {self.other_label!r} is also a concept: rename it (make --other-label NAME)")
+        if not math.isfinite(float(self.other_bias)):
+            raise UserError(f"model metadata other_bias {self.other_bias} is not a finite number: re-export the model")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise UserError(f"model metadata threshold {self.threshold} is outside [0, 1]: re-export the model")
 

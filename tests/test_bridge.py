@@ -87,7 +87,9 @@ def test_one_model_mixes_wordnet_clip_and_fresh_heads():
     torch.testing.assert_close(out[:, 0], torch.logsumexp(full[:, list(heads[0].classes)], 1), atol=1e-4, rtol=1e-4)
     manual = torch.log(0.75 * full[:, 151].exp() + 0.25 * full[:, 152].exp())
     torch.testing.assert_close(out[:, 1], manual, atol=1e-4, rtol=1e-4)
-    assert out.shape == (3, 3)
+    assert out.shape == (3, 4)        # cat, kitten, zorblax and "other" (open-set by default)
+    rest = sorted(set(range(1000)) - set(heads[0].classes) - {151, 152})
+    torch.testing.assert_close(out[:, 3], torch.logsumexp(full[:, rest], 1), atol=1e-4, rtol=1e-4)
 
 
 def test_the_probe_fits_fresh_rows_and_leaves_pooled_ones(tmp_path):

@@ -12,6 +12,7 @@ from distiller.cli import main
 from distiller.concepts import parse_concepts
 from runtime import Classifier
 from runtime.errors import UserError
+from runtime.classifier import open_set_decision, softmax
 from runtime.metadata import ModelMetadata, Preprocess
 
 
@@ -60,9 +61,9 @@ def test_pretrained_students_k_plus_1_head_is_its_own_pooled_rows(lite0):
     assert closed.num_classes == 3 and len(closed.groups) == 3
 
 
-def _classifier(logits: np.ndarray, threshold: float, other: str = "other") -> Classifier:
+def _classifier(logits: np.ndarray, threshold: float, other: str = "other", bias: float = 0.0) -> Classifier:
     meta = ModelMetadata(labels=("cat", "dog"), preprocess=Preprocess(size=8, resize=8), other_label=other,
-                         threshold=threshold)
+                         threshold=threshold, other_bias=bias)
     return Classifier(lambda batch: logits[: len(batch)], meta, Path("m.onnx"), "onnxruntime")
 
 
@@ -84,6 +85,20 @@ def test_the_threshold_is_monotone_and_other_comes_from_the_metadata():
     assert [n for n, _ in ranked] == ["other", "cat", "dog"] and abs(sum(p for _, p in ranked) - 1) < 1e-6
 
 
+def test_other_bias_moves_the_other_output_alone():
+    assert _tops(_classifier(LOGITS, 0.0, bias=4.5)) == ["cat", "cat", "cat"]       # 4 - 4.5 < 0: cat by a tie-break
+    assert _tops(_classifier(LOGITS, 0.0, bias=-1.0)) == ["cat", "other", "other"]  # 0.1 + 1 > 0.2
+    clf = _classifier(LOGITS, 0.5, bias=2.0)
+    shifted = LOGITS - np.array([0.0, 0.0, 2.0], np.float32)
+    np.testing.assert_array_equal(clf.decide(LOGITS), open_set_decision(softmax(shifted), 0.5))
+    ranked = dict(clf._ranked(LOGITS[2], 3))
+    assert ranked["other"] == pytest.approx(float(softmax(shifted[2])[2]))
+    np.testing.assert_array_equal(LOGITS[2], [0.0, 0.0, 4.0])                        # the outputs are not touched
+    assert clf.decide(LOGITS, open_set=False).tolist() == [0, 0, 0]
+    with pytest.raises(UserError, match="other_bias"):
+        ModelMetadata(labels=("cat", "dog"), preprocess=Preprocess(size=8, resize=8), other_label="o", other_bias=float("nan"))
+
+
 def test_open_set_false_restores_the_closed_set_ranking():
     clf = _classifier(LOGITS, 1.0)
     for row in LOGITS:
@@ -102,6 +117,10 @@ def test_an_old_metadata_version_loads_as_closed_set():
     assert meta.other_label == "" and meta.outputs == 2
     clf = Classifier(lambda b: np.array([[0.0, 1.0]] * len(b), np.float32), meta, Path("m.onnx"), "onnxruntime")
     assert [n for n, _ in clf.classify(np.zeros((8, 8, 3), np.uint8))] == ["dog", "cat"]
+    v2 = json.dumps({"labels": ["cat", "dog"], "preprocess": {"size": 8, "resize": 8}, "schema_version": 2,
+                     "other_label": "other", "threshold": 0.25})
+    meta = ModelMetadata.from_json(v2)                       # version 2: open-set, read without a bias
+    assert (meta.outputs, meta.threshold, meta.other_bias) == (3, 0.25, 0.0)
     with pytest.raises(UserError, match="also a concept"):
         ModelMetadata(labels=("cat", "other"), preprocess=Preprocess(size=8, resize=8), other_label="other")
 
@@ -116,7 +135,7 @@ def _lite_make(out, name, *extra):
 
 def test_every_exported_variant_has_the_other_output_and_predict_prints_it(tmp_path, capsys):
     from distiller.bank import Bank
-    assert main(_lite_make(tmp_path, "os", "--other-label", "neither")) == 0
+    assert main(_lite_make(tmp_path, "os", "--other-label", "neither", "--set", "other_bias=2.5")) == 0
     run = tmp_path / "os"
     report = json.loads((run / "report.json").read_text())
     assert report["export"]["threshold"]["value"] == 0.0 and report["export"]["threshold"]["source"] == "none"
@@ -144,6 +163,11 @@ def test_every_exported_variant_has_the_other_output_and_predict_prints_it(tmp_p
     assert main(["predict", str(run), str(noise), "--json"]) == 0
     line = json.loads(capsys.readouterr().out.splitlines()[0])
     assert {t["label"] for t in line["top"]} == {"dogs", "birds", "neither"}
+    # other_bias travels in every variant's metadata and predict reads the other output through it
+    shipped = Classifier.load(run, exact=True)
+    assert shipped.metadata.other_bias == 2.5
+    z = shipped.logits(shipped.preprocess([noise]))[0] - np.array([0.0, 0.0, 2.5], np.float32)
+    assert {t["label"]: t["probability"] for t in line["top"]}["neither"] == pytest.approx(float(softmax(z)[2]), abs=1e-4)
 
 
 def test_other_label_must_differ_from_the_classes(tmp_path, capsys):
