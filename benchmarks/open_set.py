@@ -13,7 +13,9 @@ Three checks, each a ``distiller make --set openset=true`` (ImageNet teachers, o
 Per model (the shipped variant, its FP32 student, the teacher, the free baseline): known-class balanced
 accuracy with its open-set answer (Wilson 95%), the shipped student's closed-set balanced accuracy on the
 same images (``open_set=False``), AUROC of known against other (the best class's probability; bootstrap
-95%), and how often "other" is answered on the other images (Wilson 95%).
+95%), and how often "other" is answered on the other images (Wilson 95%). Then the ``other_bias`` sweep:
+the shipped model and the teacher read with other_bias = 0, 1, ... (the runtime's own decision, from the
+same outputs; no retraining): what a user who sets it gets on known and on other images.
 
     python benchmarks/open_set.py --real .cache/real_images --work runs/open-set [--only foolbox]
 """
@@ -87,6 +89,46 @@ def closed_set_balanced(run: Path, file: str, known: Path) -> float:
     return float(np.mean([(pred[truth == c] == c).mean() for c in np.unique(truth)]))
 
 
+BIASES = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
+
+
+def bias_sweep(run: Path, file: str, known: Path, other: Path) -> list[str]:
+    """Known balanced accuracy and the share answered other, per other_bias, for ``file`` and the teacher."""
+    from distiller.evaluation import Dataset, load_image_folder, teacher_predictor, wilson
+    from distiller.pipeline import Run
+    from runtime import Classifier
+    from runtime.classifier import with_other_bias
+    from runtime.preprocess import list_images
+    clf = Classifier.load(run / file, exact=True)
+    data: Dataset = load_image_folder(known, clf.labels)
+    k, truth = len(clf.labels), np.array([s.label for s in data.samples])
+    paths = [s.path for s in data.samples]
+    others = list_images(other)
+    raw = {file: (clf.logits(clf.preprocess(paths)), clf.logits(clf.preprocess(others)))}
+    teach = teacher_predictor(Run(run, device="cpu", offline=True).teacher())
+    raw["teacher"] = (teach(paths), teach(others))
+    out = ["", f"other_bias sweep ({name_of(run)}): known balanced accuracy / answers other [95% CI]", "",
+           "| other_bias | " + " | ".join(raw) + " |", "|---" * (len(raw) + 1) + "|"]
+    for b in BIASES:
+        cells = []
+        for who, (zk, zo) in raw.items():
+            if who == "teacher":
+                dk, do = with_other_bias(zk, k, b).argmax(1), with_other_bias(zo, k, b).argmax(1)
+            else:
+                read = Classifier(clf._run, clf.metadata.replace(other_bias=b), clf.path, clf.backend, exact=True)
+                dk, do = read.decide(zk), read.decide(zo)
+            bal = np.mean([(dk[truth == c] == c).mean() for c in np.unique(truth)])
+            hit = int((do == k).sum())
+            lo, hi = wilson(hit, len(do))
+            cells.append(f"{100 * bal:.1f} / {100 * hit / len(do):.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+        out.append(f"| {b:g} | " + " | ".join(cells) + " |")
+    return out
+
+
+def name_of(run: Path) -> str:
+    return run.parent.name
+
+
 def check(name: str, args) -> list[str]:
     from distiller.evaluation import evaluate_models
     classes, teacher, sets = CHECKS[name]
@@ -114,7 +156,7 @@ def check(name: str, args) -> list[str]:
         out.append(f"| {label} | {100 * k['balanced_accuracy']:.1f} [{100 * k['balanced_ci'][0]:.1f}, {100 * k['balanced_ci'][1]:.1f}] "
                    f"| {closed} | {o['auroc']:.3f} [{o['auroc_ci'][0]:.3f}, {o['auroc_ci'][1]:.3f}] | "
                    f"{100 * o['other_accuracy']:.1f} [{100 * o['other_ci'][0]:.1f}, {100 * o['other_ci'][1]:.1f}] |")
-    return out
+    return out + bias_sweep(run, shipped, known, other)
 
 
 def main(argv=None) -> int:

@@ -358,7 +358,7 @@ class ExportStage:
         return json.loads(run.paths.export.read_text())
 
 
-def quantizer_split(train: int, calibration: int, fidelity: int) -> tuple[np.ndarray, np.ndarray]:
+def quantizer_split(train: int, calibration: int, fidelity: int) -> tuple:
     """Row indices of the train images the quantizers calibrate (and accuracy control tunes) on, spread
     evenly, and of up to ``fidelity`` other train images for the fidelity check; never the same image."""
     import numpy as np
