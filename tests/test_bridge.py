@@ -100,14 +100,20 @@ def test_the_probe_fits_fresh_rows_and_leaves_pooled_ones(tmp_path):
     spec = student_spec(rec, concepts, heads)
     student = create_student(spec, "pretrained")
     images = (np.random.default_rng(0).random((12, 64, 64, 3)) * 255).astype(np.uint8)
-    pooled_before = student.head.fc.weight[:len(heads[0].classes)].clone()
-    fresh_before = student.head.fc.weight[-1].clone()
-    logits = np.tile(np.array([[0.0, 4.0]], np.float32), (12, 1))    # the teacher says zorblax everywhere
-    fit_head(student, spec, images, logits, np.ones(12, np.float32), rec.distill)
-    torch.testing.assert_close(student.head.fc.weight[:len(heads[0].classes)], pooled_before)
-    assert not torch.equal(student.head.fc.weight[-1], fresh_before)
+    row = student.head.bounds[1][0]                                      # zorblax's one fresh row
+    w = student.head.fc.weight
+    pooled_before = torch.cat([w[:row], w[row + 1:]]).clone()           # cat's rows and "other"'s (open-set)
+    fresh_before = w[row].clone()
+    logits = np.tile(np.array([[0.0, 4.0, 0.0]], np.float32), (12, 1))    # the teacher says zorblax everywhere
     from distiller.distill import student_logits
-    assert (student_logits(student, spec, images).argmax(1) == 1).all()   # the fresh row learnt to win
+    before = student_logits(student, spec, images)
+    fit_head(student, spec, images, logits, np.ones(12, np.float32), rec.distill)
+    w = student.head.fc.weight
+    torch.testing.assert_close(torch.cat([w[:row], w[row + 1:]]), pooled_before)
+    assert not torch.equal(w[row], fresh_before)
+    after = student_logits(student, spec, images)
+    torch.testing.assert_close(after[:, [0, 2]], before[:, [0, 2]])      # pooled outputs: as they were
+    assert (after[:, 1] > before[:, 1] + 1.0).all()                       # the fresh row learnt towards zorblax
 
 
 def test_the_text_embedding_cache_is_reused_and_follows_the_teacher(tiny_clip, tmp_path, monkeypatch):
