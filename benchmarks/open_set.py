@@ -125,6 +125,32 @@ def bias_sweep(run: Path, file: str, known: Path, other: Path) -> list[str]:
     return out
 
 
+def variants_on_photos(run: Path, known: Path, other: Path) -> list[str]:
+    """Per exported variant: its bank fidelity (what the selection saw) against what it answers on the
+    photos (known kept, others answered other, answers equal to the FP32 student's)."""
+    from distiller.evaluation import load_image_folder
+    from runtime import Classifier
+    from runtime.preprocess import list_images
+    export = json.loads((run / "export.json").read_text())
+    ref = Classifier.load(run / "student.onnx", exact=True)
+    data = load_image_folder(known, ref.labels)
+    truth, k = np.array([s.label for s in data.samples]), len(ref.labels)
+    xk, xo = ref.preprocess([s.path for s in data.samples]), ref.preprocess(list_images(other))
+    rk, ro = ref.decide(ref.logits(xk)), ref.decide(ref.logits(xo))
+    out = ["", f"variants ({name_of(run)}): bank fidelity on {export['fidelity_images']} images the quantizers did not "
+           f"see ({export.get('calibration_images', '?')} calibration) against the photos", "",
+           "| variant | bank fidelity | status | known kept (balanced) | others answered other | answers = FP32 |",
+           "|---|---|---|---|---|---|"]
+    for name, v in export["variants"].items():
+        c = Classifier.load(run / v["file"], exact=True)
+        dk, do = c.decide(c.logits(xk)), c.decide(c.logits(xo))
+        bal = np.mean([(dk[truth == i] == i).mean() for i in np.unique(truth)])
+        same = np.concatenate([dk == rk, do == ro]).mean()
+        out.append(f"| {name} | {100 * v['agreement']:.1f} | {v['status'].split(':')[0]} | {100 * bal:.1f} | "
+                   f"{100 * (do == k).mean():.1f} | {100 * same:.1f} |")
+    return out
+
+
 def name_of(run: Path) -> str:
     return run.parent.name
 
@@ -156,7 +182,7 @@ def check(name: str, args) -> list[str]:
         out.append(f"| {label} | {100 * k['balanced_accuracy']:.1f} [{100 * k['balanced_ci'][0]:.1f}, {100 * k['balanced_ci'][1]:.1f}] "
                    f"| {closed} | {o['auroc']:.3f} [{o['auroc_ci'][0]:.3f}, {o['auroc_ci'][1]:.3f}] | "
                    f"{100 * o['other_accuracy']:.1f} [{100 * o['other_ci'][0]:.1f}, {100 * o['other_ci'][1]:.1f}] |")
-    return out + bias_sweep(run, shipped, known, other)
+    return out + variants_on_photos(run, known, other) + bias_sweep(run, shipped, known, other)
 
 
 def main(argv=None) -> int:

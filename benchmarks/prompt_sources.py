@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     rec = load_recipe(args.recipe, {"teacher.model": args.teacher, "teacher.pretrained": args.pretrained, "device": "cpu",
-                                    "prompts.styles": args.styles, "prompts.train_steps": args.train_steps})
+                                    "prompts.styles": args.styles, "prompts.train_steps": args.train_steps,
+                                    "openset": False})   # closed-set: the scores are the K-way ranking
     concepts = parse_concepts(args.classes)
     teacher = build_teacher(rec.teacher, concepts)
     rows = []
