@@ -126,7 +126,9 @@ def select_for_device(run: Path, result: dict) -> dict:
         raise UserError(f"{run}: no variant could be measured on this machine: install onnxruntime or openvino")
     for name, r in measured.items():
         r["latency_ms"] = {**r["latency_ms"], **result["models"][name]["latency_ms"]}
-    best, notes = select(measured, report["export"]["max_drop"], report["export"].get("min_speedup", 1.0))
+    exp = report["export"]
+    best, notes = select(measured, exp["max_drop"], exp.get("min_speedup", 1.0), exp.get("fidelity_images"),
+                         exp.get("min_fidelity_images", 0))
     for name, r in rows.items():
         if name not in measured:
             r["status"] = f"not measured on this machine: {result.get('skipped', {}).get(name, 'not benched')}"

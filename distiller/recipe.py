@@ -155,6 +155,7 @@ class ExportCfg:
     calibration_images: int = num(128, min=1)   # from the train split only
     max_drop: float = num(1.0, min=0.0, max=100.0)   # points of top-1 agreement INT8 may lose vs FP32
     min_speedup: float = num(1.2, min=0.0)      # INT8 replaces FP32 only when at least this much faster
+    min_fidelity_images: int = num(24, min=0)   # INT8 ships only when judged on at least this many unseen images
     latency_runs: int = num(50, min=1)
     threads: int = num(0, min=0)                # 0: physical cores
 

@@ -315,7 +315,8 @@ class ExportStage:
         source = real if real is not None and real.images.count("val") and real.images.count("train") else bank
         tr_img, _, _ = source.load("train")
         va_img, va_logit, _ = source.load("val")
-        calib_rows, check_rows = quantizer_split(len(tr_img), rec.export.calibration_images, FIDELITY_IMAGES - len(va_img))
+        calib_rows, check_rows = quantizer_split(len(tr_img), rec.export.calibration_images, FIDELITY_IMAGES - len(va_img),
+                                                 rec.export.min_fidelity_images - len(va_img))
         calib = np.stack([preprocess(im, spec.preprocess) for im in tr_img[calib_rows]])
         # INT8 fidelity is measured on images the quantizers never saw (the val shards, then train images
         # outside the calibration set, up to FIDELITY_IMAGES): accuracy-controlled quantization tunes on the
@@ -344,7 +345,7 @@ class ExportStage:
         ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset, tune_reference=tune_reference)
         result = export_all(ctx, rec.export.variants, val, reference, va_logit, rec.export.max_drop,
                             rec.export.latency_runs, rec.export.threads or None, on_variant=lambda n, r: progress(),
-                            min_speedup=rec.export.min_speedup)
+                            min_speedup=rec.export.min_speedup, min_fidelity_images=rec.export.min_fidelity_images)
         result["fidelity_images"] = len(val)
         result["calibration_images"] = len(calib)
         result["calibration_source"] = "real" if source is real else "surrogate"
@@ -358,10 +359,13 @@ class ExportStage:
         return json.loads(run.paths.export.read_text())
 
 
-def quantizer_split(train: int, calibration: int, fidelity: int) -> tuple:
+def quantizer_split(train: int, calibration: int, fidelity: int, reserve: int = 0) -> tuple:
     """Row indices of the train images the quantizers calibrate (and accuracy control tunes) on, spread
-    evenly, and of up to ``fidelity`` other train images for the fidelity check; never the same image."""
+    evenly, and of up to ``fidelity`` other train images for the fidelity check; never the same image.
+    ``reserve``: train images the fidelity check needs besides the val shards; calibration leaves them
+    out, but keeps at least half the train images."""
     import numpy as np
+    calibration = min(calibration, max((train + 1) // 2, train - max(0, reserve)))
     calib = np.unique(np.linspace(0, train - 1, min(calibration, train)).round().astype(int)) if train else np.zeros(0, int)
     rest = np.setdiff1d(np.arange(train), calib)
     pick = np.unique(np.linspace(0, len(rest) - 1, min(len(rest), max(0, fidelity))).round().astype(int)) if len(rest) else rest

@@ -150,7 +150,7 @@ def measure(path: Path, val: np.ndarray, reference: np.ndarray, teacher: np.ndar
 
 def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray, teacher: np.ndarray,
                max_drop: float, runs: int = 50, threads: int | None = None, on_variant=None,
-               min_speedup: float = 1.0) -> dict:
+               min_speedup: float = 1.0, min_fidelity_images: int = 0) -> dict:
     """Build, measure and rank the variants; returns the export part of report.json."""
     ctx.max_drop = max_drop
     rows = {}
@@ -176,14 +176,19 @@ def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray
         rows[name] = row
         if on_variant:
             on_variant(name, row)
-    deployable, notes = select(rows, max_drop, min_speedup)
+    deployable, notes = select(rows, max_drop, min_speedup, len(val), min_fidelity_images)
     notes += [f"{n}: failed to build ({why})" for n, why in failed.items()]
     return {"variants": rows, "failed": failed, "deployable": rows[deployable]["file"], "deployable_variant": deployable,
-            "max_drop": max_drop, "min_speedup": min_speedup, "notes": notes}
+            "max_drop": max_drop, "min_speedup": min_speedup, "min_fidelity_images": min_fidelity_images,
+            "notes": notes}
 
 
-def select(rows: dict, max_drop: float, min_speedup: float = 1.0) -> tuple[str, list[str]]:
+def select(rows: dict, max_drop: float, min_speedup: float = 1.0, fidelity_images: int | None = None,
+           min_fidelity_images: int = 0) -> tuple[str, list[str]]:
     """Mark the fastest variant within ``max_drop`` points of agreement as deployable.
+
+    INT8 ships only when its agreement was measured on at least ``min_fidelity_images`` images (one
+    disagreement in 8 is 12.5 points: a perfect score on a handful of images says little).
 
     An INT8 variant replaces FP32 only when it is at least ``min_speedup`` times faster than the
     fastest FP32 variant: a lossy model is not worth a few percent. Every row gets a ``status``
@@ -200,6 +205,9 @@ def select(rows: dict, max_drop: float, min_speedup: float = 1.0) -> tuple[str, 
             ok.append(name)
         elif drop > max_drop:
             r["status"] = f"loses {drop:.1f} points of top-1 agreement (max_drop {max_drop})"
+        elif fidelity_images is not None and fidelity_images < min_fidelity_images:
+            r["status"] = (f"judged on only {fidelity_images} images the quantizers did not see "
+                           f"(export.min_fidelity_images {min_fidelity_images})")
         elif speedup < min_speedup:
             r["status"] = f"only {speedup:.2f}x faster than FP32 (min_speedup {min_speedup})"
         else:
@@ -216,6 +224,9 @@ def select(rows: dict, max_drop: float, min_speedup: float = 1.0) -> tuple[str, 
     if int8 and rows[best]["precision"] == "fp32":
         lost = [n for n in int8 if rows[n]["drop_points"] > max_drop]
         why = ("every INT8 variant lost more than max_drop" if len(lost) == len(int8) else
+               f"INT8 was judged on only {fidelity_images} bank images the quantizers did not see (export."
+               f"min_fidelity_images {min_fidelity_images}: make a bigger bank or give --images)"
+               if fidelity_images is not None and fidelity_images < min_fidelity_images else
                f"no INT8 variant within max_drop was {min_speedup}x faster than FP32 on this CPU")
         notes.append(f"shipping FP32 ({best}): {why}")
     for n in int8:

@@ -44,6 +44,15 @@ def test_int8_must_be_min_speedup_faster_than_fp32():
     assert select(rows, max_drop=1.0, min_speedup=1.05)[0] == "openvino-int8"
 
 
+def test_int8_judged_on_too_few_images_does_not_ship():
+    rows = {"onnx-fp32": _row("fp32", 1.0, 2.0), "onnx-int8": _row("int8", 1.0, 1.0)}
+    best, notes = select(rows, max_drop=1.0, fidelity_images=8, min_fidelity_images=24)
+    assert best == "onnx-fp32" and rows["onnx-int8"]["eligible"] is False
+    assert rows["onnx-int8"]["status"] == "judged on only 8 images the quantizers did not see (export.min_fidelity_images 24)"
+    assert any("shipping FP32" in n and "make a bigger bank or give --images" in n for n in notes)
+    assert select(rows, max_drop=1.0, fidelity_images=24, min_fidelity_images=24)[0] == "onnx-int8"
+
+
 def test_calibration_and_fidelity_images_never_overlap():
     from distiller.stages import quantizer_split
     calib, check = quantizer_split(100, 16, 40)
@@ -53,6 +62,10 @@ def test_calibration_and_fidelity_images_never_overlap():
     assert list(calib) == list(range(8)) and len(check) == 0
     calib, check = quantizer_split(20, 4, 0)                     # the val shards already fill the check
     assert len(calib) == 4 and len(check) == 0
+    calib, check = quantizer_split(40, 64, 248, reserve=16)      # a small bank: room left for the fidelity check
+    assert (len(calib), len(check)) == (24, 16) and not set(calib) & set(check)
+    calib, check = quantizer_split(8, 64, 248, reserve=16)       # but calibration keeps half the train images
+    assert (len(calib), len(check)) == (4, 4)
 
 
 def test_every_registered_variant_has_a_distinct_file():
