@@ -196,7 +196,8 @@ def test_generator_with_a_clip_teacher_conditions_on_text_embeddings(tiny_clip, 
     """CLIP targets are text embeddings (class x style), not class indices: the generator takes them as its
     condition and the make runs through to a deployable model."""
     from conftest import smoke_args
-    args = smoke_args(tiny_clip, tmp_path, "clipgen", "--set", "synthesis.generator_steps=2", "--set", "synthesis.steps=1")
+    args = smoke_args(tiny_clip, tmp_path, "clipgen", "--set", "synthesis.generator_steps=2", "--set", "synthesis.steps=1",
+                      "--set", "distill.epochs=1", "--set", 'export.variants=["onnx-fp32"]')
     assert main(args) == 0
     g = torch.load(tmp_path / "clipgen" / "generator.pt", weights_only=False)
     assert g["step"] == 2 and g["model"]["embed.weight"].dim() == 2 and "embed.bias" in g["model"]   # a Linear
