@@ -32,6 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from distiller.openset import balanced_accuracy  # noqa: E402
+
 FOOLBOX_KNOWN = {"bull mastiff": "dogs", "dalmatian": "dogs", "bald eagle": "birds", "goose": "birds", "spoonbill": "birds"}
 CHECKS = {
     "foolbox": ("dogs,birds", "efficientnet-lite0", ["synthesis.images_per_class=8", "synthesis.steps=10"]),
@@ -86,7 +88,7 @@ def closed_set_balanced(run: Path, file: str, known: Path) -> float:
     data = load_image_folder(known, clf.labels)
     pred = np.array([clf.labels.index(clf.classify(s.path, top_k=1, open_set=False)[0][0]) for s in data.samples])
     truth = np.array([s.label for s in data.samples])
-    return float(np.mean([(pred[truth == c] == c).mean() for c in np.unique(truth)]))
+    return balanced_accuracy(pred, truth)
 
 
 BIASES = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
@@ -117,7 +119,7 @@ def bias_sweep(run: Path, file: str, known: Path, other: Path) -> list[str]:
             else:
                 read = Classifier(clf._run, clf.metadata.replace(other_bias=b), clf.path, clf.backend, exact=True)
                 dk, do = read.decide(zk), read.decide(zo)
-            bal = np.mean([(dk[truth == c] == c).mean() for c in np.unique(truth)])
+            bal = balanced_accuracy(dk, truth)
             hit = int((do == k).sum())
             lo, hi = wilson(hit, len(do))
             cells.append(f"{100 * bal:.1f} / {100 * hit / len(do):.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
@@ -144,7 +146,7 @@ def variants_on_photos(run: Path, known: Path, other: Path) -> list[str]:
     for name, v in export["variants"].items():
         c = Classifier.load(run / v["file"], exact=True)
         dk, do = c.decide(c.logits(xk)), c.decide(c.logits(xo))
-        bal = np.mean([(dk[truth == i] == i).mean() for i in np.unique(truth)])
+        bal = balanced_accuracy(dk, truth)
         same = np.concatenate([dk == rk, do == ro]).mean()
         out.append(f"| {name} | {100 * v['agreement']:.1f} | {v['status'].split(':')[0]} | {100 * bal:.1f} | "
                    f"{100 * (do == k).mean():.1f} | {100 * same:.1f} |")
