@@ -159,8 +159,8 @@ def test_a_kill_mid_shard_resumes_to_byte_identical_shards(clip, tmp_path, monke
 def test_the_issue_call_finishes_with_a_complete_bank(tiny_clip, tiny_vq, tmp_path, prior):
     args = smoke_args(tiny_clip, tmp_path, "r", "--set", f'synthesis.prior="{prior}"',
                       "--set", f'synthesis.prior_weights="{tiny_vq}"')
-    # the issue's call with a smaller bank (16 per class, negatives added) and a quicker student: the suite's budget
-    args += ["--set", "synthesis.images_per_class=16", "--set", "distill.epochs=1", "--set", 'export.variants=["onnx-fp32"]']
+    # the issue's call with a smaller bank (8 per class, negatives added) and a quicker student: the suite's budget
+    args += ["--set", "synthesis.images_per_class=8", "--set", "distill.epochs=1", "--set", 'export.variants=["onnx-fp32"]']
     assert main(args) == 0
     from distiller.bank import Bank
     bank = Bank(tmp_path / "r" / "bank")

@@ -81,7 +81,8 @@ def test_report_picks_up_eval_results(smoke_run, tmp_path, capsys):
 
 def test_make_names_the_report_first_in_its_last_lines(tiny_clip, tmp_path, capsys):
     from conftest import smoke_args
-    args = smoke_args(tiny_clip, tmp_path, "names", "--set", "distill.epochs=1", "--set", 'export.variants=["onnx-fp32"]')
+    args = smoke_args(tiny_clip, tmp_path, "names", "--set", "distill.epochs=1", "--set", 'export.variants=["onnx-fp32"]',
+                      "--set", "synthesis.images_per_class=8")
     assert main(args) == 0
     out = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
     tail = out[out.index(next(ln for ln in out if ln.startswith("stage times"))) + 1:]
