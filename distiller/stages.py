@@ -330,7 +330,6 @@ class ExportStage:
         val = np.stack([preprocess(im, spec.preprocess) for im in check])
         with torch.no_grad():
             reference = student(torch.from_numpy(val)).numpy()
-            tune_reference = student(torch.from_numpy(calib)).numpy()
         has_negatives = source is bank and bank.plan().negatives > 0
         from .openset import open_set_threshold
         threshold, fit = open_set_threshold(rec, reference, va_logit, "real" if source is real else
@@ -342,7 +341,7 @@ class ExportStage:
             other_label=rec.other_label if rec.openset else "", threshold=threshold, threshold_fit=fit,
             other_bias=rec.other_bias if rec.openset else 0.0,
         )
-        ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset, tune_reference=tune_reference)
+        ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset)
         result = export_all(ctx, rec.export.variants, val, reference, va_logit, rec.export.max_drop,
                             rec.export.latency_runs, rec.export.threads or None, on_variant=lambda n, r: progress(),
                             min_speedup=rec.export.min_speedup, min_fidelity_images=rec.export.min_fidelity_images)

@@ -30,9 +30,17 @@ class ExportContext:
     metadata: ModelMetadata
     calibration: np.ndarray            # preprocessed train images, NCHW float32
     opset: int = 17
-    tune_reference: np.ndarray | None = None  # FP32 outputs on ``calibration``: accuracy control tunes on them
     max_drop: float = 1.0              # points of top-1 agreement
     built: dict = field(default_factory=dict)
+    _tune_reference: np.ndarray | None = field(default=None, repr=False)
+
+    def tune_reference(self) -> np.ndarray:
+        """FP32 outputs on ``calibration``, which accuracy control tunes on; computed once, when first needed."""
+        if self._tune_reference is None:
+            import torch
+            with torch.no_grad():
+                self._tune_reference = self.model(torch.from_numpy(self.calibration)).numpy()
+        return self._tune_reference
 
 
 @dataclass(frozen=True)
@@ -85,9 +93,7 @@ OV_INT8 = {
 
 def _ov_int8(c: ExportContext, file: str, opts: dict) -> Path:
     # tuned on the calibration images, never on the fidelity images ``export_all`` judges it on
-    if opts.get("accuracy_control") and c.tune_reference is None:
-        raise ValueError("accuracy control needs ExportContext.tune_reference (FP32 outputs on the calibration images)")
-    extra = {"validation": (c.calibration, c.tune_reference), "max_drop": c.max_drop / 100} if opts.get("accuracy_control") else {}
+    extra = {"validation": (c.calibration, c.tune_reference()), "max_drop": c.max_drop / 100} if opts.get("accuracy_control") else {}
     return quantize.quantize_openvino(c.built["openvino-fp32"], c.out_dir / "openvino" / file, c.calibration,
                                       _meta(c, "int8", "openvino", quantization=opts), **opts, **extra)
 
