@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distiller.openset import balanced_accuracy  # noqa: E402
+from exporter.calibration import balanced_accuracy  # noqa: E402
 
 FOOLBOX_KNOWN = {"bull mastiff": "dogs", "dalmatian": "dogs", "bald eagle": "birds", "goose": "birds", "spoonbill": "birds"}
 CHECKS = {
@@ -97,7 +97,7 @@ BIASES = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
 def bias_sweep(run: Path, file: str, known: Path, other: Path) -> list[str]:
     """Known balanced accuracy and the share answered other, per other_bias, for ``file`` and the teacher."""
     from distiller.evaluation import Dataset, load_image_folder, teacher_predictor, wilson
-    from distiller.pipeline import Run
+    from distiller.runfolder import Run
     from runtime import Classifier
     from runtime.classifier import with_other_bias
     from runtime.preprocess import list_images

@@ -202,7 +202,7 @@ def correct_vectors(run: Path, data, cache: Path) -> dict[str, np.ndarray]:
     import torch
 
     from distiller.evaluation import FREE_BASELINE, baseline_predictor, runtime_predictor, teacher_predictor
-    from distiller.pipeline import Run
+    from distiller.runfolder import Run
     from runtime import Classifier
     torch.set_num_threads(2)
     truth = np.array([s.label for s in data.samples])

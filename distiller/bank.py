@@ -21,13 +21,12 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from runtime.errors import UserError
 
-from .atomic import atomic_dir, clean_temporaries, remove, write_json, write_text
+from runtime.atomic import atomic_dir, clean_temporaries, remove, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -125,6 +124,7 @@ class Shards:
         return np.load(d / "images.npy"), np.load(d / "logits.npy")
 
 
+MANIFEST = "manifest.jsonl"
 SHARD_PREFIXES = ("shard_", "real_")   # surrogate, real: the manifest lists both, in this order
 
 
@@ -143,11 +143,13 @@ def write_manifest(root: Path) -> None:
             _, logits = shards.arrays(i)
             for rec, lg in zip(shards.records(i), logits):
                 lines.append(json.dumps({**rec, "logits": [round(float(v), 5) for v in lg]}))
-    write_text(Path(root) / "manifest.jsonl", "\n".join(lines) + "\n")
+    write_text(Path(root) / MANIFEST, "\n".join(lines) + "\n")
 
 
 class Bank(Shards):
     """The surrogate bank: a plan and the shards that fill it."""
+
+    manifest = property(lambda s: s.root / MANIFEST)
 
     def plan(self) -> BankPlan | None:
         p = self.root / "plan.json"
@@ -228,56 +230,3 @@ def row_label(rec: dict) -> str:
     """samples.png's label of a row: the class, its style, and the image prior that made it."""
     name = rec["label"] if rec["style_name"] == "plain" else f"{rec['label']}\n{rec['style_name']}"
     return name + (f"\n{rec['prior']} prior" if rec.get("prior") else "")   # banks before the priors lack it
-
-
-def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", autocast=None,
-              on_shard: Callable[[int, int], None] | None = None, on_step=None, objective=None, produce=None,
-              shards=None) -> None:
-    """Synthesize every missing shard of ``plan`` into ``bank`` (resumable), then its manifest. The images
-    minimise ``objective`` (default: the teacher's own loss), or come from ``produce(targets, classes, gen)``
-    (a trained generator); the teacher labels them. ``shards``: only these (one rank's share); the caller
-    then starts the bank before and writes the manifest after every rank is done."""
-    import torch
-
-    from .synthesis import synthesize, teacher_logits
-
-    if shards is None:
-        bank.start(plan)
-    done = set(bank.complete())
-    for i in (range(plan.num_shards) if shards is None else shards):
-        if i in done:
-            continue
-        seed = plan.shard_seed(i)
-        gen = torch.Generator().manual_seed(seed)
-        idx = list(plan.indices(i))
-        cls = torch.tensor([plan.class_of(g) for g in idx])
-        sty = torch.tensor([plan.style_of(g) for g in idx])
-        neg = cls == plan.num_classes
-        targets = source.targets(cls.clamp(max=plan.num_classes - 1), sty, gen)
-        if neg.any():   # negatives aim at the generic prompts' embeddings, each its own prompt
-            bank_neg = teacher.negative_targets
-            rows = [plan.negative_prompt(g, len(bank_neg)) for g, n in zip(idx, neg) if n]
-            targets = targets.clone()
-            targets[neg] = bank_neg[rows].to(targets)
-        if produce is not None:
-            images, loss = produce(targets, cls, gen)
-        else:
-            images, loss = synthesize(objective or teacher, targets, cls, cfg, plan.resolution, gen, device, autocast, on_step)
-        logits = teacher_logits(teacher, images, device=device)
-        prior = "generator" if produce is not None else cfg.prior   # what made the images
-        records = [
-            {"index": g, "shard": i, "source": "surrogate", "class": int(c), "label": plan.labels[int(c)], "style": int(s),
-             "style_name": plan.style_names[int(s)], "seed": seed, "split": plan.split(i),
-             "synthesis_loss": round(float(lo), 5), "prior": prior, "path": None, "sha256": image_sha256(im)}
-            if not plan.is_negative(g) else
-            {"index": g, "shard": i, "source": "negative", "class": None, "label": None, "style": None,
-             "style_name": f"other: prompt {plan.negative_prompt(g, len(teacher.negative_targets))}", "seed": seed,
-             "split": plan.split(i), "synthesis_loss": round(float(lo), 5), "prior": prior, "path": None,
-             "sha256": image_sha256(im)}
-            for g, c, s, lo, im in zip(idx, cls, sty, loss, images.numpy())
-        ]
-        bank.write_shard(i, images.numpy(), logits.numpy(), records)
-        if on_shard:
-            on_shard(i, plan.num_shards)
-    if shards is None:
-        bank.write_manifest()

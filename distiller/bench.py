@@ -5,15 +5,25 @@ runs on the edge device itself; ``select`` rewrites the run's deployable variant
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
+import time
+import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from runtime.classifier import REPORT_FILE, Classifier, model_size_bytes, onnx_session, physical_cores, read_report
+from exporter.variants import select
+from runtime.atomic import atomic_path, write_json
+from runtime.classifier import Classifier, model_size_bytes, onnx_session, physical_cores, read_report
 from runtime.errors import UserError
-from runtime.preprocess import preprocess
+from runtime.exports import ExportRecord, Latency
+from runtime.preprocess import list_images, preprocess
 from runtime.timing import latency_stats, timed
+
+from .bank import Bank
+from .runfolder import Run, RunPaths
 
 
 def cpu_model() -> str:
@@ -42,8 +52,7 @@ def _size_mb(path: Path) -> float:
 
 def val_images(run: Path, limit: int = 256) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The run's validation bank images (uint8 HWC) and the teacher's logits on them."""
-    from .bank import Bank
-    imgs, logits, _ = Bank(run / "bank").load("val")
+    imgs, logits, _ = Bank(RunPaths(run).bank).load("val")
     return list(imgs[:limit]), logits[:limit]
 
 
@@ -93,8 +102,8 @@ def _photo_like(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def bench_run(run: Path, threads=None, runs=100, warmup=10, batch=32, include_preprocess=False, on_model=None) -> dict:
-    report = read_report(run)
-    models = {name: run / v["file"] for name, v in report["export"]["variants"].items()}
+    exp = ExportRecord.from_json(read_report(run)["export"], "report.json")
+    models = {name: run / v.file for name, v in exp.variants.items()}
     images, teacher = val_images(run)
     return bench_models(models, images, teacher, threads, runs, warmup, batch, include_preprocess, on_model)
 
@@ -113,28 +122,23 @@ def classify_overhead(path: Path, image: np.ndarray, threads=None, runs=200, war
 def select_for_device(run: Path, result: dict) -> dict:
     """Rewrite the run's report.json so ``deployable`` is the fastest variant within max_drop on
     this machine, using the latencies just measured (agreement stays as measured at export)."""
-    from datetime import datetime, timezone
-
-    from exporter.variants import select
-
-    from .atomic import write_json
-    path = run / REPORT_FILE
+    path = RunPaths(run).report
     report = read_report(run)
-    rows = report["export"]["variants"]
-    measured = {name: r for name, r in rows.items() if name in result["models"]}
+    exp = ExportRecord.from_json(report["export"], str(path))
+    measured = {name: r for name, r in exp.variants.items() if name in result["models"]}
     if not measured:
         raise UserError(f"{run}: no variant could be measured on this machine: install onnxruntime or openvino")
     for name, r in measured.items():
-        r["latency_ms"] = {**r["latency_ms"], **result["models"][name]["latency_ms"]}
-    exp = report["export"]
-    best, notes = select(measured, exp["max_drop"], exp.get("min_speedup", 1.0), exp.get("fidelity_images"),
-                         exp.get("min_fidelity_images", 0))
-    for name, r in rows.items():
+        lat = {**vars(r.latency_ms), **result["models"][name]["latency_ms"]}
+        r.latency_ms = Latency(**{k: lat[k] for k in ("p50", "p90", "p99", "mean", "runs")})
+    best, notes = select(measured, exp.max_drop, exp.min_speedup, exp.fidelity_images, exp.min_fidelity_images)
+    for name, r in exp.variants.items():
         if name not in measured:
-            r["status"] = f"not measured on this machine: {result.get('skipped', {}).get(name, 'not benched')}"
-            r["eligible"] = False
-    report["export"].update(deployable=rows[best]["file"], deployable_variant=best, notes=notes)
-    report["deployable"] = rows[best]["file"]
+            r.status = f"not measured on this machine: {result.get('skipped', {}).get(name, 'not benched')}"
+            r.eligible = False
+    exp.deployable_variant, exp.notes = best, notes
+    report["export"] = exp.to_json()
+    report["deployable"] = exp.deployable
     report["selected_on"] = {"cpu": result["cpu"], "threads": result["threads"],
                              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_json(path, report)
@@ -149,18 +153,15 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
         import torch
     except ImportError:
         return None
-    from .pipeline import Run
     r = Run(run, device="cpu")
     if input_size is None:
-        onnx_path = run / "teacher_image.onnx"
+        onnx_path = r.paths.teacher_onnx
         teacher = r.teacher()
     else:
-        import dataclasses
-
-        from .teachers import build_teacher
+        from .teachers import build_teacher   # torch: lazy, for the runtime-only install
         teacher = build_teacher(dataclasses.replace(r.recipe.teacher, input_size=input_size), r.concepts,
                                 openset=r.recipe.openset)
-        onnx_path = run / f"teacher_image_{teacher.input_size}.onnx"
+        onnx_path = r.paths.teacher_onnx_at(teacher.input_size)
     created = not onnx_path.exists()
     if created:
 
@@ -172,9 +173,6 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
             def forward(self, x):
                 return self.t.logits(x)
         x = torch.zeros(1, 3, teacher.input_size, teacher.input_size)
-        import warnings
-
-        from .atomic import atomic_path
         fast = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)   # the fused attention kernel has no ONNX export
         try:
@@ -198,9 +196,6 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
 def end_to_end(model: Path, folder: Path, threads=None, batch: int = 32, workers: int | None = None) -> dict:
     """Images per second of ``classify_iter`` over every image under ``folder`` (decode, resize, model:
     what an app sees), beside the model alone on the same preprocessed batch size."""
-    import time
-
-    from runtime.preprocess import list_images
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--e2e {folder}: not a folder of images")

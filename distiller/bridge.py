@@ -21,6 +21,11 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from runtime.atomic import write_json
+from runtime.errors import UserError
+from .imagenet_concepts import class_names, map_each
+from .teachers.textsplice import SplicedText
+from .torchfiles import load_torch, save_torch
 
 SHOWN = 5   # nearest classes kept per concept for display (distiller concepts, report.json)
 
@@ -39,7 +44,6 @@ class HeadSource:
     nearest_similarity: tuple[float, ...] = ()
 
     def to_json(self) -> dict:
-        from .imagenet_concepts import class_names
         names = class_names()
         out = {"source": self.source, "classes": [names[i] for i in self.classes], "indices": list(self.classes)}
         if self.source == "clip":
@@ -54,7 +58,6 @@ class HeadSource:
 
 
 def save_heads(heads: list[HeadSource], path: Path) -> None:
-    from .atomic import write_json
     write_json(path, [asdict(h) for h in heads])
 
 
@@ -65,7 +68,6 @@ def load_heads(path: Path) -> list[HeadSource]:
 
 def wordnet_heads(concepts) -> list[HeadSource | None]:
     """The ``wordnet`` source of each concept WordNet maps onto ImageNet, None for the others."""
-    from .imagenet_concepts import map_each
     return [None if c is None else HeadSource(c.label, "wordnet", c.classes, (0.0,) * len(c.classes))
             for c in map_each(concepts)]
 
@@ -99,11 +101,10 @@ def bridge(concept_emb, class_emb, scale: float, min_similarity: float, candidat
     return out
 
 
-def plan_heads(concepts, head: str = "auto", text_emb=None, class_emb=None, scale: float = 100.0,
+def decide_heads(concepts, head: str = "auto", text_emb=None, class_emb=None, scale: float = 100.0,
                min_similarity: float = 0.0) -> list[HeadSource]:
     """Each concept's head source. ``head``: auto (WordNet, else the CLIP bridge when ``text_emb`` and
     ``class_emb`` are given, else fresh), imagenet (the same, a fresh concept is an error), fresh (all)."""
-    from runtime.errors import UserError
     if head == "fresh":
         return [HeadSource(c.label, "fresh") for c in concepts]
     heads = wordnet_heads(concepts)
@@ -124,7 +125,6 @@ def plan_heads(concepts, head: str = "auto", text_emb=None, class_emb=None, scal
 
 def fresh_warning(h: HeadSource, min_similarity: float, asked: bool = False) -> str:
     """The loud warning for a concept whose head must be learnt from scratch (``asked``: student.head = fresh)."""
-    from .imagenet_concepts import class_names
     if asked:
         return (f"{h.label}: student.head = fresh, so its head is learnt from scratch. Give real, unlabelled photos "
                 f"with --images DIR, or expect surrogate-only quality for {h.label}")
@@ -154,7 +154,6 @@ def _file_id(path: str) -> dict:
 def cache_key(model: str, weights: str, templates) -> dict:
     """What the cached embeddings depend on: the model (a config file by content), the weights (a file by
     path, size and modification time; a tag by name), the templates and the class names."""
-    from .imagenet_concepts import class_names
     model_id = (hashlib.sha256(Path(model).read_bytes()).hexdigest() if model.endswith(".json") and Path(model).is_file()
                 else model)
     weights_id = _file_id(weights) if Path(weights).is_file() else weights
@@ -170,9 +169,6 @@ def class_text_embeddings(tower, model: str, weights: str, templates, device="cp
     import torch
     import torch.nn.functional as F
 
-    from .atomic import load_torch, save_torch
-    from .imagenet_concepts import class_names
-    from .textsplice import SplicedText
     key = cache_key(model, weights, templates)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = (folder or cache_dir()) / "imagenet_text" / f"{digest}.pt"
@@ -197,59 +193,3 @@ def class_text_embeddings(tower, model: str, weights: str, templates, device="cp
     path.parent.mkdir(parents=True, exist_ok=True)
     save_torch({"key": json.dumps(key, sort_keys=True), "embeddings": out}, path)
     return out.to(device)
-
-
-class HeadsStage:
-    """``heads.json``: each concept's head source, decided before anything long runs (a ``fresh`` concept is
-    warned about at once). Made for every run: the judge scores bridged concepts by the same rows."""
-    name = "heads"
-    sharded = False
-
-    @staticmethod
-    def _bridges(run) -> bool:
-        """Whether the CLIP text tower is needed: a CLIP teacher, a concept WordNet does not map, head not fresh."""
-        from .teachers import resolve_family
-        return (run.recipe.student.head != "fresh" and resolve_family(run.recipe.teacher.model).styles
-                and any(h is None for h in wordnet_heads(run.concepts)))
-
-    def done(self, run) -> bool:
-        return run.paths.heads.exists()
-
-    def work(self, run) -> int:
-        return len(run.recipe.teacher.templates) if self._bridges(run) else 1
-
-    def describe(self, run) -> str:
-        return "student heads: WordNet, then the CLIP text tower over the 1000 ImageNet classes" if self._bridges(run) \
-            else "student heads"
-
-    def run(self, run, progress) -> None:
-        rec, text_emb, class_emb, scale = run.recipe, None, None, 100.0
-        if self._bridges(run):
-            teacher = run.teacher()
-            tower = teacher.text_tower
-            class_emb = class_text_embeddings(tower, rec.teacher.model, rec.teacher.pretrained, rec.teacher.templates,
-                                              run.device, on_template=progress)
-            text_emb, scale = teacher.text, tower.scale
-        heads = plan_heads(run.concepts, rec.student.head, text_emb, class_emb, scale, rec.student.bridge_min_similarity)
-        save_heads(heads, run.paths.heads)
-        from .imagenet_concepts import class_names
-        names = class_names()
-        for h in heads:
-            if h.source == "clip":
-                top = ", ".join(f"{names[i]} {s:.2f}" for i, s in zip(h.classes[:3], h.similarity[:3]))
-                run.reporter.log(f"{h.label}: CLIP bridge to {len(h.classes)} ImageNet class"
-                                 f"{'es' if len(h.classes) > 1 else ''} ({top}{', ...' if len(h.classes) > 3 else ''})")
-            elif h.source == "fresh" and rec.student.init == "pretrained":
-                run.warn(fresh_warning(h, rec.student.bridge_min_similarity, asked=rec.student.head == "fresh"))
-        if class_emb is None:
-            progress()
-
-    @staticmethod
-    def heads(run) -> list[HeadSource]:
-        """The run's head sources (what ``student_spec`` and the judge read)."""
-        from runtime.errors import UserError
-        if run.paths.heads.exists():
-            return load_heads(run.paths.heads)
-        if HeadsStage._bridges(run):
-            raise UserError(f"{run.paths.root} has no heads.json yet: run `distiller distill {run.paths.root}`")
-        return plan_heads(run.concepts, run.recipe.student.head)

@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.atomic import write_text
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,6 @@ def parse_concepts(spec: str | None = None, file: str | Path | None = None, mini
 
 
 def save_concepts(concepts: list[Concept], path: Path) -> None:
-    from .atomic import write_text
     write_text(path, json.dumps([asdict(c) for c in concepts], indent=1) + "\n")
 
 

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 
 from runtime.errors import UserError
 
-from .atomic import load_torch, save_torch
-from .augment import random_views, resize_center
-from .dist import gather_rows, mean, world, wrap
+from .torchfiles import load_torch, save_torch
+from .augment import Normalizer, random_views, resize_center, to_float
+from .probe import fit_head
+from .students import create_student
+from .ranks import gather_rows, mean, world, wrap
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
@@ -55,9 +57,6 @@ class Checkpoints:
     def complete(self, epochs: int) -> bool:
         return self.best.exists() and self.last_epoch() >= epochs
 
-    def best_model_state(self, device="cpu") -> dict:
-        return load_torch(self.best, map_location=device)["model"]
-
     def save(self, state: dict, best: dict | None = None) -> None:
         if best is not None:
             save_torch(best, self.best)
@@ -74,7 +73,14 @@ def total_steps(n_train: int, cfg) -> int:
 
 
 SELECTION = ("real", "judge", "surrogate")   # the order of evidence an epoch is chosen by
-VAL_KEYS = tuple(f"val_agreement_{k}" for k in SELECTION)
+
+
+def val_key(source: str) -> str:
+    """The history key of the agreement on one validation source (``SELECTION``)."""
+    return f"val_agreement_{source}"
+
+
+VAL_KEYS = tuple(val_key(k) for k in SELECTION)
 SIGNALS = {"real": "teacher agreement on your held-back real images",
            "judge": "agreement on the surrogate validation images the held-out judge also sees as their class",
            "surrogate": "teacher agreement on surrogate validation images (the weakest signal: the teacher's own images)"}
@@ -143,23 +149,6 @@ def source_weights(counts: dict[str, int], cfg) -> dict[str, float]:
     return {k: w for k, w in have.items() if w > 0} or {k: 1.0 for k in have}
 
 
-class Normalizer(torch.nn.Module):
-    def __init__(self, pre):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
-def to_float(images_u8: np.ndarray | torch.Tensor, device) -> torch.Tensor:
-    x = torch.as_tensor(images_u8)
-    if str(device).startswith("cuda"):   # uint8 through pinned memory: a quarter of the bytes of float, copied async
-        x = x.pin_memory().to(device, non_blocking=True)
-    return x.to(device).permute(0, 3, 1, 2).float() / 255.0
-
-
 @torch.no_grad()
 def student_logits(student, spec, images_u8, device="cpu", batch_size=128) -> torch.Tensor:
     """Student logits on the eval view (resize + centre crop) of uint8 [N, H, W, 3] images."""
@@ -197,9 +186,9 @@ def _score(student, spec, data: TransferSet, device) -> dict:
         out = student_logits(student, spec, mine, device) if len(mine) else torch.zeros((0, lg.shape[1]))
         out, lg = gather_rows(out.to(device), len(im)).cpu(), torch.from_numpy(lg)
         # the judge's images: balanced over the concepts (the judge may confirm one concept far more than another)
-        rec[f"val_agreement_{name}"] = balanced_agreement(out, lg) if name == "judge" else agreement(out, lg)
+        rec[val_key(name)] = balanced_agreement(out, lg) if name == "judge" else agreement(out, lg)
         if name == data.selector:
-            rec["val_agreement"], rec["val_kl"] = rec[f"val_agreement_{name}"], float(kd_loss(out, lg, 1.0))
+            rec["val_agreement"], rec["val_kl"] = rec[val_key(name)], float(kd_loss(out, lg, 1.0))
     rec["selected_on"] = data.selector
     return rec
 
@@ -210,42 +199,22 @@ def train_student(student, spec, data: TransferSet, cfg, ckpt_dir: Path, seed: i
     """Run (or resume) the KD loop; returns the per-epoch history. ``probe``: fit the (fresh) head on frozen
     features before epoch 0 (LP-FT).
 
-    Under torchrun (``dist``) this is DistributedDataParallel: every step's batch is the one a single process
+    Under torchrun (``ranks``) this is DistributedDataParallel: every step's batch is the one a single process
     takes (the same seeded order, the same views), split between the ranks (rank r: its images r, r + N, ...,
     as a DistributedSampler deals them), and each rank's loss is scaled so the averaged gradient is the whole
     batch's: the effective batch is the recipe's, whatever N. Rank 0 probes the head and writes the checkpoints;
     validation is scored in shares and gathered. A checkpoint is an epoch, so a run resumes with another N."""
-    ckpt_dir = Path(ckpt_dir)
-    tr_img, tr_logit, tr_w = torch.from_numpy(data.images), torch.from_numpy(data.logits), torch.from_numpy(data.weights)
-    n, bs = len(tr_img), min(cfg.batch_size, len(tr_img))
-    w = world()
-    if bs < w.size:
-        raise UserError(f"a batch of {bs} images cannot be split between {w.size} ranks: use at most {bs} processes "
-                        f"(or a larger distill.batch_size and bank)")
-    mine = slice(w.rank, None, w.size)
-    steps = steps_per_epoch(n, cfg.batch_size)
-    total = cfg.epochs * steps
-    warm = cfg.warmup_epochs * steps
-    student.to(device)
-    norm = Normalizer(spec.preprocess).to(device)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_at(step):
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start, best, history = 0, -1.0, []
-    ckpts = Checkpoints(ckpt_dir)
-    state = ckpts.state(device)
-    if state is not None:
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, best, history = state["epoch"], state["best"], state["history"]
+    n, w = len(data.images), world()
+    if min(cfg.batch_size, n) < w.size:
+        raise UserError(f"a batch of {min(cfg.batch_size, n)} images cannot be split between {w.size} ranks: use at most "
+                        f"{min(cfg.batch_size, n)} processes (or a larger distill.batch_size and bank)")
     if cfg.relabel and teacher is None:
         raise ValueError("relabel needs the teacher")
+    steps = steps_per_epoch(n, cfg.batch_size)
+    student.to(device)
+    opt, sched = _optimiser(student, cfg, steps)
+    ckpts = Checkpoints(ckpt_dir)
+    start, best, history = _resume(ckpts, student, opt, sched, device)
 
     def checkpoint(rec, epoch):
         nonlocal best
@@ -264,57 +233,97 @@ def train_student(student, spec, data: TransferSet, cfg, ckpt_dir: Path, seed: i
 
     rec = {"epoch": 0, "loss": None}
     if not history and probe and w.main:   # rank 0 fits the (fresh) head; wrapping hands its weights to every rank
-        from .probe import fit_head
         rec.update(fit_head(student, spec, data.images, data.logits, data.weights, cfg, device))
     model = wrap(student, device)
     if not history:   # epoch 0: the student as initialised (its fresh head probed first, with ``probe``)
         checkpoint({**rec, **_score(student, spec, data, device)}, 0)
     for epoch in range(start, cfg.epochs):
-        student.train()
-        if cfg.freeze_bn:   # keep the running statistics a pretrained student learnt on photos
-            for m in student.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
-        perm = torch.randperm(n, generator=gen)
-        running = 0.0
-        for s in range(steps):
-            idx = perm[s * bs:(s + 1) * bs]   # the whole step's batch: its views are drawn as one process draws them
-            x = to_float(tr_img[idx], device)
-            wt = tr_w[idx].to(device)
-            if cfg.relabel:   # consistent KD: the teacher labels exactly the view the student sees
-                views = random_views(x, teacher.input_size, gen, cfg.crop_scale)
-                if cfg.mixup > 0:
-                    # seeded by the step, not the global RNG: the same on every rank and after a resume
-                    lam = float(np.random.default_rng([seed, epoch, s]).beta(cfg.mixup, cfg.mixup))
-                    views = lam * views + (1 - lam) * views.flip(0)
-                    wt = lam * wt + (1 - lam) * wt.flip(0)
-                views = views[mine]   # this rank's share
-                with torch.no_grad():
-                    t_logits = teacher.logits(views).float()
-                s_in = F.interpolate(views, size=(spec.preprocess.size,) * 2, mode="bilinear", antialias=True, align_corners=False)
-            else:
-                s_in = random_views(x, spec.preprocess.size, gen, cfg.crop_scale)[mine]
-                t_logits = tr_logit[idx][mine].to(device)
-            with autocast() if autocast else torch.enable_grad():
-                out = model(norm(s_in))
-            # this rank's weighted sum over the whole batch's weight, times N: DDP's mean of the gradients is the batch's
-            loss = kd_loss_weighted(out.float(), t_logits, wt[mine], cfg.temperature) * (wt[mine].sum() / wt.sum() * w.size)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            running += loss.item()
+        def stepped(s, epoch=epoch):
             if on_step:
-                on_step(epoch * steps + s + 1, total)
-        checkpoint({"epoch": epoch + 1, "loss": mean(running / steps, device), **_score(student, spec, data, device)},
-                   epoch + 1)
+                on_step(epoch * steps + s + 1, cfg.epochs * steps)
+        loss = _train_epoch(model, student, spec, data, cfg, opt, sched, epoch, seed, teacher, device, autocast, stepped)
+        checkpoint({"epoch": epoch + 1, "loss": mean(loss, device), **_score(student, spec, data, device)}, epoch + 1)
     return history
 
 
+def _optimiser(student, cfg, steps: int):
+    """AdamW with a linear warm-up over ``warmup_epochs``, then cosine decay to 0 over the rest."""
+    total, warm = cfg.epochs * steps, cfg.warmup_epochs * steps
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_at(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def _resume(ckpts: Checkpoints, student, opt, sched, device) -> tuple[int, float, list[dict]]:
+    """(first epoch to train, best validation agreement so far, history) after loading ``last.pt`` if there is one."""
+    state = ckpts.state(device)
+    if state is None:
+        return 0, -1.0, []
+    student.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state["epoch"], state["best"], state["history"]
+
+
+def _train_epoch(model, student, spec, data: TransferSet, cfg, opt, sched, epoch: int, seed: int, teacher, device,
+                 autocast, on_step) -> float:
+    """One epoch over the train images in a seeded order; its mean loss on this rank."""
+    w = world()
+    tr_img, tr_logit, tr_w = torch.from_numpy(data.images), torch.from_numpy(data.logits), torch.from_numpy(data.weights)
+    n, bs = len(tr_img), min(cfg.batch_size, len(tr_img))
+    steps = steps_per_epoch(n, cfg.batch_size)
+    norm = Normalizer(spec.preprocess).to(device)
+    student.train()
+    if cfg.freeze_bn:   # keep the running statistics a pretrained student learnt on photos
+        for m in student.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    running = 0.0
+    for s in range(steps):
+        idx = perm[s * bs:(s + 1) * bs]   # the whole step's batch: its views are drawn as one process draws them
+        s_in, t_logits, wt = _step_batch(to_float(tr_img[idx], device), tr_logit[idx], tr_w[idx].to(device), spec, cfg,
+                                         gen, teacher, device, seed, epoch, s)
+        mine = slice(w.rank, None, w.size)
+        with autocast() if autocast else torch.enable_grad():
+            out = model(norm(s_in))
+        # this rank's weighted sum over the whole batch's weight, times N: DDP's mean of the gradients is the batch's
+        loss = kd_loss_weighted(out.float(), t_logits, wt[mine], cfg.temperature) * (wt[mine].sum() / wt.sum() * w.size)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        running += loss.item()
+        on_step(s)
+    return running / steps
+
+
+def _step_batch(x, cached_logits, wt, spec, cfg, gen, teacher, device, seed: int, epoch: int, step: int):
+    """This rank's share of one step: the student's input views, their teacher logits (the teacher relabels exactly
+    the view the student sees, or the cached logits of the whole image) and the whole batch's loss weights."""
+    mine = slice(world().rank, None, world().size)
+    if not cfg.relabel:
+        return random_views(x, spec.preprocess.size, gen, cfg.crop_scale)[mine], cached_logits[mine].to(device), wt
+    views = random_views(x, teacher.input_size, gen, cfg.crop_scale)
+    if cfg.mixup > 0:
+        # seeded by the step, not the global RNG: the same on every rank and after a resume
+        lam = float(np.random.default_rng([seed, epoch, step]).beta(cfg.mixup, cfg.mixup))
+        views = lam * views + (1 - lam) * views.flip(0)
+        wt = lam * wt + (1 - lam) * wt.flip(0)
+    views = views[mine]   # this rank's share
+    with torch.no_grad():
+        t_logits = teacher.logits(views).float()
+    s_in = F.interpolate(views, size=(spec.preprocess.size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+    return s_in, t_logits, wt
+
+
 def load_student(spec, ckpt: Path, device="cpu"):
-    from .students import create_student
     model = create_student(spec)
     model.load_state_dict(load_torch(ckpt, map_location=device)["model"])
     return model.eval()

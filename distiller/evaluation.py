@@ -7,16 +7,28 @@ accuracy, each with a Wilson 95% interval. numpy only: works with the runtime-on
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-import math
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from runtime import Classifier
+from runtime.atomic import write_json
+from runtime.classifier import backend_for, installed, read_report, with_other_bias
 from runtime.errors import UserError
-from runtime.preprocess import list_images
+from runtime.exports import ExportRecord
+from runtime.preprocess import list_images, preprocess
+
+from .images import read_image_set
+from .openset import rejection
+from .recipe import default_recipe
+from .runfolder import Run, RunPaths
+from .stats import wilson
 
 SKIP = "-"
 
@@ -117,16 +129,6 @@ def load_image_folder(root: str | Path, labels: list[str], labels_map: dict[str,
     return Dataset(root, list(labels), samples, skipped)
 
 
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def score(pred: np.ndarray, truth: np.ndarray, domains: list[str]) -> list[dict]:
     """Per domain (and 'all' when there are several): n, accuracy, balanced accuracy, intervals."""
     doms = np.asarray(domains)
@@ -200,8 +202,6 @@ def teacher_predictor(teacher, device="cpu") -> Callable[[list[Path]], np.ndarra
     """The torch teacher as a paths -> logits function, with its own eval preprocessing."""
     import torch
 
-    from runtime.preprocess import preprocess
-
     pre = teacher.eval_preprocess()   # ends in [0, 1]: the teacher normalises itself
 
     @torch.no_grad()
@@ -217,23 +217,22 @@ def baseline_predictor(concepts, device="cpu", openset=False) -> Callable[[list[
     """The free baseline: EfficientNet-Lite0's own ImageNet head restricted to the concepts (logsumexp
     over each concept's member classes; with ``openset``, "other" over every other class) at 128 px. No
     synthesis, no training: what a student must beat."""
-    from .recipe import TeacherCfg
-    from .teachers import build_teacher
+    from .teachers import build_teacher   # torch: lazy, for the runtime-only install
     model, size = FREE_BASELINE
-    return teacher_predictor(build_teacher(TeacherCfg(model=model, input_size=size), concepts, device, openset=openset), device)
+    cfg = dataclasses.replace(default_recipe().teacher, model=model, input_size=size)
+    return teacher_predictor(build_teacher(cfg, concepts, device, openset=openset), device)
 
 
 def run_variants(run: Path) -> tuple[list[Path], list[str]]:
     """Every exported model file of a finished run that an installed backend can run, and notes on
     the ones skipped (a runtime-only install has ONNX Runtime, not OpenVINO)."""
-    from runtime.classifier import backend_for, installed, read_report
     files, notes = [], []
-    for v in read_report(run)["export"]["variants"].values():
-        b = backend_for(v["file"])
+    for v in ExportRecord.from_json(read_report(run)["export"], "report.json").variants.values():
+        b = backend_for(v.file)
         if b is not None and installed(b.name):
-            files.append(run / v["file"])
+            files.append(run / v.file)
         else:
-            notes.append(f"{v['file']} not scored: {b.name if b else 'its backend'} is not installed")
+            notes.append(f"{v.file} not scored: {b.name if b else 'its backend'} is not installed")
     if not files:
         raise UserError(f"{run}: none of its models can run with the installed backends: pip install onnxruntime")
     return files, notes
@@ -243,7 +242,6 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
                     baseline: bool = True, offline: bool = False, other_data: Path | None = None) -> tuple[Dataset, dict, list[str]]:
     """Score a model file, or every variant of a run folder plus (train install) its teacher and the
     free baseline, on an ImageFolder tree. Returns (dataset, {name: evaluate(...)}, notes)."""
-    from runtime import Classifier
     path = Path(path)
     files, notes = run_variants(path) if path.is_dir() else ([path], [])
     clfs = {str(f.relative_to(path) if path.is_dir() else f): Classifier.load(f, exact=True) for f in files}
@@ -261,9 +259,6 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
         import torch  # noqa: F401
     except ImportError:
         return dataset, results, ["teacher and free baseline not scored: torch is not installed (runtime-only install)"]
-    from runtime.classifier import with_other_bias
-
-    from .pipeline import Run
     run = Run(path, device="cpu", offline=offline)
     bias = run.recipe.other_bias if run.recipe.openset else 0.0
 
@@ -308,8 +303,6 @@ def _other_images(folder: Path | None) -> list[Path] | None:
 def _rejection(logits_of, read, decide, dataset: Dataset, others: list[Path], k: int) -> dict:
     """Known-vs-other scores of one model: ``logits_of`` paths -> raw outputs, ``read`` raw outputs -> the
     scores its decision reads (other_bias applied), ``decide`` raw outputs -> answers."""
-    from .openset import rejection
-
     def run(paths):
         z = np.concatenate([logits_of(paths[i:i + 32]) for i in range(0, len(paths), 32)])
         return z[~np.isnan(z).any(1)]
@@ -320,10 +313,6 @@ def _rejection(logits_of, read, decide, dataset: Dataset, others: list[Path], k:
 def training_overlap(run: Path, dataset: Dataset) -> list[str]:
     """The scored images that the run trained on (its ``--images``, by content hash): a score on them is
     not an accuracy. Empty for model files and runs without images."""
-    import hashlib
-
-    from .images import read_image_set
-    from .runfolder import RunPaths
     images = read_image_set(RunPaths(run).images) if Path(run).is_dir() else None
     if images is None:
         return []
@@ -333,7 +322,6 @@ def training_overlap(run: Path, dataset: Dataset) -> list[str]:
 
 def content_hash(dataset: Dataset) -> str:
     """sha256 over every scored file's relative path and bytes: which images an eval saw, exactly."""
-    import hashlib
     h = hashlib.sha256()
     for sample in sorted(dataset.samples, key=lambda x: str(x.path)):
         h.update(str(sample.path.relative_to(dataset.root)).encode() + b"\0")
@@ -344,10 +332,6 @@ def content_hash(dataset: Dataset) -> str:
 def save_eval(run: Path, dataset: Dataset, results: dict, notes: list[str], overlap: list[str] = ()) -> Path:
     """``eval.json`` in the run folder (read by ``distiller report``): the data folder, its content hash,
     the labels and every model's per-domain, per-class scores. A later eval on other data replaces it."""
-    from datetime import datetime, timezone
-
-    from .atomic import write_json
-    from .runfolder import RunPaths
     path = RunPaths(run).eval
     write_json(path, {"data": str(Path(dataset.root).resolve()), "content_hash": content_hash(dataset),
                       "images": len(dataset.samples), "labels": dataset.labels, "domains": dataset.domains,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .synthesis import robust_loss
+from .torchfiles import load_torch, save_torch
 
 SAVE_EVERY = 50
 
@@ -76,7 +77,6 @@ def _aim(targets: torch.Tensor):
 def train_generator(objective, source, labels: int, styles: int, cfg, size: int, path: Path, seed: int,
                     device="cpu", on_step=None) -> Generator:
     """Train (or resume, or load) the generator for ``cfg.generator_steps`` steps of batch ``cfg.shard_size``."""
-    from .atomic import load_torch, save_torch
     gen = torch.Generator().manual_seed(seed)
     probe = source.targets(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), gen)
     torch.manual_seed(seed)
@@ -143,5 +143,4 @@ def sampler(g: Generator, objective, cfg, device="cpu"):
 
 def trained_steps(path: Path) -> int:
     """Steps of generator training finished in ``path`` (the generator stage's progress so far)."""
-    from .atomic import load_torch
     return int(load_torch(path)["step"]) if Path(path).exists() else 0

@@ -18,15 +18,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from runtime.errors import UserError
 from runtime.preprocess import IMAGE_SUFFIXES, load_image
 
-from .atomic import read_json, remove, write_json
-from .bank import Shards
+from runtime.atomic import read_json, remove, write_json
+from .bank import Bank, Shards
 
 MIN_SIDE = 16          # px: smaller images carry nothing at training resolution
 SCAN_DRAFT = 256       # JPEGs are checked decoded at a reduced scale (libjpeg draft): much faster, same verdict
@@ -207,34 +206,6 @@ class RealImages(Shards):
         return np.concatenate(imgs), np.concatenate(logits), recs
 
 
-def label_images(real: RealImages, teacher, resolution: int, device="cpu",
-                 on_shard: Callable[[int, int], None] | None = None, shards=None) -> None:
-    """The teacher labels every image not labelled yet, one atomic shard at a time (resumable). ``shards``: only
-    these (one rank's share); the caller then clears stale shards before and checks every shard after."""
-    import torch
-
-    from .synthesis import teacher_logits
-    if shards is None:
-        clear_stale(real)
-    done = set(real.complete())
-    for i in (range(real.num_shards) if shards is None else shards):
-        if i in done:
-            continue
-        files = [real.images.files[g] for g in real.indices(i)]
-        try:
-            images = np.stack([square(f["path"], resolution) for f in files])
-        except UserError as exc:
-            raise UserError(f"{exc}: it is in the run's images.json; restore it, or start the run over with --exist-ok") from None
-        with torch.no_grad():
-            logits = teacher_logits(teacher, torch.from_numpy(images), device=device)
-        records = [{"index": g, "shard": i, "source": "real", "path": f["path"], "sha256": f["sha256"], "split": f["split"]}
-                   for g, f in zip(real.indices(i), files)]
-        real.write_shard(i, images, logits.numpy(), records)
-        if on_shard:
-            on_shard(i, real.num_shards)
-
-
-
 def clear_stale(real: RealImages) -> None:
     real.root.mkdir(parents=True, exist_ok=True)
     for i in real.stale():
@@ -249,37 +220,8 @@ def real_images(run) -> RealImages | None:
     return RealImages(run.paths.bank, images, run.recipe.images.shard_size)
 
 
-class LabelStage:
-    """``bank/real_*``: the teacher's labels on the user's images (``--images``); done at once without any."""
-    name = "label images"
-    sharded = True     # every rank labels its share of the shards, as synthesis fills the bank (dist)
-
-    def done(self, run) -> bool:
-        real = real_images(run)
-        return real is None or (real.is_complete() and not real.stale())
-
-    def work(self, run) -> int:
-        real = real_images(run)
-        return 0 if real is None else real.num_shards
-
-    def describe(self, run) -> str:
-        real = real_images(run)
-        return f"teacher labels {len(real.images.files)} images"
-
-    def run(self, run, progress) -> None:
-        from .bank import write_manifest
-        from .dist import share_shards
-        from .stages import resolution
-        real = real_images(run)
-        teacher, res = run.teacher(), resolution(run)
-        if share_shards(real, real.num_shards, progress, start=lambda: clear_stale(real), what="labelling",
-                        fill=lambda mine, on_shard: label_images(real, teacher, res, run.device, on_shard, mine)):
-            write_manifest(run.paths.bank)
-
-
 def transfer_set_info(run) -> dict:
     """``report.json``'s ``transfer_set``: images per source, and every skipped file with its reason."""
-    from .bank import Bank
     images = read_image_set(run.paths.images)
     return {"surrogate": Bank(run.paths.bank).count(), "real": 0 if images is None else len(images.files),
             "real_val": 0 if images is None else images.count("val"),

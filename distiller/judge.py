@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from .atomic import read_json, write_json
+import numpy as np
+import torch
+
+from .students import student_network
+from .synthesis import teacher_logits
+from .teachers import build_teacher, judge_cfg, network_name, resolve_family
+from .teachers.imagenet import pooled_classifier
 
 # CLIP's ImageNet prompt templates beyond the recipe's: the self-judge reads the classes through these
 HELD_OUT_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "art of the {}.",
@@ -42,15 +48,14 @@ def held_out_templates(templates) -> tuple[str, ...]:
 
 def assignments(recipe, concepts, heads, used=(), student_network: str | None = None) -> list[Assignment]:
     """The judges of a run (empty: ``teacher.judge = none``, or no network is left to judge)."""
-    from .teachers import judge_cfg, resolve_family
     cfg = recipe.teacher
     if cfg.judge in ("", "none"):
         return []
     everyone = tuple(range(len(concepts)))
-    if not resolve_family(cfg.model).styles:        # an ImageNet teacher: as before, one network, K-way
+    if not resolve_family(cfg.model).has_text_tower:        # an ImageNet teacher: as before, one network, K-way
         j = judge_cfg(cfg, used)
         return [] if j is None else [Assignment("network", j.model, everyone)]
-    if cfg.judge != "auto" and resolve_family(cfg.judge).styles:   # another CLIP model, over every concept
+    if cfg.judge != "auto" and resolve_family(cfg.judge).has_text_tower:   # another CLIP model, over every concept
         return [Assignment("network", cfg.judge, everyone)]
     pooled = tuple(k for k, h in enumerate(heads) if h.source != "fresh")
     fresh = tuple(k for k in everyone if k not in pooled)
@@ -72,13 +77,8 @@ def judge_names(recipe, concepts, heads, used=(), student_network=None) -> list[
 
 def _predict(a: Assignment, recipe, concepts, heads, images, device, offline):
     """The judge's choice per image: a concept index, or -1 (its "every other ImageNet class")."""
-    import torch
-
-    from .synthesis import teacher_logits
-    from .teachers import build_teacher
     cfg = recipe.teacher
     if a.kind == "pooled":
-        from .teachers.imagenet import pooled_classifier
         picked = [heads[k] for k in a.concepts]
         judge = pooled_classifier(a.name, picked, rest=len(picked) < 2, device=device)
         pred = teacher_logits(judge, images, device=device).argmax(1)
@@ -87,7 +87,6 @@ def _predict(a: Assignment, recipe, concepts, heads, images, device, offline):
     if a.kind == "self":
         cfg = dataclasses.replace(cfg, templates=held_out_templates(cfg.templates), judge="none")
     else:
-        from .teachers import judge_cfg
         cfg = judge_cfg(dataclasses.replace(cfg, judge=a.name))
     judge = build_teacher(cfg, concepts, device, offline, openset=recipe.openset and a.kind == "network")
     return teacher_logits(judge, images, device=device).argmax(1)   # "other" (index K) is never a concept
@@ -95,8 +94,6 @@ def _predict(a: Assignment, recipe, concepts, heads, images, device, offline):
 
 def judge_bank(recipe, concepts, heads, bank, used=(), student_network=None, device="cpu", offline=False) -> dict | None:
     """The judge's verdict on a complete bank, or None when nobody judges."""
-    import numpy as np
-    import torch
     plan = assignments(recipe, concepts, heads, used, student_network)
     if not plan:
         return None
@@ -121,63 +118,6 @@ def judge_bank(recipe, concepts, heads, bank, used=(), student_network=None, dev
             "confirmed": [int(r["index"]) for r, p, t in zip(recs, pred, truth) if t >= 0 and p == t]}
 
 
-class JudgeStage:
-    """``judge.json``: held-out judges' per-concept agreement with the bank's intended classes."""
-    name = "judge"
-    sharded = False
-
-    @staticmethod
-    def plan(run) -> list[Assignment]:
-        from .bridge import HeadsStage
-        from .pipeline import synthesis_networks
-        return assignments(run.recipe, run.concepts, HeadsStage.heads(run), synthesis_networks(run.recipe, run.concepts),
-                           student_teacher_name(run.recipe))
-
-    def done(self, run) -> bool:
-        return run.paths.judge.exists() or not self.plan(run)
-
-    def work(self, run) -> int:
-        return 0 if not self.plan(run) else 1
-
-    def describe(self, run) -> str:
-        return "held-out judge " + " + ".join(dict.fromkeys(a.name for a in self.plan(run)))
-
-    def run(self, run, progress) -> None:
-        from .bank import Bank
-        from .bridge import HeadsStage
-        from .pipeline import synthesis_networks
-        rec = run.recipe
-        result = judge_bank(rec, run.concepts, HeadsStage.heads(run), Bank(run.paths.bank),
-                            synthesis_networks(rec, run.concepts), student_teacher_name(run.recipe), run.device, run.offline)
-        write_json(run.paths.judge, result)
-        if result["self_judged"]:
-            run.warn(f"{', '.join(result['self_judged'])}: judged by the CLIP teacher itself with held-out templates "
-                     f"(no offline network knows it): weaker, the teacher grades its own images")
-        for label, a in result["per_concept"].items():
-            if a < rec.teacher.judge_min:
-                hint = "" if run.paths.images.exists() else (
-                    "; give the run some real, unlabelled photos of your world (--images DIR): the teacher labels them")
-                run.warn(f"{label}: the held-out judge {result['judges'][label]} sees it in only {100 * a:.0f}% of its "
-                         f"surrogate images: they may not transfer; the student can fail on real {label}{hint}")
-        progress()
-
-    @staticmethod
-    def result(run) -> dict | None:
-        """The verdict (without the per-image list): what report.json shows."""
-        out = read_json(run.paths.judge, None)
-        if out is not None:
-            out.pop("confirmed", None)
-        return out
-
-    @staticmethod
-    def confirmed(run) -> set[int] | None:
-        """Bank indices the judge saw as their own class, or None when nobody judged."""
-        out = read_json(run.paths.judge, None)
-        return None if out is None else set(out.get("confirmed", ()))
-
-
 def student_teacher_name(recipe) -> str | None:
     """The teacher name of a pretrained student's network (efficientnet-lite0), which must not judge; None for scratch."""
-    from .students import student_network
-    from .teachers import network_name
     return network_name(student_network(recipe)[0]) if recipe.student.init == "pretrained" else None

@@ -21,13 +21,43 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from runtime.errors import UserError
 
+from runtime.registry import Registry
+
 from .augment import random_views
-from .registry import Registry
+from .hub import hub_reachable
+from .units import format_duration
+
+# Lucid's colour correlation (square root of the ImageNet colour covariance).
+_COLOR = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+_COLOR = _COLOR / _COLOR.norm(dim=0).max()
+
+
+class FourierImage(torch.nn.Module):
+    """A batch of images parametrised by their decorrelated-colour Fourier spectra."""
+
+    def __init__(self, batch: int, size: int, generator: torch.Generator, decay_power: float = 1.0, std: float = 0.01):
+        super().__init__()
+        fy = np.fft.fftfreq(size)[:, None]
+        fx = np.fft.rfftfreq(size)[None, :]
+        freqs = np.sqrt(fx * fx + fy * fy)
+        scale = 1.0 / np.maximum(freqs, 1.0 / size) ** decay_power
+        scale = scale * np.sqrt(size * size)
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32)[None, None, :, :, None])
+        self.size = size
+        self.spectrum = torch.nn.Parameter(std * torch.randn(batch, 3, size, size // 2 + 1, 2, generator=generator))
+
+    def forward(self) -> torch.Tensor:
+        spec = torch.view_as_complex((self.spectrum * self.scale).contiguous())
+        img = torch.fft.irfftn(spec, s=(self.size, self.size), norm="backward") / 4.0
+        img = torch.einsum("bchw,dc->bdhw", img, _COLOR.to(img.device))
+        return torch.sigmoid(img)
+
 
 PRIORS: Registry[type] = Registry("synthesis.prior")
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -95,7 +125,6 @@ class Prior:
 class FourierPrior(Prior):
     def __init__(self, batch, size, generator, cfg, device="cpu"):
         super().__init__(batch, size, generator, cfg, device)
-        from .synthesis import FourierImage
         self.image = FourierImage(batch, size, generator, cfg.decay_power).to(device)
 
     def parameters(self):
@@ -233,12 +262,7 @@ def make_prior(cfg, batch: int, size: int, generator: torch.Generator, device="c
 
 def check_prior(cfg, offline: bool = False) -> None:
     """``synthesis.prior`` and its settings, before anything is written."""
-    from .teachers.imagenet import BN_FORMS
-    prior = PRIORS.get(cfg.prior)
-    for where, form in (("synthesis.bn_form", cfg.bn_form), ("synthesis.pixels.bn_form", cfg.pixels.bn_form)):
-        if form not in BN_FORMS:
-            raise UserError(f"{where} = {form!r}: use {' or '.join(BN_FORMS)}")
-    prior.check(cfg, offline)
+    PRIORS.get(cfg.prior).check(cfg, offline)   # (the BN prior's forms are the recipe's own Literal)
 
 
 # --- the VQGAN decoder: diffusers' VQModel from a local folder or the hub --------------------------------------
@@ -279,8 +303,7 @@ def check_vq(weights: str, offline: bool = False) -> None:
                         f"(or ORG/NAME/SUBFOLDER) or a local folder path")
     if _cached(weights):
         return
-    from .teachers.clip import _online
-    if offline or os.environ.get("HF_HUB_OFFLINE") == "1" or not _online():
+    if offline or os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
         raise UserError(f"VQGAN decoder {weights} is not in the local cache and the hub cannot be reached: download "
                         f"it elsewhere (VQModel.from_pretrained(...).save_pretrained(DIR)) and set "
                         f"synthesis.prior_weights = LOCAL_DIR")
@@ -327,7 +350,6 @@ def cost_warning(cfg, size: int, images: int, device: str) -> str | None:
     prior = PRIORS.get(cfg.prior)
     if not prior.costly or device != "cpu":
         return None
-    from .plan import format_duration
     per, steps = step_cost(cfg, size, device), prior.steps(cfg)
     return (f"synthesis.prior = {cfg.prior} on a CPU: its decoder's forward and backward pass takes {per:.2f} s per image "
             f"and step at {size} px here (measured), so {images} images x {steps} steps add about "

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from .augment import resize_center
+from .augment import Normalizer, resize_center, to_float
 
 
 @torch.no_grad()
 def features(student, spec, images_u8, device="cpu", batch_size=64, mirror=True) -> torch.Tensor:
     """Pre-logit features of the eval view (and its mirror) of uint8 [N, H, W, 3] images: [N or 2N, D]."""
-    from .distill import Normalizer, to_float
     student.eval()
     norm = Normalizer(spec.preprocess).to(device)
     out, flipped = [], []

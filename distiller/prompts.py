@@ -26,8 +26,10 @@ import torch.nn.functional as F
 
 from runtime.errors import UserError
 
-from .atomic import load_torch
-from .registry import Registry
+from .torchfiles import load_torch
+from runtime.registry import Registry
+from .teachers.textsplice import SplicedText
+from .torchfiles import save_torch
 
 PROMPT_SOURCES: Registry = Registry("prompt source")
 STYLE_WORDS = Path(__file__).resolve().parent / "data" / "style_words.txt"
@@ -113,7 +115,6 @@ class StyledPrompts(PromptSource):
 
 
 def _splice(teacher, name: str):
-    from .textsplice import SplicedText
     tower = teacher.text_tower
     if tower is None:
         raise UserError(f"--prompts {name} needs a CLIP teacher; styles do not apply to this teacher: use --prompts plain")
@@ -180,7 +181,6 @@ class ContrastivePrompts(StyledPrompts):
         else:
             pseudo, self.history = self.learn(n, torch.Generator().manual_seed(seed), on_step)
             if path is not None:
-                from .atomic import save_torch
                 save_torch({"key": key, "pseudo": pseudo.cpu(), "history": self.history}, Path(path))
         self.pseudo = pseudo
         self.table = self.encode_pairs(pseudo)

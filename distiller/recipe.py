@@ -2,6 +2,11 @@
 
 Every stage takes its slice (``recipe.synthesis``, ``recipe.distill``...), never globals. The
 recipe as used is written back into the run folder, so a run says everything it did.
+
+The types and bounds live here; every default lives in one place, the base recipe ``recipes/cpu.toml``,
+beneath every other recipe (its ``base`` chain ends there, a recipe file without one gets it too). Fixed
+choices are ``Literal`` types checked at load with a did-you-mean; choices that are extension points (the
+prior, the prompt source, the target, export variants) are checked against their registries by ``preflight``.
 """
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ import difflib
 import sys
 import typing
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from runtime.errors import UserError
 
@@ -24,159 +30,163 @@ RECIPE_DIRS = (Path(__file__).resolve().parent / "recipes",)   # shipped in the 
 DEFAULT_RECIPE = "cpu"
 
 
-def num(default, *, min=None, max=None, above=None):
+def num(*, min=None, max=None, above=None):
     """A numeric setting with its bounds, declared beside it (checked when a recipe is built, before
     anything is written): ``min``/``max`` inclusive, ``above`` exclusive. Tuples are checked per item."""
-    return field(default=default, metadata={"bounds": (min, max, above)})
+    return field(metadata={"bounds": (min, max, above)})
+
+
+Device = Literal["auto", "cpu", "cuda"]
+BnForm = Literal["kl", "l2"]
+StudentInit = Literal["pretrained", "scratch"]
+HeadChoice = Literal["auto", "fresh", "imagenet"]
 
 
 @dataclass(frozen=True)
 class TeacherCfg:
-    model: str = "ViT-B-32"                     # open_clip name or model-config JSON path
-    pretrained: str = "laion2b_s34b_b79k"       # open_clip tag or local weights file
-    templates: tuple[str, ...] = ("a photo of a {}.",)
-    batch_size: int = num(32, min=1)            # teacher forward batch when labelling
-    input_size: int = num(0, min=0, max=1024)   # ImageNet teachers: inference size; 0: the model's own
-    judge: str = "auto"                         # held-out network scoring the bank; auto | none | a teacher name
-    judge_min: float = num(0.5, min=0.0)        # warn for concepts the judge agrees on less often (above 1: always)
-    other_prompts: tuple[str, ...] = ("a photo of an object.", "a photo of a scene.", "a photo of something.",
-                                      "a close-up photo of a texture.", "a photo of a room.", "a photo of a landscape.",
-                                      "a photo of a pattern.", "a photo of an empty place.")   # CLIP: what "other" reads
+    model: str                                  # open_clip name or model-config JSON path
+    pretrained: str                             # open_clip tag or local weights file
+    templates: tuple[str, ...]
+    batch_size: int = num(min=1)                # teacher forward batch when labelling
+    input_size: int = num(min=0, max=1024)      # ImageNet teachers: inference size; 0: the model's own
+    judge: str                                  # held-out network scoring the bank; auto | none | a teacher name
+    judge_min: float = num(min=0.0)             # warn for concepts the judge agrees on less often (above 1: always)
+    other_prompts: tuple[str, ...]              # CLIP: what "other" reads
 
 
 @dataclass(frozen=True)
 class PromptsCfg:
-    source: str = "auto"                        # auto (contrastive for CLIP) | contrastive | random | mix | plain
-    styles: int = num(0, min=0, max=4096)       # number of styles; 0: the source's default (8)
-    template: str = "a {style} style of a {cls}"
-    style_template: str = "a {style} style of a"
-    mix_words: int = num(3, min=1)              # style words mixed into each Mix-Prompt pseudo-word
-    train_steps: int = num(100, min=0)          # Contrastive-Prompt: Adam steps per style
-    lr: float = num(0.01, above=0.0)
-    diversity_weight: float = num(1.0, min=0.0)
-    consistency_weight: float = num(1.0, min=0.0)
-    diversity_temperature: float = num(0.1, above=0.0)
+    source: str                                 # auto (contrastive for CLIP) | contrastive | random | mix | plain
+    styles: int = num(min=0, max=4096)          # number of styles; 0: the source's default (8)
+    template: str
+    style_template: str
+    mix_words: int = num(min=1)                 # style words mixed into each Mix-Prompt pseudo-word
+    train_steps: int = num(min=0)               # Contrastive-Prompt: Adam steps per style
+    lr: float = num(above=0.0)
+    diversity_weight: float = num(min=0.0)
+    consistency_weight: float = num(min=0.0)
+    diversity_temperature: float = num(above=0.0)
 
 
 @dataclass(frozen=True)
 class PixelsCfg:
     """``synthesis.prior = "pixels"``: DeepInversion's ImageNet recipe (NVlabs imagenet_inversion.py, setting 0)."""
-    lr: float = num(0.25, above=0.0)            # Adam on pixels in ImageNet-normalised units
-    betas: tuple[float, float] = num((0.5, 0.9), min=0.0, max=0.999)
-    warmup: float = num(0.05, min=0.0, max=1.0)   # share of each phase warming up, then cosine to 0 (100 of 2000)
-    jitter: float = num(0.134, min=0.0, max=0.5)  # random roll, share of the side (30 px of 224)
-    flip: bool = True
-    bn_weight: float = num(0.01, min=0.0)       # r_feature: the BN statistics prior's weight
-    bn_form: str = "l2"                         # l2 (DeepInversion: ||mean gap|| + ||variance gap||) | kl
-    first_bn_weight: float = num(10.0, min=0.0)   # the first BN layer's term, times this
-    tv_l2: float = num(1e-4, min=0.0)           # L2 total variation (4 directions)
-    l2: float = num(1e-5, min=0.0)              # L2 norm of the image
+    lr: float = num(above=0.0)                  # Adam on pixels in ImageNet-normalised units
+    betas: tuple[float, float] = num(min=0.0, max=0.999)
+    warmup: float = num(min=0.0, max=1.0)       # share of each phase warming up, then cosine to 0 (100 of 2000)
+    jitter: float = num(min=0.0, max=0.5)       # random roll, share of the side (30 px of 224)
+    flip: bool
+    bn_weight: float = num(min=0.0)             # r_feature: the BN statistics prior's weight
+    bn_form: BnForm                             # l2 (DeepInversion: ||mean gap|| + ||variance gap||) | kl
+    first_bn_weight: float = num(min=0.0)       # the first BN layer's term, times this
+    tv_l2: float = num(min=0.0)                 # L2 total variation (4 directions)
+    l2: float = num(min=0.0)                    # L2 norm of the image
 
 
 @dataclass(frozen=True)
 class VqganCfg:
     """``synthesis.prior = "vqgan"``: VQGAN-CLIP's latent optimisation."""
-    lr: float = num(0.1, above=0.0)             # Adam on the latents
-    quantize: bool = True                       # straight-through nearest-codebook step before decoding
+    lr: float = num(above=0.0)                  # Adam on the latents
+    quantize: bool                              # straight-through nearest-codebook step before decoding
 
 
 @dataclass(frozen=True)
 class SynthesisCfg:
-    images_per_class: int = num(64, min=1)
-    shard_size: int = num(32, min=1)            # images optimised together and written as one shard
-    val_every: int = num(5, min=2)              # every val_every-th shard is validation
-    resolution: int = num(0, min=0, max=1024)   # stored image size; 0: the teacher's input size
-    prior: str = "fourier"                      # how an image is parametrised: fourier | pixels | vqgan (priors.py)
-    prior_weights: str = ""                     # vqgan: a diffusers VQModel, hub id (ORG/NAME[/SUBFOLDER]) or folder
-    steps: int = num(100, min=1)
-    resolutions: tuple[int, ...] = ()           # pixels: coarse to fine, e.g. [64, 128]; (): the bank's resolution
-    resolution_steps: tuple[int, ...] = ()      # pixels: steps at each of resolutions (they replace steps)
-    lr: float = num(0.05, above=0.0)            # fourier: Adam on the spectra
-    crops: int = num(2, min=1)                  # augmented views per image per step
-    crop_scale: tuple[float, float] = num((0.4, 1.0), above=0.0, max=1.0)
-    rotate_deg: float = num(10.0, min=0.0, max=180.0)
-    noise: float = num(0.02, min=0.0)
-    decay_power: float = num(1.0, min=0.0)      # Fourier amplitude falls as 1/f^decay_power
-    tv_weight: float = num(0.0, min=0.0)
-    class_weight: float = num(0.1, min=0.0)     # CLIP: zero-shot cross-entropy on the image's class
-    bn_weight: float = num(1.0, min=0.0)        # ImageNet teachers: batch-norm statistics prior (pixels: its own)
-    bn_form: str = "kl"                         # kl (per-channel Gaussian KL, scale-free) | l2 (DeepInversion's)
-    first_bn_weight: float = num(1.0, min=0.0)  # the first BN layer's term, times this
-    ensemble: tuple[str, ...] = ()              # more teachers whose synthesis loss is averaged in (same target space)
-    adversarial: float = num(0.0, min=0.0)      # weight of disagreement with the student as initialised (pretrained)
-    generator_steps: int = num(0, min=0)        # 0: optimise each image; > 0: train a generator this long, sample the bank
-    generator_lr: float = num(0.001, above=0.0)
-    generator_diversity: float = num(0.0, min=0.0)  # mode-seeking term: samples of one class must differ with z
-    negative_share: float = num(0.15, min=0.0, max=0.5)   # CLIP + openset: bank share made for teacher.other_prompts
-    confirm_above: int = num(20000, min=0)      # more planned images than this need `make --yes` (0: never ask)
-    pixels: PixelsCfg = field(default_factory=PixelsCfg)
-    vqgan: VqganCfg = field(default_factory=VqganCfg)
+    images_per_class: int = num(min=1)
+    shard_size: int = num(min=1)                # images optimised together and written as one shard
+    val_every: int = num(min=2)                 # every val_every-th shard is validation
+    resolution: int = num(min=0, max=1024)      # stored image size; 0: the teacher's input size
+    prior: str                                  # how an image is parametrised: fourier | pixels | vqgan (priors.py)
+    prior_weights: str                          # vqgan: a diffusers VQModel, hub id (ORG/NAME[/SUBFOLDER]) or folder
+    steps: int = num(min=1)
+    resolutions: tuple[int, ...]                # pixels: coarse to fine, e.g. [64, 128]; (): the bank's resolution
+    resolution_steps: tuple[int, ...]           # pixels: steps at each of resolutions (they replace steps)
+    lr: float = num(above=0.0)                  # fourier: Adam on the spectra
+    crops: int = num(min=1)                     # augmented views per image per step
+    crop_scale: tuple[float, float] = num(above=0.0, max=1.0)
+    rotate_deg: float = num(min=0.0, max=180.0)
+    noise: float = num(min=0.0)
+    decay_power: float = num(min=0.0)           # Fourier amplitude falls as 1/f^decay_power
+    tv_weight: float = num(min=0.0)
+    class_weight: float = num(min=0.0)          # CLIP: zero-shot cross-entropy on the image's class
+    bn_weight: float = num(min=0.0)             # ImageNet teachers: batch-norm statistics prior (pixels: its own)
+    bn_form: BnForm                             # kl (per-channel Gaussian KL, scale-free) | l2 (DeepInversion's)
+    first_bn_weight: float = num(min=0.0)       # the first BN layer's term, times this
+    ensemble: tuple[str, ...]                   # more teachers whose synthesis loss is averaged in (same target space)
+    adversarial: float = num(min=0.0)           # weight of disagreement with the student as initialised (pretrained)
+    generator_steps: int = num(min=0)           # 0: optimise each image; > 0: train a generator this long, sample the bank
+    generator_lr: float = num(above=0.0)
+    generator_diversity: float = num(min=0.0)   # mode-seeking term: samples of one class must differ with z
+    negative_share: float = num(min=0.0, max=0.5)   # CLIP + openset: bank share made for teacher.other_prompts
+    confirm_above: int = num(min=0)             # more planned images than this need `make --yes` (0: never ask)
+    pixels: PixelsCfg
+    vqgan: VqganCfg
 
 
 @dataclass(frozen=True)
 class StudentCfg:
-    model: str = ""                             # timm name; empty: the target's default
-    input_size: int = num(0, min=0, max=1024)   # 0: the target's default
-    init: str = "pretrained"                    # pretrained (the target's offline ImageNet student) | scratch
-    head: str = "auto"                          # auto | fresh | imagenet (pretrained: own ImageNet rows per concept)
-    bridge_min_similarity: float = num(0.85, min=-1.0, max=1.0)   # CLIP bridge: least cosine to an ImageNet class
+    model: str                                  # timm name; empty: the target's default
+    input_size: int = num(min=0, max=1024)      # 0: the target's default
+    init: StudentInit                           # pretrained (the target's offline ImageNet student) | scratch
+    head: HeadChoice                            # auto | fresh | imagenet (pretrained: own ImageNet rows per concept)
+    bridge_min_similarity: float = num(min=-1.0, max=1.0)   # CLIP bridge: least cosine to an ImageNet class
 
 
 @dataclass(frozen=True)
 class DistillCfg:
-    epochs: int = num(30, min=0)
-    batch_size: int = num(64, min=1)
-    lr: float = num(3e-3, min=0.0)               # 0: the student stays as initialised (a test of the pipeline)
-    weight_decay: float = num(0.05, min=0.0)
-    warmup_epochs: int = num(1, min=0)
-    temperature: float = num(4.0, above=0.0)
-    relabel: bool = False                       # teacher relabels every augmented view (costly on CPU)
-    crop_scale: tuple[float, float] = num((0.35, 1.0), above=0.0, max=1.0)
-    mixup: float = num(0.0, min=0.0)            # mixup alpha; needs relabel
-    freeze_bn: bool = False                     # keep batch-norm running statistics (pretrained students)
-    real_weight: float = num(1.0, min=0.0)      # loss weight of the real images (--images); 0: drop them
-    surrogate_weight: float = num(1.0, min=0.0)  # loss weight of the surrogate bank; 0: drop it
-    probe_steps: int = num(300, min=0)          # fresh heads on pretrained students: fit the head on frozen
+    epochs: int = num(min=0)
+    batch_size: int = num(min=1)
+    lr: float = num(min=0.0)                    # 0: the student stays as initialised (a test of the pipeline)
+    weight_decay: float = num(min=0.0)
+    warmup_epochs: int = num(min=0)
+    temperature: float = num(above=0.0)
+    relabel: bool                               # teacher relabels every augmented view (costly on CPU)
+    crop_scale: tuple[float, float] = num(above=0.0, max=1.0)
+    mixup: float = num(min=0.0)                 # mixup alpha; needs relabel
+    freeze_bn: bool                             # keep batch-norm running statistics (pretrained students)
+    real_weight: float = num(min=0.0)           # loss weight of the real images (--images); 0: drop them
+    surrogate_weight: float = num(min=0.0)      # loss weight of the surrogate bank; 0: drop it
+    probe_steps: int = num(min=0)               # fresh heads on pretrained students: fit the head on frozen
                                                 # features first (linear probe), then fine-tune; 0: no probe
-    probe_temperature: float = num(1.0, above=0.0)   # the probe matches the teacher's probabilities at this T
-    probe_weight_decay: tuple[float, ...] = num((1e-3, 1e-2, 3e-2, 1e-1), min=0.0)   # chosen by 5-fold CV when several
+    probe_temperature: float = num(above=0.0)   # the probe matches the teacher's probabilities at this T
+    probe_weight_decay: tuple[float, ...] = num(min=0.0)   # chosen by 5-fold CV when several
 
 
 @dataclass(frozen=True)
 class ImagesCfg:
-    val_fraction: float = num(0.2, min=0.0, max=0.9)   # the real images held back (fixed per image by seed)
-    shard_size: int = num(32, min=1)            # images the teacher labels per atomic shard
+    val_fraction: float = num(min=0.0, max=0.9) # the real images held back (fixed per image by seed)
+    shard_size: int = num(min=1)                # images the teacher labels per atomic shard
 
 
 @dataclass(frozen=True)
 class ExportCfg:
-    variants: tuple[str, ...] = ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8")
-    opset: int = num(17, min=13, max=21)
-    calibration_images: int = num(128, min=1)   # from the train split only
-    max_drop: float = num(1.0, min=0.0, max=100.0)   # points of top-1 agreement INT8 may lose vs FP32
-    min_speedup: float = num(1.2, min=0.0)      # INT8 replaces FP32 only when at least this much faster
-    min_fidelity_images: int = num(24, min=0)   # INT8 ships only when judged on at least this many unseen images
-    latency_runs: int = num(50, min=1)
-    threads: int = num(0, min=0)                # 0: physical cores
+    variants: tuple[str, ...]
+    opset: int = num(min=13, max=21)
+    calibration_images: int = num(min=1)        # from the train split only
+    max_drop: float = num(min=0.0, max=100.0)   # points of top-1 agreement INT8 may lose vs FP32
+    min_speedup: float = num(min=0.0)           # INT8 replaces FP32 only when at least this much faster
+    min_fidelity_images: int = num(min=0)       # INT8 ships only when judged on at least this many unseen images
+    latency_runs: int = num(min=1)
+    threads: int = num(min=0)                   # 0: physical cores
 
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str = DEFAULT_RECIPE
-    description: str = ""
-    seed: int = num(0, min=0, max=2**63 - 1)
-    device: str = "auto"                        # auto | cpu | cuda
-    target: str = "cpu"
-    openset: bool = True                        # models have an extra last output, other_label: "none of these"
-    other_label: str = "other"
-    other_bias: float = num(0.0, min=-20.0, max=20.0)   # log-odds taken off the other output before deciding: > 0 answers other less
-    teacher: TeacherCfg = field(default_factory=TeacherCfg)
-    prompts: PromptsCfg = field(default_factory=PromptsCfg)
-    synthesis: SynthesisCfg = field(default_factory=SynthesisCfg)
-    student: StudentCfg = field(default_factory=StudentCfg)
-    distill: DistillCfg = field(default_factory=DistillCfg)
-    images: ImagesCfg = field(default_factory=ImagesCfg)
-    export: ExportCfg = field(default_factory=ExportCfg)
+    name: str
+    description: str
+    seed: int = num(min=0, max=2**63 - 1)
+    device: Device                              # auto | cpu | cuda
+    target: str
+    openset: bool                               # models have an extra last output, other_label: "none of these"
+    other_label: str
+    other_bias: float = num(min=-20.0, max=20.0)   # log-odds taken off the other output before deciding: > 0 answers other less
+    teacher: TeacherCfg
+    prompts: PromptsCfg
+    synthesis: SynthesisCfg
+    student: StudentCfg
+    distill: DistillCfg
+    images: ImagesCfg
+    export: ExportCfg
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -218,6 +228,13 @@ def _near(name: str, options) -> str:
 
 def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise UserError(f"{where} = {value!r}: {hint}use {', '.join(choices[:-1])} or {choices[-1]}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a table")
@@ -260,6 +277,9 @@ def build(cls, data: dict, where: str):
     unknown = [k for k in data if k not in names]
     if unknown:
         raise UserError(f"unknown setting {where}.{unknown[0]}: {_near(unknown[0], names)}")
+    missing = [k for k in names if k not in data]
+    if missing:
+        raise UserError(f"{where}.{missing[0]} is not set: the base recipe ({DEFAULT_RECIPE}.toml) sets every key")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     for f in fields(cls):
         if "bounds" in f.metadata and f.name in kwargs:
@@ -316,10 +336,27 @@ def read_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
     return _merge(parent, data)
 
 
+@lru_cache(maxsize=None)
+def _base_toml() -> str:
+    return find_recipe(DEFAULT_RECIPE).read_text()
+
+
+def with_defaults(data: dict) -> dict:
+    """``data`` over the base recipe's settings: every key a recipe leaves out has the base's value."""
+    base = tomllib.loads(_base_toml())
+    base["description"] = ""
+    return _merge(base, data)
+
+
 def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None) -> Recipe:
     """A recipe by name or path (with its base), overridden by dotted keys, every bound checked."""
-    recipe = build(Recipe, read_recipe(name_or_path), "recipe")
+    recipe = build(Recipe, with_defaults(read_recipe(name_or_path)), "recipe")
     return recipe.replace(overrides or {})
+
+
+def default_recipe() -> Recipe:
+    """The base recipe (``cpu``): every default setting."""
+    return load_recipe(DEFAULT_RECIPE)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -338,4 +375,5 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def recipe_from_dict(data: dict) -> Recipe:
-    return build(Recipe, data, "recipe")
+    """A recipe as a run folder wrote it (keys added since come from the base recipe)."""
+    return build(Recipe, with_defaults(data), "recipe")

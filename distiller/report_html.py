@@ -10,13 +10,20 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import platform
 from datetime import datetime, timezone
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from runtime.atomic import read_json
+from runtime.exports import ExportRecord
+
 from . import __version__
+from .bank import Bank
+from .images import real_images
+from .runfolder import Run
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
@@ -131,9 +138,9 @@ def _training_chart(history: list[dict], chosen: int) -> bytes:
 def _latency_chart(variants: dict, teacher: dict | None) -> bytes:
     plt = _pyplot()
     names = list(variants) + (["teacher"] if teacher else [])
-    p50 = [r["latency_ms"]["p50"] for r in variants.values()] + ([teacher["latency_ms"]["p50"]] if teacher else [])
+    p50 = [r.latency_ms.p50 for r in variants.values()] + ([teacher["latency_ms"]["p50"]] if teacher else [])
     fig, ax = plt.subplots(figsize=(7, 0.42 * len(names) + 1.2))
-    colors = ["#116b2c" if r.get("eligible") else "#9aa3b2" for r in variants.values()] + (["#8a4b00"] if teacher else [])
+    colors = ["#116b2c" if r.eligible else "#9aa3b2" for r in variants.values()] + (["#8a4b00"] if teacher else [])
     ax.barh(names, p50, color=colors)
     for i, v in enumerate(p50):
         ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
@@ -161,61 +168,78 @@ def _accuracy_chart(ev: dict) -> bytes:
     return _plot(fig)
 
 
-def render(run, teacher_latency: dict | None = None) -> str:
-    """The page for a finished run (``run``: a ``pipeline.Run``)."""
-    from .bank import Bank
-    from .stages import DistillStage, JudgeStage, read_report
-    report = read_report(run)
-    exp = report["export"]
-    deployable = exp["deployable_variant"]
-    dep = exp["variants"][deployable]
-    teacher, student = report["teacher"], report["student"]
+@dataclass
+class Page:
+    """What the page shows, each part read through its stage's API by the report.html stage."""
+    run: Run
+    report: dict                       # report.json
+    export: ExportRecord
+    history: list[dict]                # the distill stage's per-epoch history
+    judge: dict | None                 # the judge stage's verdict
+    teacher_latency: dict | None       # the teacher's tower timed once (ONNX FP32)
+
+
+def render(page: Page) -> str:
+    """The page for a finished run."""
+    report = page.report
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    teacher, student = report["teacher"], report["student"]
     parts = [f"<h1>distiller: {_e(', '.join(report['labels']))}</h1>",
              f"<p class=meta>teacher {_e(teacher.get('model'))} ({_e(teacher.get('family', '?'))}, weights "
              f"{_e(teacher.get('weights', '-'))}); student {_e(student['model'])} @ {student['input_size']} px; recipe "
              f"{_e(report['recipe'])}; distiller {__version__}, Python {platform.python_version()}; written {now}</p>"]
+    for section in (_verdict, _concepts, _surrogates, _your_images, _training, _deployment, _accuracy, _timings):
+        parts.append(section(page))
+    body = "\n".join(p for p in parts if p)
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content=\"width=device-width,"
+            f"initial-scale=1\"><title>distiller: {_e(', '.join(report['labels']))}</title><style>{CSS}</style></head>"
+            f"<body><main>{body}</main></body></html>\n")
 
-    # the verdict
-    speed = (f", {teacher_latency['latency_ms']['p50'] / dep['latency_ms']['p50']:.1f}x faster than the teacher "
-             f"({teacher_latency['latency_ms']['p50']:.2f} ms, ONNX FP32 on this machine)") if teacher_latency else ""
-    warns = list(dict.fromkeys(run.warnings() + list(exp.get("notes", []))))   # the run's own, and export's
-    verdict = [f"<p class=verdict>Ship <b>{_e(report['deployable'])}</b> ({_e(dep['precision'])}, {dep['size_mb']:.1f} MB): "
-               f"p50 {dep['latency_ms']['p50']:.2f} ms at batch 1{speed}; agreement with FP32 {_pct(dep['agreement'])}, "
-               f"with the teacher {_pct(dep['teacher_agreement'])} on the "
-               f"{'real' if exp.get('calibration_source') == 'real' else 'bank' + chr(39) + 's'} validation images.</p>"]
+
+def _verdict(page: Page) -> str:
+    exp, tl = page.export, page.teacher_latency
+    dep = exp.variants[exp.deployable_variant]
+    speed = (f", {tl['latency_ms']['p50'] / dep.latency_ms.p50:.1f}x faster than the teacher "
+             f"({tl['latency_ms']['p50']:.2f} ms, ONNX FP32 on this machine)") if tl else ""
+    warns = list(dict.fromkeys(page.run.warnings() + list(exp.notes)))   # the run's own, and export's
+    verdict = [f"<p class=verdict>Ship <b>{_e(page.report['deployable'])}</b> ({_e(dep.precision)}, {dep.size_mb:.1f} MB): "
+               f"p50 {dep.latency_ms.p50:.2f} ms at batch 1{speed}; agreement with FP32 {_pct(dep.agreement)}, "
+               f"with the teacher {_pct(dep.teacher_agreement)} on the "
+               f"{'real' if exp.calibration_source == 'real' else 'bank' + chr(39) + 's'} validation images.</p>"]
     verdict.append("<ul>" + "".join(f"<li class=warn>{_e(w)}</li>" for w in warns) + "</ul>" if warns
                    else "<p class=ok>No warnings.</p>")
-    parts.append("<section><h2>Verdict</h2>" + "".join(verdict) + "</section>")
+    return "<section><h2>Verdict</h2>" + "".join(verdict) + "</section>"
 
-    # concepts
-    concepts = run.concepts
-    members = json.loads(run.paths.teacher.read_text()).get("concepts", {}) if run.paths.teacher.exists() else {}
+
+def _concepts(page: Page) -> str:
+    run, student = page.run, page.report["student"]
+    members = (read_json(run.paths.teacher) or {}).get("concepts", {})
     heads = student.get("head") if student.get("init") == "pretrained" and isinstance(student.get("head"), dict) else {}
     rows = []
-    for c in concepts:
+    for c in run.concepts:
         m, h = members.get(c.label), heads.get(c.label)
         pooled = "-" if not h or not h["classes"] else _e(", ".join(h["classes"][:6]) + (
             f", +{len(h['classes']) - 6}" if len(h["classes"]) > 6 else ""))
         rows.append([_e(c.label), _e(c.text), _e(m[0]) if m else "-", str(len(m[1])) if m else "-",
                      _e(h["source"]) if h else "-", pooled])
-    parts.append("<section><h2>Concepts</h2>" + _table(["label", "teacher reads", "WordNet synset", "ImageNet classes",
-                                                        "student head", "its ImageNet rows"], rows)
-                 + "<p class=meta>A CLIP teacher reads the text through its prompt templates; an ImageNet teacher scores a "
-                 "concept as the logsumexp of the classes beneath it. The student's head per concept: wordnet (its own "
-                 "rows for the WordNet classes), clip (rows of the ImageNet classes the CLIP text tower found near it, "
-                 "weighted) or fresh (a new row, learnt).</p></section>")
+    return ("<section><h2>Concepts</h2>" + _table(["label", "teacher reads", "WordNet synset", "ImageNet classes",
+                                                   "student head", "its ImageNet rows"], rows)
+            + "<p class=meta>A CLIP teacher reads the text through its prompt templates; an ImageNet teacher scores a "
+            "concept as the logsumexp of the classes beneath it. The student's head per concept: wordnet (its own "
+            "rows for the WordNet classes), clip (rows of the ImageNet classes the CLIP text tower found near it, "
+            "weighted) or fresh (a new row, learnt).</p></section>")
 
-    # surrogate images and the judge
-    bank = Bank(run.paths.bank)
+
+def _surrogates(page: Page) -> str:
+    bank = Bank(page.run.paths.bank)
     imgs, _, recs = bank.load()
     sec = [f"<p class=meta>{len(recs)} surrogate images, {bank.count('val')} of them held out for validation.</p>"]
-    for k, c in enumerate(concepts):
+    for k, c in enumerate(page.run.concepts):
         grid = class_grid(imgs, recs, k)
         if grid:
             sec.append(f"<figure>{_img(grid, 'image/jpeg', f'surrogate images of {c.label}')}"
                        f"<figcaption>{_e(c.label)}: a row per style</figcaption></figure>")
-    judge = JudgeStage.result(run)
+    judge = page.judge
     if judge:
         sec.append(f"<figure>{_img(_judge_chart(judge), 'image/png', 'held-out judge per concept')}<figcaption>the held-out "
                    f"judge {_e(judge['judge'])}, a network that took no part in making the bank: concepts under the "
@@ -223,90 +247,94 @@ def render(run, teacher_latency: dict | None = None) -> str:
     else:
         sec.append("<p class=meta>No held-out judge for this run (teacher.judge = none, or no network left to judge): "
                    "read the student's real-image accuracy with <code>distiller eval</code>.</p>")
-    parts.append("<section><h2>Surrogate images</h2>" + "".join(sec) + "</section>")
+    return "<section><h2>Surrogate images</h2>" + "".join(sec) + "</section>"
 
-    # the user's own images (--images)
-    ts = report.get("transfer_set") or {}
-    if ts.get("real") or ts.get("skipped"):
-        from .images import real_images
-        real = real_images(run)
-        rimgs, rlogits, rrecs = real.load()
-        sec = [f"<p class=meta>{ts['real']} unlabelled images of your own, labelled by the teacher ({ts.get('real_val', 0)} "
-               f"held back for validation: the agreement to trust), beside {ts['surrogate']} surrogate images. INT8 "
-               f"calibration: {_e(exp.get('calibration_source', 'surrogate'))} images.</p>"]
-        if len(rimgs):
-            pseudo = [{"class": int(k), "style": 0, "style_name": "yours"} for k in rlogits.argmax(1)]
-            for k, c in enumerate(concepts):
-                grid = class_grid(rimgs, pseudo, k)
-                if grid:
-                    sec.append(f"<figure>{_img(grid, 'image/jpeg', f'your images the teacher calls {c.label}')}"
-                               f"<figcaption>the teacher calls these {_e(c.label)}</figcaption></figure>")
-        if ts.get("skipped"):
-            sec.append(_table(["skipped file", "why"], [[_e(x["path"]), _e(x["reason"])] for x in ts["skipped"]]))
-        parts.append("<section><h2>Your images</h2>" + "".join(sec) + "</section>")
 
-    # training
-    history = DistillStage.checkpoints(run).history()
+def _your_images(page: Page) -> str:
+    """The user's own images (--images), as the teacher labelled them, and every file skipped."""
+    ts = page.report.get("transfer_set") or {}
+    if not (ts.get("real") or ts.get("skipped")):
+        return ""
+    rimgs, rlogits, _ = real_images(page.run).load()
+    sec = [f"<p class=meta>{ts['real']} unlabelled images of your own, labelled by the teacher ({ts.get('real_val', 0)} "
+           f"held back for validation: the agreement to trust), beside {ts['surrogate']} surrogate images. INT8 "
+           f"calibration: {_e(page.export.calibration_source or 'surrogate')} images.</p>"]
+    if len(rimgs):
+        pseudo = [{"class": int(k), "style": 0, "style_name": "yours"} for k in rlogits.argmax(1)]
+        for k, c in enumerate(page.run.concepts):
+            grid = class_grid(rimgs, pseudo, k)
+            if grid:
+                sec.append(f"<figure>{_img(grid, 'image/jpeg', f'your images the teacher calls {c.label}')}"
+                           f"<figcaption>the teacher calls these {_e(c.label)}</figcaption></figure>")
+    if ts.get("skipped"):
+        sec.append(_table(["skipped file", "why"], [[_e(x["path"]), _e(x["reason"])] for x in ts["skipped"]]))
+    return "<section><h2>Your images</h2>" + "".join(sec) + "</section>"
+
+
+def _training(page: Page) -> str:
+    history, student = page.history, page.report["student"]
     chosen = max(history, key=lambda h: h["val_agreement"])["epoch"]   # the first best, as best.pt keeps it
     why = ("the student as initialised scored best: it ships unchanged" if chosen == 0 else
            f"the best validation agreement ({100 * max(h['val_agreement'] for h in history):.1f}%)")
     signal = f" The deciding signal: {_e(student['selection'])}." if student.get("selection") else ""
-    parts.append("<section><h2>Training</h2>" + _img(_training_chart(history, chosen), "image/png", "validation agreement per epoch")
-                 + f"<p>Chosen: epoch {chosen}, {why}; epoch 0 (as initialised) always competes.{signal}</p></section>")
+    return ("<section><h2>Training</h2>" + _img(_training_chart(history, chosen), "image/png", "validation agreement per epoch")
+            + f"<p>Chosen: epoch {chosen}, {why}; epoch 0 (as initialised) always competes.{signal}</p></section>")
 
-    # deployment
-    rows = [[_e(r["file"]) + (" <span class=ok>deployable</span>" if n == deployable else ""), _e(r["precision"]),
-             f"{r['size_mb']:.1f}", _pct(r["agreement"]), f"{r['cosine']:.4f}", _pct(r["teacher_agreement"]),
-             *(f"{r['latency_ms'][q]:.2f}" for q in ("p50", "p90", "p99")), "yes" if r.get("eligible") else "no"]
-            for n, r in exp["variants"].items()]
-    parts.append("<section><h2>Deployment</h2>" + _table(
+
+def _deployment(page: Page) -> str:
+    exp = page.export
+    rows = [[_e(r.file) + (" <span class=ok>deployable</span>" if n == exp.deployable_variant else ""), _e(r.precision),
+             f"{r.size_mb:.1f}", _pct(r.agreement), f"{r.cosine:.4f}", _pct(r.teacher_agreement),
+             *(f"{getattr(r.latency_ms, q):.2f}" for q in ("p50", "p90", "p99")), "yes" if r.eligible else "no"]
+            for n, r in exp.variants.items()]
+    return ("<section><h2>Deployment</h2>" + _table(
         ["file", "precision", "MB", "vs FP32", "cosine", "vs teacher", "p50 ms", "p90 ms", "p99 ms", "eligible"], rows)
-        + _img(_latency_chart(exp["variants"], teacher_latency), "image/png", "latency per variant")
+        + _img(_latency_chart(exp.variants, page.teacher_latency), "image/png", "latency per variant")
         + "<p class=meta>Eligible: within max_drop points of FP32 agreement and fast enough; the fastest eligible "
-        "variant ships. <code>distiller bench RUN --select</code> re-picks it on the device.</p>" + _open_set_line(run, exp)
-        + "</section>")
-
-    # accuracy on real images (distiller eval)
-    if run.paths.eval.exists():
-        ev = json.loads(run.paths.eval.read_text())
-        labels = ev["labels"]
-        table = []
-        for m, res in ev["results"].items():
-            for r in res["rows"]:
-                lo, hi = r["balanced_ci"]
-                per = ", ".join(f"{labels[int(c)]} {100 * v['recall']:.0f}% [{100 * v['ci'][0]:.0f}, {100 * v['ci'][1]:.0f}] "
-                                f"(n {v['n']})" for c, v in r.get("per_class", {}).items())
-                table.append([_e(m), _e(r["domain"]), str(r["n"]), f"{100 * r['balanced_accuracy']:.1f} [{100 * lo:.1f}, "
-                              f"{100 * hi:.1f}]", _e(per)])
-        overlap = (f"<p class=warn>{ev['training_overlap']} of these images are among the run's own --images: a score on "
-                   "them is not an accuracy.</p>") if ev.get("training_overlap") else ""
-        rejection = [[_e(m), f"{res['open_set']['auroc']:.3f} [{res['open_set']['auroc_ci'][0]:.3f}, "
-                      f"{res['open_set']['auroc_ci'][1]:.3f}]", f"{100 * res['open_set']['other_accuracy']:.1f} "
-                      f"[{100 * res['open_set']['other_ci'][0]:.1f}, {100 * res['open_set']['other_ci'][1]:.1f}]",
-                      f"{res['open_set']['known_images']} / {res['open_set']['other_images']}"]
-                     for m, res in ev["results"].items() if res.get("open_set")]
-        parts.append("<section><h2>Accuracy on real images</h2>" + f"<p class=meta>{_e(ev['data'])}: {ev['images']} images, "
-                     f"content sha256 {_e(ev['content_hash'][:16])}..., scored {_e(ev['date'])}</p>" + overlap
-                     + _img(_accuracy_chart(ev), "image/png", "balanced accuracy per domain")
-                     + _table(["model", "domain", "n", "balanced [95% CI]", "recall per class [95% CI]"], table)
-                     + (("<p>Known classes against images of other things (<code>--other-data</code>):</p>" + _table(
-                         ["model", "AUROC known vs other [95% CI]", "answered other (%) [95% CI]", "known / other images"],
-                         rejection)) if rejection else "") + "</section>")
-
-    # timings and the recipe
-    t = report.get("timings_s", {})
-    parts.append("<section><h2>Timings</h2>" + _table(["stage", "seconds"], [[_e(k), f"{v:.1f}"] for k, v in t.items()])
-                 + "<details><summary>The full recipe (recipe.toml)</summary><pre>" + _e(run.paths.recipe.read_text())
-                 + "</pre></details></section>")
-    body = "\n".join(parts)
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content=\"width=device-width,"
-            f"initial-scale=1\"><title>distiller: {_e(', '.join(report['labels']))}</title><style>{CSS}</style></head>"
-            f"<body><main>{body}</main></body></html>\n")
+        "variant ships. <code>distiller bench RUN --select</code> re-picks it on the device.</p>"
+        + _open_set_line(page.run, exp) + "</section>")
 
 
-def _open_set_line(run, exp: dict) -> str:
+def _accuracy(page: Page) -> str:
+    """Accuracy on real images, as `distiller eval` saved it."""
+    ev = read_json(page.run.paths.eval)
+    if ev is None:
+        return ""
+    labels = ev["labels"]
+    table = []
+    for m, res in ev["results"].items():
+        for r in res["rows"]:
+            lo, hi = r["balanced_ci"]
+            per = ", ".join(f"{labels[int(c)]} {100 * v['recall']:.0f}% [{100 * v['ci'][0]:.0f}, {100 * v['ci'][1]:.0f}] "
+                            f"(n {v['n']})" for c, v in r.get("per_class", {}).items())
+            table.append([_e(m), _e(r["domain"]), str(r["n"]), f"{100 * r['balanced_accuracy']:.1f} [{100 * lo:.1f}, "
+                          f"{100 * hi:.1f}]", _e(per)])
+    overlap = (f"<p class=warn>{ev['training_overlap']} of these images are among the run's own --images: a score on "
+               "them is not an accuracy.</p>") if ev.get("training_overlap") else ""
+    rejection = [[_e(m), f"{res['open_set']['auroc']:.3f} [{res['open_set']['auroc_ci'][0]:.3f}, "
+                  f"{res['open_set']['auroc_ci'][1]:.3f}]", f"{100 * res['open_set']['other_accuracy']:.1f} "
+                  f"[{100 * res['open_set']['other_ci'][0]:.1f}, {100 * res['open_set']['other_ci'][1]:.1f}]",
+                  f"{res['open_set']['known_images']} / {res['open_set']['other_images']}"]
+                 for m, res in ev["results"].items() if res.get("open_set")]
+    return ("<section><h2>Accuracy on real images</h2>" + f"<p class=meta>{_e(ev['data'])}: {ev['images']} images, "
+            f"content sha256 {_e(ev['content_hash'][:16])}..., scored {_e(ev['date'])}</p>" + overlap
+            + _img(_accuracy_chart(ev), "image/png", "balanced accuracy per domain")
+            + _table(["model", "domain", "n", "balanced [95% CI]", "recall per class [95% CI]"], table)
+            + (("<p>Known classes against images of other things (<code>--other-data</code>):</p>" + _table(
+                ["model", "AUROC known vs other [95% CI]", "answered other (%) [95% CI]", "known / other images"],
+                rejection)) if rejection else "") + "</section>")
+
+
+def _timings(page: Page) -> str:
+    t = page.report.get("timings_s", {})
+    return ("<section><h2>Timings</h2>" + _table(["stage", "seconds"], [[_e(k), f"{v:.1f}"] for k, v in t.items()])
+            + "<details><summary>The full recipe (recipe.toml)</summary><pre>" + _e(page.run.paths.recipe.read_text())
+            + "</pre></details></section>")
+
+
+def _open_set_line(run: Run, exp: ExportRecord) -> str:
     """What an open-set model answers for none of its classes, and how its threshold was chosen."""
-    t = exp.get("threshold") or {}
+    t = exp.threshold or {}
     if not run.recipe.openset or "value" not in t:
         return ""
     how = (f"fitted on {t['images']} {_e(t['source'])} validation images ({t.get('other_images', 0)} of them other; "
@@ -316,37 +344,3 @@ def _open_set_line(run, exp: dict) -> str:
     read = f" (its other output read {bias:g} log-odds lower: other_bias)" if bias else ""
     return (f"<p>Open set: the model answers <b>{_e(run.recipe.other_label)}</b> when its other output{read} wins or its "
             f"best class's probability is below the threshold {t['value']:.3f}, {how}.</p>")
-
-
-class HtmlReportStage:
-    """``report.html``: the page a user looks at (``report_html``); the teacher is timed once for it."""
-    name = "report.html"
-    sharded = False
-
-    def done(self, run) -> bool:
-        return run.paths.html.exists()
-
-    def work(self, run) -> int:
-        return 1
-
-    def describe(self, run) -> str:
-        return "report.html"
-
-    def run(self, run, progress) -> None:
-        write_html(run)
-        progress()
-
-
-def teacher_latency(run) -> dict | None:
-    """The teacher's image tower, exported to ONNX FP32 and timed at batch 1 once (teacher_latency.json)."""
-    p = run.paths.teacher_latency
-    if not p.exists():
-        from .atomic import write_json
-        from .bench import teacher_baseline
-        write_json(p, teacher_baseline(run.paths.root, keep=False))
-    return json.loads(p.read_text())
-
-
-def write_html(run) -> None:
-    from .atomic import write_bytes
-    write_bytes(run.paths.html, render(run, teacher_latency(run)).encode())

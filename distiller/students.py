@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from runtime.errors import UserError
 from runtime.metadata import Preprocess
 
-from .registry import Registry
+from runtime.registry import Registry
+from .bridge import decide_heads
+from .heads import ConceptHead, PooledStudent
+from .teachers.imagenet import LITE_BY_ARCH, lite_model
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class StudentSpec:
 
 def student_spec(recipe, concepts, heads=None) -> StudentSpec:
     """The student a recipe asks for, for these concepts (a list of Concept). ``heads``: each concept's head
-    source (``bridge.plan_heads``; the run's ``HeadsStage.heads``); None: WordNet or fresh, without a teacher."""
+    source (``bridge.decide_heads``; the run's ``HeadsStage.heads``); None: WordNet or fresh, without a teacher."""
     cfg = recipe.student
     target = TARGETS.get(recipe.target)
     if cfg.init not in ("scratch", "pretrained"):
@@ -77,8 +80,7 @@ def student_spec(recipe, concepts, heads=None) -> StudentSpec:
             raise UserError("student.head = imagenet needs student.init = pretrained (a scratch head has no ImageNet rows)")
         return StudentSpec(model, k, pre)
     if heads is None:
-        from .bridge import plan_heads
-        heads = plan_heads(concepts, cfg.head)
+        heads = decide_heads(concepts, cfg.head)
     groups, offsets = tuple(h.classes for h in heads), tuple(h.log_weights for h in heads)
     if recipe.openset:   # "other": every ImageNet row no concept owns (as the ImageNet teachers score it), or a fresh row
         owned = {i for g in groups for i in g}
@@ -122,7 +124,6 @@ def create_student(spec: StudentSpec, init: str = "scratch"):
         return timm.create_model(spec.model, pretrained=False, num_classes=spec.num_classes)
     if init != "pretrained":
         raise UserError(f"unknown student init {init!r}: use scratch or pretrained")
-    from .teachers.imagenet import LITE_BY_ARCH, lite_model
     if spec.model in LITE_BY_ARCH:
         model = lite_model(LITE_BY_ARCH[spec.model])
     else:
@@ -139,7 +140,6 @@ def with_concept_head(model, spec: StudentSpec, copy: bool):
     (with ``copy``: copied, their log weights added to the biases) or one new row."""
     import torch
 
-    from .heads import ConceptHead, PooledStudent
     fc = model.get_classifier()
     head = ConceptHead(fc.in_features, spec.groups)
     if copy:

@@ -7,38 +7,21 @@ transformation robustness: every step scores several random crops, flips and rot
 so the result must look like its target from many views rather than through one pixel-exact
 adversarial pattern. DeepInversion's pixels and the paper's VQGAN latents are the other priors.
 
-Knows nothing about files: it takes targets and returns finished uint8 images.
+``synthesize`` knows nothing about files: it takes targets and returns finished uint8 images; ``fill_bank``
+writes them, shard by shard, into the bank.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import numpy as np
 import torch
 
-# Lucid's colour correlation (square root of the ImageNet colour covariance).
-_COLOR = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
-_COLOR = _COLOR / _COLOR.norm(dim=0).max()
-
-
-class FourierImage(torch.nn.Module):
-    """A batch of images parametrised by their decorrelated-colour Fourier spectra."""
-
-    def __init__(self, batch: int, size: int, generator: torch.Generator, decay_power: float = 1.0, std: float = 0.01):
-        super().__init__()
-        fy = np.fft.fftfreq(size)[:, None]
-        fx = np.fft.rfftfreq(size)[None, :]
-        freqs = np.sqrt(fx * fx + fy * fy)
-        scale = 1.0 / np.maximum(freqs, 1.0 / size) ** decay_power
-        scale = scale * np.sqrt(size * size)
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32)[None, None, :, :, None])
-        self.size = size
-        self.spectrum = torch.nn.Parameter(std * torch.randn(batch, 3, size, size // 2 + 1, 2, generator=generator))
-
-    def forward(self) -> torch.Tensor:
-        spec = torch.view_as_complex((self.spectrum * self.scale).contiguous())
-        img = torch.fft.irfftn(spec, s=(self.size, self.size), norm="backward") / 4.0
-        img = torch.einsum("bchw,dc->bdhw", img, _COLOR.to(img.device))
-        return torch.sigmoid(img)
-
+from .bank import Bank, BankPlan, image_sha256
+from .priors import crop_views, make_prior
+from .students import create_student, student_spec
+from .teachers import build_teacher, network_name, resolve_family
 
 class Objective:
     """What synthesis minimises per image, beyond one teacher's own loss (DeepInversion and its kin).
@@ -103,7 +86,6 @@ def robust_loss(objective, img: torch.Tensor, targets, classes: torch.Tensor, cf
     """Per image of ``img`` [B, 3, H, W]: ``objective``'s synthesis loss averaged over ``cfg.crops`` random
     views (default: crop, flip, rotation, noise; a prior may bring its own, ``views(img, size, generator)``).
     ``targets`` None: the objective aims at ``classes`` itself."""
-    from .priors import crop_views
     b = img.shape[0]
     v = views(img, objective.input_size, generator) if views else crop_views(img, objective.input_size, generator, cfg)
     rep = None if targets is None else targets.repeat(cfg.crops, *([1] * (targets.dim() - 1)))
@@ -114,7 +96,6 @@ def synthesize(teacher, targets: torch.Tensor, classes: torch.Tensor, cfg, size:
     """Optimise ``len(targets)`` images (``classes``: each one's concept index) of ``size`` px through the recipe's
     image prior (``synthesis.prior``: phases, images, views, penalties); returns (uint8 [B, H, W, 3] CPU tensor,
     final loss [B])."""
-    from .priors import make_prior
     b = targets.shape[0]
     prior = make_prior(cfg, b, size, generator, device)
     loss_cfg = prior.loss_cfg(cfg)
@@ -160,3 +141,85 @@ def teacher_logits(teacher, images_u8: torch.Tensor, batch_size: int = 64, devic
         x = images_u8[i:i + batch_size].to(device).permute(0, 3, 1, 2).float() / 255.0
         out.append(teacher.logits(x).float().cpu())
     return torch.cat(out)
+
+
+def negative_images(recipe, k: int) -> int:
+    """Negatives in the bank: ``synthesis.negative_share`` of it, for open-set teachers with a text tower synthesising
+    image by image (ImageNet teachers' "other" is their non-member classes; a generator is class-conditioned)."""
+    syn = recipe.synthesis
+    if not recipe.openset or not resolve_family(recipe.teacher.model).has_text_tower or syn.generator_steps:
+        return 0
+    return round(syn.negative_share / (1 - syn.negative_share) * syn.images_per_class * k)
+
+
+def synthesis_objective(recipe, concepts, teacher, device="cpu", offline=False):
+    """The teacher, or an ``Objective`` with the recipe's ensemble and adversarial competitor."""
+    syn = recipe.synthesis
+    if not syn.ensemble and not syn.adversarial:
+        return teacher
+    extra = [build_teacher(dataclasses.replace(recipe.teacher, model=name, judge="none"), concepts, device, offline,
+                           openset=recipe.openset)
+             for name in syn.ensemble]
+    competitor = None
+    if syn.adversarial:
+        spec = student_spec(recipe, concepts)
+        p = spec.preprocess
+        competitor = Competitor(create_student(spec, recipe.student.init), p.size, p.mean, p.std).to(device)
+    return Objective(teacher, extra, competitor, syn.adversarial)
+
+
+def synthesis_networks(recipe, concepts) -> tuple[str, ...]:
+    """Networks besides the teacher that shaped the bank (so none of them may judge it)."""
+    used = list(recipe.synthesis.ensemble)
+    if recipe.synthesis.adversarial:
+        used.append(network_name(student_spec(recipe, concepts).model))
+    return tuple(used)
+
+
+def fill_bank(bank: Bank, plan: BankPlan, teacher, source, cfg, device="cpu", autocast=None,
+              on_shard: Callable[[int, int], None] | None = None, on_step=None, objective=None, produce=None,
+              shards=None) -> None:
+    """Synthesize every missing shard of ``plan`` into ``bank`` (resumable), then its manifest. The images
+    minimise ``objective`` (default: the teacher's own loss), or come from ``produce(targets, classes, gen)``
+    (a trained generator); the teacher labels them. ``shards``: only these (one rank's share); the caller
+    then starts the bank before and writes the manifest after every rank is done."""
+    if shards is None:
+        bank.start(plan)
+    done = set(bank.complete())
+    for i in (range(plan.num_shards) if shards is None else shards):
+        if i in done:
+            continue
+        seed = plan.shard_seed(i)
+        gen = torch.Generator().manual_seed(seed)
+        idx = list(plan.indices(i))
+        cls = torch.tensor([plan.class_of(g) for g in idx])
+        sty = torch.tensor([plan.style_of(g) for g in idx])
+        neg = cls == plan.num_classes
+        targets = source.targets(cls.clamp(max=plan.num_classes - 1), sty, gen)
+        if neg.any():   # negatives aim at the generic prompts' embeddings, each its own prompt
+            bank_neg = teacher.negative_targets
+            rows = [plan.negative_prompt(g, len(bank_neg)) for g, n in zip(idx, neg) if n]
+            targets = targets.clone()
+            targets[neg] = bank_neg[rows].to(targets)
+        if produce is not None:
+            images, loss = produce(targets, cls, gen)
+        else:
+            images, loss = synthesize(objective or teacher, targets, cls, cfg, plan.resolution, gen, device, autocast, on_step)
+        logits = teacher_logits(teacher, images, device=device)
+        prior = "generator" if produce is not None else cfg.prior   # what made the images
+        records = [
+            {"index": g, "shard": i, "source": "surrogate", "class": int(c), "label": plan.labels[int(c)], "style": int(s),
+             "style_name": plan.style_names[int(s)], "seed": seed, "split": plan.split(i),
+             "synthesis_loss": round(float(lo), 5), "prior": prior, "path": None, "sha256": image_sha256(im)}
+            if not plan.is_negative(g) else
+            {"index": g, "shard": i, "source": "negative", "class": None, "label": None, "style": None,
+             "style_name": f"other: prompt {plan.negative_prompt(g, len(teacher.negative_targets))}", "seed": seed,
+             "split": plan.split(i), "synthesis_loss": round(float(lo), 5), "prior": prior, "path": None,
+             "sha256": image_sha256(im)}
+            for g, c, s, lo, im in zip(idx, cls, sty, loss, images.numpy())
+        ]
+        bank.write_shard(i, images.numpy(), logits.numpy(), records)
+        if on_shard:
+            on_shard(i, plan.num_shards)
+    if shards is None:
+        bank.write_manifest()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from distiller.atomic import atomic_path, scratch_path
+from runtime.atomic import atomic_path, scratch_path
 from runtime.metadata import METADATA_KEY, ModelMetadata
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from distiller.atomic import atomic_path, publish, scratch_path, write_text
+from runtime.atomic import atomic_path, publish, scratch_path, write_text
 from runtime.metadata import ModelMetadata
 
 from .onnx_export import save_onnx_atomic, set_onnx_metadata
+from runtime.classifier import verbose
+from runtime.metadata import METADATA_KEY
 
 
 ORT_DEFAULTS = {"format": "QDQ", "activations": "U8", "weights": "S8", "per_channel": False, "skip_ends": False,
@@ -38,7 +40,6 @@ def quiet_tools():
     import logging
     import warnings
 
-    from runtime.classifier import verbose
     if verbose():
         yield
         return
@@ -96,7 +97,6 @@ def save_openvino(model, xml: Path, metadata: ModelMetadata) -> Path:
     """Save IR (xml + bin + sidecar json) under temporary names, then rename: bin, json, xml last."""
     import openvino as ov
 
-    from runtime.metadata import METADATA_KEY
     xml = Path(xml)
     model.set_rt_info(metadata.to_json(), [METADATA_KEY])
     with atomic_path(xml) as tmp:

@@ -14,8 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from distiller.registry import Registry
+from runtime.registry import Registry
 from runtime.classifier import Classifier, model_size_bytes
+from runtime.exports import ExportRecord, Latency, VariantRecord
 from runtime.metadata import ModelMetadata
 from runtime.timing import latency_stats, timed
 
@@ -149,17 +150,17 @@ def measure(path: Path, val: np.ndarray, reference: np.ndarray, teacher: np.ndar
         "cosine": cosine(out, reference),
         "max_abs_diff": float(np.abs(out - reference).max()),
         "teacher_agreement": float((out[known].argmax(-1) == teacher[known].argmax(-1)).mean()) if known.any() else None,
-        "latency_ms": latency_ms(clf, val, runs),
+        "latency_ms": Latency(**latency_ms(clf, val, runs)),
         "backend": clf.backend,
     }
 
 
 def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray, teacher: np.ndarray,
                max_drop: float, runs: int = 50, threads: int | None = None, on_variant=None,
-               min_speedup: float = 1.0, min_fidelity_images: int = 0) -> dict:
-    """Build, measure and rank the variants; returns the export part of report.json."""
+               min_speedup: float = 1.0, min_fidelity_images: int = 0) -> ExportRecord:
+    """Build, measure and rank the variants; returns the export record (report.json's ``export``)."""
     ctx.max_drop = max_drop
-    rows = {}
+    rows: dict[str, VariantRecord] = {}
     failed = {}
     for name in build_order(names):
         v = VARIANTS.get(name)
@@ -175,21 +176,19 @@ def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray
             failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             continue
         ctx.built[name] = path
-        row = {"file": v.file, "format": v.format, "precision": v.precision, "description": v.description,
-               "size_mb": round(model_size_bytes(path) / 2**20, 3), "build_s": round(time.perf_counter() - t0, 2)}
-        row.update(measure(path, val, reference, teacher, runs, threads,
-                           len(ctx.metadata.labels) if ctx.metadata.other_label else None))
-        rows[name] = row
+        rows[name] = VariantRecord(file=v.file, format=v.format, precision=v.precision, description=v.description,
+                                   size_mb=round(model_size_bytes(path) / 2**20, 3),
+                                   build_s=round(time.perf_counter() - t0, 2),
+                                   **measure(path, val, reference, teacher, runs, threads,
+                                             len(ctx.metadata.labels) if ctx.metadata.other_label else None))
         if on_variant:
-            on_variant(name, row)
+            on_variant(name, rows[name])
     deployable, notes = select(rows, max_drop, min_speedup, len(val), min_fidelity_images)
     notes += [f"{n}: failed to build ({why})" for n, why in failed.items()]
-    return {"variants": rows, "failed": failed, "deployable": rows[deployable]["file"], "deployable_variant": deployable,
-            "max_drop": max_drop, "min_speedup": min_speedup, "min_fidelity_images": min_fidelity_images,
-            "notes": notes}
+    return ExportRecord(rows, deployable, max_drop, min_speedup, min_fidelity_images, failed, notes)
 
 
-def select(rows: dict, max_drop: float, min_speedup: float = 1.0, fidelity_images: int | None = None,
+def select(rows: dict[str, VariantRecord], max_drop: float, min_speedup: float = 1.0, fidelity_images: int | None = None,
            min_fidelity_images: int = 0) -> tuple[str, list[str]]:
     """Mark the fastest variant within ``max_drop`` points of agreement as deployable.
 
@@ -201,34 +200,34 @@ def select(rows: dict, max_drop: float, min_speedup: float = 1.0, fidelity_image
     saying why it was or was not picked; if no INT8 variant qualifies FP32 ships and the notes say so.
     """
     notes, ok = [], []
-    fp32 = [n for n, r in rows.items() if r["precision"] == "fp32"]
-    fp32_p50 = min((rows[n]["latency_ms"]["p50"] for n in fp32), default=float("inf"))
+    fp32 = [n for n, r in rows.items() if r.precision == "fp32"]
+    fp32_p50 = min((rows[n].latency_ms.p50 for n in fp32), default=float("inf"))
     for name, r in rows.items():
-        drop = 100 * (1 - r["agreement"])
-        r["drop_points"] = round(drop, 2)
-        speedup = fp32_p50 / r["latency_ms"]["p50"]
-        if r["precision"] == "fp32":
+        drop = 100 * (1 - r.agreement)
+        r.drop_points = round(drop, 2)
+        speedup = fp32_p50 / r.latency_ms.p50
+        if r.precision == "fp32":
             ok.append(name)
         elif drop > max_drop:
-            r["status"] = f"loses {drop:.1f} points of top-1 agreement (max_drop {max_drop})"
+            r.status = f"loses {drop:.1f} points of top-1 agreement (max_drop {max_drop})"
         elif fidelity_images is not None and fidelity_images < min_fidelity_images:
-            r["status"] = (f"judged on only {fidelity_images} images the quantizers did not see "
-                           f"(export.min_fidelity_images {min_fidelity_images})")
+            r.status = (f"judged on only {fidelity_images} images the quantizers did not see "
+                        f"(export.min_fidelity_images {min_fidelity_images})")
         elif speedup < min_speedup:
-            r["status"] = f"only {speedup:.2f}x faster than FP32 (min_speedup {min_speedup})"
+            r.status = f"only {speedup:.2f}x faster than FP32 (min_speedup {min_speedup})"
         else:
             ok.append(name)
-    best = min(ok, key=lambda n: rows[n]["latency_ms"]["p50"])
-    p50 = rows[best]["latency_ms"]["p50"]
+    best = min(ok, key=lambda n: rows[n].latency_ms.p50)
+    p50 = rows[best].latency_ms.p50
     for name, r in rows.items():   # machine-readable: the runtime's fallbacks read this, never ``status``
-        r["eligible"] = name in ok
+        r.eligible = name in ok
     for name in ok:
         r = rows[name]
-        r["status"] = "deployable: fastest within max_drop" if name == best else \
-            f"slower: p50 {r['latency_ms']['p50']:.2f} ms vs {p50:.2f} ms"
-    int8 = [n for n, r in rows.items() if r["precision"] == "int8"]
-    if int8 and rows[best]["precision"] == "fp32":
-        lost = [n for n in int8 if rows[n]["drop_points"] > max_drop]
+        r.status = "deployable: fastest within max_drop" if name == best else \
+            f"slower: p50 {r.latency_ms.p50:.2f} ms vs {p50:.2f} ms"
+    int8 = [n for n, r in rows.items() if r.precision == "int8"]
+    if int8 and rows[best].precision == "fp32":
+        lost = [n for n in int8 if rows[n].drop_points > max_drop]
         why = ("every INT8 variant lost more than max_drop" if len(lost) == len(int8) else
                f"INT8 was judged on only {fidelity_images} bank images the quantizers did not see (export."
                f"min_fidelity_images {min_fidelity_images}: make a bigger bank or give --images)"
@@ -236,6 +235,6 @@ def select(rows: dict, max_drop: float, min_speedup: float = 1.0, fidelity_image
                f"no INT8 variant within max_drop was {min_speedup}x faster than FP32 on this CPU")
         notes.append(f"shipping FP32 ({best}): {why}")
     for n in int8:
-        if rows[n]["drop_points"] > max_drop:
-            notes.append(f"{n}: {rows[n]['status']}: not deployable")
+        if rows[n].drop_points > max_drop:
+            notes.append(f"{n}: {rows[n].status}: not deployable")
     return best, notes

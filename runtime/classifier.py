@@ -13,6 +13,7 @@ import numpy as np
 from .errors import UserError
 from .metadata import METADATA_KEY, ModelMetadata
 from .preprocess import ImageLike, load_image, preprocess
+from .registry import Registry
 
 REPORT_FILE = "report.json"
 
@@ -45,18 +46,18 @@ class Backend:
     open: Callable  # (path, threads) -> (run(batch)->logits, metadata_json or None)
 
 
-_BACKENDS: dict[str, Backend] = {}
+BACKENDS: Registry[Backend] = Registry("backend")
 
 
 def register_backend(name: str, suffixes: tuple[str, ...]):
     def deco(fn):
-        _BACKENDS[name] = Backend(name, suffixes, fn)
+        BACKENDS.register(name, Backend(name, suffixes, fn))
         return fn
     return deco
 
 
 def backends() -> list[str]:
-    return list(_BACKENDS)
+    return BACKENDS.names()
 
 
 def model_size_bytes(path: Path) -> int:
@@ -177,12 +178,12 @@ def read_report(run: str | os.PathLike) -> dict:
 
 def backend_for(path: str | os.PathLike) -> Backend | None:
     """The registered backend that reads this file, by suffix."""
-    return next((b for b in _BACKENDS.values() if Path(path).suffix.lower() in b.suffixes), None)
+    return next((b for _, b in BACKENDS.items() if Path(path).suffix.lower() in b.suffixes), None)
 
 
 def check_backend(backend: str) -> None:
-    if backend != "auto" and backend not in _BACKENDS:
-        raise UserError(f"unknown backend {backend!r}: use auto, {', '.join(_BACKENDS)}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}: use auto, {', '.join(BACKENDS.names())}")
 
 
 def resolve_model_path(path: str | os.PathLike, backend: str = "auto") -> Path:
@@ -245,7 +246,7 @@ class Classifier:
             if chosen is None:
                 raise UserError(f"{p}: unknown model format {p.suffix!r}: pass an .onnx or OpenVINO .xml file")
         else:
-            chosen = _BACKENDS[backend]
+            chosen = BACKENDS.get(backend)
             if p.suffix.lower() not in chosen.suffixes:
                 raise UserError(f"{p}: the {backend} backend reads {', '.join(chosen.suffixes)} files")
         run, meta = chosen.open(p, threads)

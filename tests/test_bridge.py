@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distiller.bridge import HeadSource, bridge, class_text_embeddings, plan_heads
+from distiller.bridge import HeadSource, bridge, class_text_embeddings, decide_heads
 from distiller.cli import main
 from distiller.concepts import parse_concepts
 from distiller.imagenet_concepts import class_names
@@ -50,20 +50,20 @@ def test_the_margin_sends_a_concept_to_fresh():
     classes = _classes()
     concepts = parse_concepts("zorblax,florbit")
     text = torch.stack([classes[5], F.normalize(classes[6] + classes[7], dim=0)])
-    loose = plan_heads(concepts, "auto", text, classes, 100.0, 0.6)
+    loose = decide_heads(concepts, "auto", text, classes, 100.0, 0.6)
     assert [h.source for h in loose] == ["clip", "clip"]
-    strict = plan_heads(concepts, "auto", text, classes, 100.0, 0.99)
+    strict = decide_heads(concepts, "auto", text, classes, 100.0, 0.99)
     assert [h.source for h in strict] == ["clip", "fresh"]          # florbit's best cosine is ~0.71
     assert strict[1].classes == () and strict[1].nearest[0] in (6, 7) and strict[1].nearest_similarity[0] < 0.99
     with pytest.raises(Exception, match="florbit"):
-        plan_heads(concepts, "imagenet", text, classes, 100.0, 0.99)   # imagenet: no fresh rows allowed
+        decide_heads(concepts, "imagenet", text, classes, 100.0, 0.99)   # imagenet: no fresh rows allowed
 
 
 def test_wordnet_takes_priority_over_clip():
     classes = _classes()
     concepts = parse_concepts("cat,zorblax")
     text = torch.stack([classes[900], classes[901]])                # cat's text sits exactly on class 900
-    heads = plan_heads(concepts, "auto", text, classes, 100.0, 0.5)
+    heads = decide_heads(concepts, "auto", text, classes, 100.0, 0.5)
     names = class_names()
     assert heads[0].source == "wordnet" and [names[i] for i in heads[0].classes][:2] == ["tabby", "tiger cat"]
     assert heads[1].source == "clip" and heads[1].classes[0] == 901
@@ -75,7 +75,7 @@ def test_one_model_mixes_wordnet_clip_and_fresh_heads():
     """cat: its WordNet rows pooled; kitten: a weighted logsumexp of crafted CLIP neighbours; zorblax: a new row."""
     concepts = parse_concepts("cat,kitten,zorblax")
     kitten = HeadSource("kitten", "clip", (151, 152), tuple(np.log([0.75, 0.25]).tolist()), (0.9, 0.8))
-    heads = plan_heads(concepts[:1]) + [kitten, HeadSource("zorblax", "fresh")]
+    heads = decide_heads(concepts[:1]) + [kitten, HeadSource("zorblax", "fresh")]
     spec = student_spec(load_recipe("cpu"), concepts, heads)
     assert spec.fresh_outputs == (2,) and not spec.pooled
     student = create_student(spec, "pretrained").eval()
@@ -95,7 +95,7 @@ def test_one_model_mixes_wordnet_clip_and_fresh_heads():
 def test_the_probe_fits_fresh_rows_and_leaves_pooled_ones(tmp_path):
     from distiller.probe import fit_head
     concepts = parse_concepts("cat,zorblax")
-    heads = plan_heads(concepts[:1]) + [HeadSource("zorblax", "fresh")]
+    heads = decide_heads(concepts[:1]) + [HeadSource("zorblax", "fresh")]
     rec = load_recipe("cpu", {"distill.probe_steps": 200, "distill.probe_weight_decay": [0.01]})
     spec = student_spec(rec, concepts, heads)
     student = create_student(spec, "pretrained")
@@ -117,14 +117,16 @@ def test_the_probe_fits_fresh_rows_and_leaves_pooled_ones(tmp_path):
 
 
 def test_the_text_embedding_cache_is_reused_and_follows_the_teacher(tiny_clip, tmp_path, monkeypatch):
-    from distiller.recipe import TeacherCfg
+    import dataclasses
+
+    from distiller.recipe import default_recipe
     from distiller.teachers import build_teacher
     from distiller.testing import make_tiny_clip
-    from distiller.textsplice import SplicedText
+    from distiller.teachers.textsplice import SplicedText
     cfg, weights = tiny_clip
     tpl = ("a photo of a {}.", "a drawing of a {}.")
     concepts = parse_concepts("cat,dog")
-    teacher = build_teacher(TeacherCfg(model=str(cfg), pretrained=str(weights), templates=tpl), concepts)
+    teacher = build_teacher(dataclasses.replace(default_recipe().teacher, model=str(cfg), pretrained=str(weights), templates=tpl), concepts)
     first = class_text_embeddings(teacher.text_tower, str(cfg), str(weights), tpl, folder=tmp_path)
     assert first.shape == (1000, 32) and torch.allclose(first.norm(dim=-1), torch.ones(1000), atol=1e-5)
     # the cached embedding is each class's normalised mean of its normalised template embeddings
@@ -139,7 +141,7 @@ def test_the_text_embedding_cache_is_reused_and_follows_the_teacher(tiny_clip, t
     again = class_text_embeddings(teacher.text_tower, str(cfg), str(weights), tpl, folder=tmp_path)
     assert calls == [] and torch.equal(again, first)                   # reused: nothing encoded
     _, other = make_tiny_clip(tmp_path / "other", seed=1)                # another teacher's weights
-    t2 = build_teacher(TeacherCfg(model=str(cfg), pretrained=str(other), templates=tpl), concepts)
+    t2 = build_teacher(dataclasses.replace(default_recipe().teacher, model=str(cfg), pretrained=str(other), templates=tpl), concepts)
     changed = class_text_embeddings(t2.text_tower, str(cfg), str(other), tpl, folder=tmp_path)
     assert calls and not torch.allclose(changed, first)
     assert len(list((tmp_path / "imagenet_text").iterdir())) == 2
@@ -162,7 +164,7 @@ def test_the_judge_is_chosen_per_head_source(tiny_clip):
     # an ImageNet teacher keeps one network over every concept
     lite = load_recipe("cpu-imagenet")
     two = parse_concepts("cats,dogs")
-    assert [(a.kind, a.name, a.concepts) for a in assignments(lite, two, plan_heads(two))] == [
+    assert [(a.kind, a.name, a.concepts) for a in assignments(lite, two, decide_heads(two))] == [
         ("network", "efficientnet-lite0", (0, 1))]
     from distiller.judge import held_out_templates
     assert not set(held_out_templates(rec.teacher.templates)) & set(rec.teacher.templates)

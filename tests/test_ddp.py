@@ -138,8 +138,8 @@ def test_a_batch_smaller_than_the_world_is_refused(monkeypatch, tmp_path):
 
 
 def test_each_rank_gets_its_own_gpu_and_autocast_falls_back_without_one(smoke_run):
-    from distiller.dist import World, rank_device
-    from distiller.pipeline import Run
+    from distiller.ranks import World, rank_device
+    from distiller.runfolder import Run
     assert rank_device("cuda", World(rank=3, size=4, local_rank=1)) == "cuda:1"   # one GPU per local rank
     assert rank_device("cpu", World(rank=3, size=4, local_rank=1)) == "cpu"       # --device cpu: gloo, no GPU
     run = Run(smoke_run, device="cpu")
@@ -157,7 +157,7 @@ def test_gpu_ranks_sync_bn_statistics_without_changing_the_student():
     """On GPUs the student's BN layers become synchronised ones (timm's fused BN + activation kept): the same
     outputs, the same parameter tensors the optimiser holds."""
     import timm
-    from distiller.dist import sync_bn
+    from distiller.ranks import sync_bn
     model = timm.create_model("tf_efficientnet_lite0", num_classes=3).eval()
     params = [id(p) for p in model.parameters()]
     x = torch.randn(2, 3, 64, 64)

@@ -9,10 +9,11 @@ import pytest
 
 from distiller.cli import main
 from exporter.variants import VARIANTS, select
+from runtime.exports import Latency, VariantRecord
 
 
 def _row(precision, agreement, p50):
-    return {"precision": precision, "agreement": agreement, "latency_ms": {"p50": p50}, "file": f"{precision}-{p50}"}
+    return VariantRecord(f"{precision}-{p50}", precision, agreement, Latency(p50, p50, p50, p50, 1))
 
 
 def test_select_fastest_within_max_drop():
@@ -20,8 +21,8 @@ def test_select_fastest_within_max_drop():
             "onnx-int8": _row("int8", 0.995, 1.0), "openvino-int8": _row("int8", 0.97, 0.5)}
     best, notes = select(rows, max_drop=1.0)
     assert best == "onnx-int8"
-    assert rows["openvino-int8"]["status"].startswith("loses 3.0 points")
-    assert rows["openvino-fp32"]["status"].startswith("slower")
+    assert rows["openvino-int8"].status.startswith("loses 3.0 points")
+    assert rows["openvino-fp32"].status.startswith("slower")
     assert any("openvino-int8" in n and "not deployable" in n for n in notes)
 
 
@@ -39,7 +40,7 @@ def test_int8_must_be_min_speedup_faster_than_fp32():
     rows = {"openvino-fp32": _row("fp32", 1.0, 1.5), "openvino-int8": _row("int8", 1.0, 1.37)}
     best, notes = select(rows, max_drop=1.0, min_speedup=1.2)
     assert best == "openvino-fp32"
-    assert rows["openvino-int8"]["status"] == "only 1.09x faster than FP32 (min_speedup 1.2)"
+    assert rows["openvino-int8"].status == "only 1.09x faster than FP32 (min_speedup 1.2)"
     assert any("no INT8 variant within max_drop was 1.2x faster" in n for n in notes)
     assert select(rows, max_drop=1.0, min_speedup=1.05)[0] == "openvino-int8"
 
@@ -47,14 +48,14 @@ def test_int8_must_be_min_speedup_faster_than_fp32():
 def test_int8_judged_on_too_few_images_does_not_ship():
     rows = {"onnx-fp32": _row("fp32", 1.0, 2.0), "onnx-int8": _row("int8", 1.0, 1.0)}
     best, notes = select(rows, max_drop=1.0, fidelity_images=8, min_fidelity_images=24)
-    assert best == "onnx-fp32" and rows["onnx-int8"]["eligible"] is False
-    assert rows["onnx-int8"]["status"] == "judged on only 8 images the quantizers did not see (export.min_fidelity_images 24)"
+    assert best == "onnx-fp32" and rows["onnx-int8"].eligible is False
+    assert rows["onnx-int8"].status == "judged on only 8 images the quantizers did not see (export.min_fidelity_images 24)"
     assert any("shipping FP32" in n and "make a bigger bank or give --images" in n for n in notes)
     assert select(rows, max_drop=1.0, fidelity_images=24, min_fidelity_images=24)[0] == "onnx-int8"
 
 
 def test_calibration_and_fidelity_images_never_overlap():
-    from distiller.stages import quantizer_split
+    from exporter import quantizer_split
     calib, check = quantizer_split(100, 16, 40)
     assert len(calib) == 16 and len(check) == 40 and not set(calib) & set(check)
     assert calib[0] == 0 and calib[-1] == 99                     # spread over the bank, not its first shards
@@ -91,8 +92,11 @@ def test_repair_and_candidate_variants_on_a_real_student(smoke_run, tmp_path):
     import torch
 
     from distiller.distill import load_student
-    from distiller.pipeline import Run
-    from distiller.stages import DistillStage, _bank, export_run, quantizer_split
+    from distiller.runfolder import Run
+    from distiller.bank import Bank
+    from distiller.pipeline import export_run
+    from distiller.stages import DistillStage
+    from exporter import quantizer_split
     from runtime import Classifier
     from runtime.preprocess import preprocess
     run = _copy_run(smoke_run, tmp_path, max_drop=0.0, latency_runs=5,
@@ -104,11 +108,11 @@ def test_repair_and_candidate_variants_on_a_real_student(smoke_run, tmp_path):
     # NNCF's accuracy control tunes on the calibration images, which the fidelity check never sees: with
     # max_drop 0 it keeps every decision there; the selection judges it on the other bank images
     r = Run(run)
-    calib_rows, check_rows = quantizer_split(len(_bank(r).load("train")[0]), r.recipe.export.calibration_images, 256)
+    calib_rows, check_rows = quantizer_split(len(Bank(r.paths.bank).load("train")[0]), r.recipe.export.calibration_images, 256)
     assert not set(calib_rows) & set(check_rows)
     assert (report["export"]["calibration_images"], report["export"]["fidelity_images"]) == (16, 97)
     spec = DistillStage.spec(r)
-    calib = np.stack([preprocess(im, spec.preprocess) for im in _bank(r).load("train")[0][calib_rows]])
+    calib = np.stack([preprocess(im, spec.preprocess) for im in Bank(r.paths.bank).load("train")[0][calib_rows]])
     with torch.no_grad():
         ref = load_student(spec, DistillStage.checkpoints(r).best)(torch.from_numpy(calib)).numpy()
     tuned = Classifier.load(run / rows["openvino-int8-acc"]["file"]).logits(calib)
@@ -155,8 +159,8 @@ def test_bench_model_files_and_errors(smoke_run, capsys):
 
 
 def test_a_failing_int8_candidate_is_reported_not_fatal(smoke_run, tmp_path, monkeypatch):
-    from distiller.pipeline import Run
-    from distiller.stages import export_run
+    from distiller.runfolder import Run
+    from distiller.pipeline import export_run
     from exporter.variants import Variant
 
     def boom(ctx):

@@ -89,11 +89,12 @@ def _history(run: Path) -> list[dict]:
 def _val_predictions(run: Path):
     """The trained student's (last epoch: selection may keep the student as initialised) on the bank's validation images."""
     from distiller.distill import student_logits
-    from distiller.pipeline import Run
-    from distiller.stages import DistillStage, _bank
+    from distiller.runfolder import Run
+    from distiller.bank import Bank
+    from distiller.stages import DistillStage
     from distiller.students import create_student
     r = Run(run, device="cpu")
-    images, _, _ = _bank(r).load("val")
+    images, _, _ = Bank(r.paths.bank).load("val")
     spec = DistillStage.spec(r)
     student = create_student(spec)
     student.load_state_dict(DistillStage.checkpoints(r).state()["model"])

@@ -172,17 +172,19 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path):
 
 
 def test_relative_teacher_paths_are_stored_resolved(tiny_clip, tmp_path, monkeypatch):
-    from distiller.recipe import TeacherCfg
+    import dataclasses
+
+    from distiller.recipe import default_recipe
     from distiller.teachers import resolve_paths
     cfg, weights = tiny_clip
     monkeypatch.chdir(cfg.parent)
-    got = resolve_paths(TeacherCfg(model=cfg.name, pretrained=weights.name))
+    got = resolve_paths(dataclasses.replace(default_recipe().teacher, model=cfg.name, pretrained=weights.name))
     assert got.model == str(cfg.resolve()) and got.pretrained == str(weights.resolve())
-    assert resolve_paths(TeacherCfg(model="ViT-B-32", pretrained="laion2b_s34b_b79k")).pretrained == "laion2b_s34b_b79k"
+    assert resolve_paths(default_recipe().teacher).pretrained == "laion2b_s34b_b79k"
 
 
 def test_smoke_run_stores_absolute_teacher_paths(smoke_run):
-    from distiller.pipeline import Run
+    from distiller.runfolder import Run
     t = Run(smoke_run).recipe.teacher
     assert Path(t.model).is_absolute() and Path(t.pretrained).is_absolute()
 
@@ -199,7 +201,8 @@ def test_run_folder_files_are_readable_by_others(smoke_run):
 
 
 def test_atomic_writes_respect_the_umask(tmp_path):
-    from distiller.atomic import save_torch, write_json
+    from runtime.atomic import write_json
+    from distiller.torchfiles import save_torch
     old = os.umask(0o022)
     try:
         write_json(tmp_path / "a.json", {"x": 1})

@@ -137,7 +137,7 @@ def test_pretrained_student_init_offline():
 
 
 def test_held_out_judge_scores_the_bank(tmp_path, capsys):
-    from distiller.pipeline import Run
+    from distiller.runfolder import Run
     from distiller.stages import JudgeStage
     assert main(_lite_make(tmp_path, "judged", "--set", "teacher.judge_min=1.01")) == 0
     out = capsys.readouterr()

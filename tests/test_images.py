@@ -203,15 +203,15 @@ def test_folder_names_never_become_labels_and_the_split_is_fixed_by_seed(tmp_pat
 LABEL_SCRIPT = r"""
 import os, signal, sys
 from pathlib import Path
-from distiller.pipeline import Run
-from distiller.images import real_images, label_images
-from distiller.stages import resolution
+from distiller.runfolder import Run
+from distiller.images import real_images
+from distiller.stages.label import label_images
 run = Run(Path(sys.argv[1]), device="cpu", offline=True)
 kill_after = int(sys.argv[2])
 def on_shard(i, n):
     if i == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
-label_images(real_images(run), run.teacher(), resolution(run), "cpu", on_shard=on_shard)
+label_images(real_images(run), run.teacher(), run.resolution(), "cpu", on_shard=on_shard)
 """
 
 
@@ -293,7 +293,7 @@ def test_fresh_head_learns_from_real_images_where_surrogates_alone_do_not(tmp_pa
     bank alone, it stays near chance on the same held-out images."""
     import torch
 
-    from distiller.pipeline import Run
+    from distiller.runfolder import Run
     from distiller.synthesis import teacher_logits
     from runtime import Classifier
     pool = photo_dir(tmp_path / "pool", 32)

@@ -12,7 +12,7 @@ import torch
 from conftest import python_env
 from distiller.bank import Bank
 from distiller.distill import load_student
-from distiller.pipeline import Run
+from distiller.runfolder import Run
 from distiller.students import student_spec
 from runtime import Classifier, ModelMetadata
 from runtime.preprocess import preprocess

@@ -18,10 +18,13 @@ from runtime.metadata import ModelMetadata, Preprocess
 
 @pytest.fixture(scope="module")
 def lite0():
-    from distiller.recipe import TeacherCfg
+    import dataclasses
+
+    from distiller.recipe import default_recipe
     from distiller.teachers import build_teacher
     concepts = parse_concepts("car,truck,dog")      # car and truck overlap (minivan, ...): left out of both
-    return concepts, build_teacher(TeacherCfg(model="efficientnet-lite0", input_size=64), concepts, openset=True)
+    return concepts, build_teacher(dataclasses.replace(default_recipe().teacher, model="efficientnet-lite0", input_size=64), concepts,
+                                   openset=True)
 
 
 def test_imagenet_teachers_other_logit_is_the_logsumexp_of_every_non_member(lite0):

@@ -128,14 +128,14 @@ def _digest(bank):
 def test_a_kill_mid_shard_resumes_to_byte_identical_shards(clip, tmp_path, monkeypatch, prior):
     """fourier's is test_bank_resume (a real SIGKILL); here the kill is an interrupt in the middle of shard 1."""
     from distiller.pipeline import Run, init_run, run_stages
-    from distiller.stages import SYNTHESIS_STAGES
+    from distiller.stages import stage_group
     rec, _ = clip
     rec = rec.replace({"synthesis.prior": prior, "synthesis.images_per_class": 8, "synthesis.shard_size": 4,
                        "synthesis.steps": 4})
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for root in (whole, killed):
         init_run(root, rec, CONCEPTS)
-    run_stages(Run(whole), SYNTHESIS_STAGES)
+    run_stages(Run(whole), stage_group("synthesize"))
     import distiller.synthesis as synthesis
     real, calls = synthesis.robust_loss, [0]
 
@@ -146,10 +146,10 @@ def test_a_kill_mid_shard_resumes_to_byte_identical_shards(clip, tmp_path, monke
         return real(*a, **kw)
     monkeypatch.setattr(synthesis, "robust_loss", dying)
     with pytest.raises(KeyboardInterrupt):
-        run_stages(Run(killed), SYNTHESIS_STAGES)
+        run_stages(Run(killed), stage_group("synthesize"))
     assert [p.name for p in (killed / "bank").glob("shard_[0-9]*")] == ["shard_00000"]
     monkeypatch.undo()
-    run_stages(Run(killed), SYNTHESIS_STAGES)
+    run_stages(Run(killed), stage_group("synthesize"))
     assert _digest(killed / "bank") == _digest(whole / "bank")
     recs = [json.loads(line) for line in (whole / "bank" / "manifest.jsonl").read_text().splitlines()]
     assert {r["prior"] for r in recs} == {prior}               # the manifest says what made each image
@@ -170,7 +170,7 @@ def test_the_issue_call_finishes_with_a_complete_bank(tiny_clip, tiny_vq, tmp_pa
     assert {json.loads(x)["prior"] for x in lines} == {prior}
     from distiller.bank import row_label
     assert row_label(json.loads(lines[0])).endswith(f"\n{prior} prior")      # samples.png's rows say it
-    from distiller.pipeline import Run
+    from distiller.runfolder import Run
     warned = [w for w in Run(tmp_path / "r").warnings() if "on a CPU" in w]
     if prior == "vqgan":   # the decoder's cost, measured, times the bank
         assert len(warned) == 1 and "s per image and step at 64 px here (measured)" in warned[0], warned

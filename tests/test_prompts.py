@@ -6,14 +6,15 @@ import dataclasses
 import pytest
 import torch
 
-from distiller.bank import Bank, BankPlan, fill_bank
+from distiller.bank import Bank, BankPlan
+from distiller.synthesis import fill_bank
 from distiller.concepts import parse_concepts
 from distiller.prompts import (PROMPT_SOURCES, ContrastivePrompts, build_prompt_source, class_consistency, read_style_words,
                                style_diversity)
 from distiller.recipe import load_recipe
 from distiller.runfolder import RunPaths
 from distiller.teachers import build_teacher
-from distiller.textsplice import SplicedText
+from distiller.teachers.textsplice import SplicedText
 from runtime import UserError
 
 

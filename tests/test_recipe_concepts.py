@@ -6,8 +6,8 @@ from distiller.recipe import tomllib
 import pytest
 
 from distiller.concepts import Concept, parse_concepts, singular
-from distiller.recipe import Recipe, load_recipe, parse_set, recipe_from_dict, recipe_names
-from distiller.registry import Registry
+from distiller.recipe import default_recipe, load_recipe, parse_set, recipe_from_dict, recipe_names
+from runtime.registry import Registry
 from runtime import UserError
 
 
@@ -78,7 +78,7 @@ def test_recipe_file_path_and_errors(tmp_path):
     p = tmp_path / "mine.toml"
     p.write_text('seed = 5\n[synthesis]\nsteps = 2\n')
     r = load_recipe(str(p))
-    assert r.name == "mine" and r.seed == 5 and r.synthesis.steps == 2 and r.distill == Recipe().distill
+    assert r.name == "mine" and r.seed == 5 and r.synthesis.steps == 2 and r.distill == default_recipe().distill
     p.write_text("seed = [")
     with pytest.raises(UserError, match="not valid TOML"):
         load_recipe(str(p))

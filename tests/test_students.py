@@ -17,10 +17,12 @@ from runtime.errors import UserError
 
 
 def test_imagenet_head_student_is_the_free_baseline_and_exports(tmp_path):
-    from distiller.atomic import save_torch
+    from distiller.torchfiles import save_torch
     from distiller.distill import load_student
     from distiller.evaluation import FREE_BASELINE
-    from distiller.recipe import TeacherCfg
+    import dataclasses
+
+    from distiller.recipe import default_recipe
     from distiller.teachers import build_teacher
     from exporter.onnx_export import export_onnx
     from runtime import Classifier
@@ -30,7 +32,8 @@ def test_imagenet_head_student_is_the_free_baseline_and_exports(tmp_path):
     assert (spec.model, spec.preprocess.size) == ("tf_efficientnet_lite0", 128)
     assert [len(g) for g in spec.groups] == [7, 118, 875]     # cats, dogs, and "other": every other ImageNet row
     student = create_student(spec, "pretrained").eval()
-    baseline = build_teacher(TeacherCfg(model=FREE_BASELINE[0], input_size=FREE_BASELINE[1]), concepts, openset=True)
+    baseline = build_teacher(dataclasses.replace(default_recipe().teacher, model=FREE_BASELINE[0], input_size=FREE_BASELINE[1]),
+                             concepts, openset=True)
     x = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = student((x - 0.5) / 0.5)
@@ -62,7 +65,7 @@ def test_student_head_choices():
         student_spec(rec.replace({"student.head": "imagenet"}), odd)
     with pytest.raises(UserError, match="needs student.init = pretrained"):
         student_spec(rec.replace({"student.init": "scratch", "student.head": "imagenet"}), cats)
-    with pytest.raises(UserError, match="unknown student.head"):
+    with pytest.raises(UserError, match="student.head = 'linear': use auto, fresh or imagenet"):
         student_spec(rec.replace({"student.head": "linear"}), cats)
     scratch = student_spec(rec.replace({"student.init": "scratch"}), cats)
     assert (scratch.model, scratch.preprocess.size, scratch.groups) == ("mobilenetv3_small_100", 128, ())
@@ -131,7 +134,7 @@ def test_readme_example_runs_offline_with_the_imagenet_recipe(tmp_path, capsys):
 
     from distiller.bank import Bank
     from distiller.distill import load_student, train_student, transfer_set
-    from distiller.pipeline import Run
+    from distiller.runfolder import Run
     r = Run(run)
     spec = student_spec(r.recipe, r.concepts)
     cfg = dataclasses.replace(r.recipe.distill, epochs=0)

@@ -50,7 +50,7 @@ def concepts(
     from ..teachers import resolve_family
     from .ui import err, escape
     parsed = parse_concepts(classes, minimum=1)
-    if resolve_family(teacher).styles:
+    if resolve_family(teacher).has_text_tower:
         return _bridges(parsed, teacher, pretrained, all_, offline)
     cov = map_concepts(parsed)
     t = Table(title=f"concepts for {teacher} (WordNet 3.0 -> ImageNet-1k)", title_justify="left")
@@ -69,7 +69,7 @@ def _bridges(parsed, teacher: str, pretrained: str | None, all_: bool, offline: 
     """The head source of each class for a CLIP teacher, as `make` with the cpu recipe would choose it."""
     import dataclasses
 
-    from ..bridge import class_text_embeddings, fresh_warning, plan_heads
+    from ..bridge import class_text_embeddings, fresh_warning, decide_heads
     from ..imagenet_concepts import class_names
     from ..recipe import load_recipe
     from ..teachers import build_teacher, check_teacher
@@ -85,7 +85,7 @@ def _bridges(parsed, teacher: str, pretrained: str | None, all_: bool, offline: 
         t = build_teacher(cfg, parsed, offline=offline)
         class_emb = class_text_embeddings(t.text_tower, cfg.model, cfg.pretrained, cfg.templates)
     min_sim = rec.student.bridge_min_similarity
-    heads = plan_heads(parsed, "auto", t.text, class_emb, t.text_tower.scale, min_sim)
+    heads = decide_heads(parsed, "auto", t.text, class_emb, t.text_tower.scale, min_sim)
     names = class_names()
     cos = t.text @ class_emb.T
     table = Table(title=f"student heads with {teacher} (cpu recipe: bridge_min_similarity {min_sim:g})", title_justify="left")

@@ -71,11 +71,10 @@ def make(
                               "synthesis; see the README for several machines."),
 ):
     """Class names in, deployable CPU classifier out: synthesize, distill, quantize, export."""
-    from ..dist import world
+    from ..ranks import world
     if nproc > 1 and world().size == 1:
         raise typer.Exit(_torchrun(nproc))
     _set_env(offline, verbose)
-    import dataclasses
 
     from ..concepts import parse_concepts
     from ..recipe import load_recipe, parse_set
@@ -88,13 +87,8 @@ def make(
         from ..teachers import auto_recipe
         recipe = auto_recipe(overrides.get("teacher.model"))   # --teacher or --set teacher.model=
     rec = load_recipe(recipe, overrides)
-    from ..pipeline import check_out, preflight
+    from ..pipeline import check_out
     from ..pipeline import make as make_run
-    from ..teachers import resolve_paths
-    preflight(rec, concepts, offline)
-    from ..priors import resolve_weights
-    rec = dataclasses.replace(rec, teacher=resolve_paths(rec.teacher),   # the run works from any folder
-                              synthesis=resolve_weights(rec.synthesis))
     run_dir = check_out(out, name if name is not None else _slug([c.label for c in concepts]))
     image_set = None
     if images:
@@ -186,8 +180,8 @@ def _head_line(label: str, h: dict) -> str:
 
 def _run(path: Path, device: Optional[str] = None, offline: bool = False, quiet: bool = False, verbose: bool = False):
     _set_env(offline, verbose)
-    from ..dist import world
-    from ..pipeline import Run
+    from ..ranks import world
+    from ..runfolder import Run
     return Run(path, RichReporter(quiet or not world().main), device=device, offline=offline)   # one display: rank 0's
 
 
@@ -197,36 +191,36 @@ def synthesize(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), 
                quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Fill (or finish) a run's surrogate image bank; --images DIR adds your own images to it."""
     from ..pipeline import run_stages
-    from ..stages import SYNTHESIS_STAGES
-    from .. import dist
+    from ..stages import stage_group
+    from .. import ranks
     r = _run(run, device, offline, quiet, verbose)
-    with dist.group(r.device) as w:   # under torchrun: the ranks share the shards, as in make
+    with ranks.group(r.device) as w:   # under torchrun: the ranks share the shards, as in make
         if images and w.main:
             from ..images import add_images
             added = add_images(r, images)
             r.reporter.log(f"{len(added.files)} images to label, {len(added.skipped)} skipped")
             for s in added.skipped[:SKIPPED_SHOWN]:
                 r.reporter.log(f"  skipped {s['path']}: {s['reason']}")
-        dist.barrier("the images added")
-        run_stages(r, SYNTHESIS_STAGES)
+        ranks.barrier("the images added")
+        run_stages(r, stage_group("synthesize"))
 
 
 @app.command()
 def distill(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), offline: bool = typer.Option(False, "--offline"),
             quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Train (or resume training) a run's student on its bank."""
-    from ..dist import group
+    from ..ranks import group
     from ..pipeline import run_stages
-    from ..stages import DISTILL_STAGES
+    from ..stages import stage_group
     r = _run(run, device, offline, quiet, verbose)
     with group(r.device):   # under torchrun: DistributedDataParallel, as in make
-        run_stages(r, DISTILL_STAGES)
+        run_stages(r, stage_group("distill"))
 
 
 @app.command()
 def export(run: Path = RUN_ARG, quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Export a run's student to ONNX / OpenVINO, FP32 and INT8, and pick the deployable one."""
-    from ..stages import export_run
+    from ..pipeline import export_run
     t0 = time.perf_counter()
     report = export_run(_run(run, "cpu", quiet=quiet, verbose=verbose))
     _summary(run, report, time.perf_counter() - t0)
@@ -235,8 +229,8 @@ def export(run: Path = RUN_ARG, quiet: bool = typer.Option(False, "--quiet", "-q
 @app.command()
 def report(run: Path = RUN_ARG, open_: bool = typer.Option(False, "--open", help="Open report.html in a browser where there is one.")):
     """Write a run's report.html again (picks up `distiller eval` results saved since)."""
-    from ..pipeline import Run
-    from ..report_html import write_html
+    from ..runfolder import Run
+    from ..stages.html import write_html
     r = Run(run, device="cpu")
     write_html(r)
     console.print(f"report [bold]{r.paths.html}[/bold] ({r.paths.html.stat().st_size / 1e6:.2f} MB)")

@@ -1,8 +1,9 @@
 """Teachers: the networks the student imitates and the synthesizer inverts.
 
 A teacher family registers a ``matches(name) -> bool`` and a ``build(name, concepts, cfg, ...)``.
-``resolve`` tries the families in registration order; nothing downstream asks which family a
-teacher is. Every teacher implements the ``Teacher`` protocol in full: attributes a family has no
+``resolve_family`` tries the families in registration order. Callers never ask which family a teacher is:
+they ask the family's named capabilities (``has_text_tower``, ``scores_imagenet``, ``judge``, ``recipe``),
+and nothing outside this package reads a family's private names or tests a model name. Every teacher implements the ``Teacher`` protocol in full: attributes a family has no
 use for are ``None`` (an ImageNet classifier has no text tower, CLIP no member classes), never
 missing.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
-from ..registry import Registry
+from runtime.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -65,9 +66,9 @@ class TeacherFamily:
     build: Callable
     names: Callable[[], list[str]]   # known model names, for hints
     check: Callable                  # (cfg, offline, concepts) -> None; raises UserError before any work starts
-    styles: bool = True              # whether prompt styles (a text tower) apply
+    has_text_tower: bool = True      # class texts read by a text tower (CLIP): prompt styles, the text bridge, negatives
+    scores_imagenet: bool = False    # an ImageNet classifier: synthesis aims at ImageNet class indices (ensembles share them)
     judge: Callable = lambda name, used=(): None   # a held-out network (not in ``used``) that scores the bank, or None
-    targets: str = "text"            # what synthesis aims at: text embeddings, or ImageNet class indices (ensembles share these)
     recipe: str = "cpu"              # what `make --recipe auto` uses with this family's teachers
     network_of: Callable[[str], str | None] = lambda arch: None   # teacher name of a student architecture
     resolve_paths: Callable = lambda cfg: cfg     # the [teacher] slice with its file paths made absolute
@@ -77,7 +78,6 @@ TEACHERS: Registry[TeacherFamily] = Registry("teacher family")
 
 
 def resolve_family(name: str) -> TeacherFamily:
-    from runtime.errors import UserError
     for _, fam in TEACHERS.items():
         if fam.matches(name):
             return fam
@@ -90,7 +90,6 @@ def resolve_family(name: str) -> TeacherFamily:
 
 def auto_recipe(teacher: str | None) -> str:
     """The recipe for ``--recipe auto``: the teacher family's (``cpu`` without a --teacher)."""
-    from ..recipe import DEFAULT_RECIPE
     return resolve_family(teacher).recipe if teacher else DEFAULT_RECIPE
 
 
@@ -118,7 +117,7 @@ def judge_cfg(cfg, used=()):
     name = resolve_family(cfg.model).judge(cfg.model, tuple(used)) if cfg.judge == "auto" else cfg.judge
     if name is None:
         return None
-    size = cfg.input_size if not resolve_family(name).styles else 0
+    size = cfg.input_size if not resolve_family(name).has_text_tower else 0
     return dataclasses.replace(cfg, model=name, judge="none", input_size=size)
 
 
@@ -131,5 +130,7 @@ def build_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=No
 # Lookup order: CLIP config path, efficientnet-lite*, timm:, open_clip name.
 from . import clip  # noqa: E402,F401  (registers the open_clip families)
 from . import imagenet  # noqa: E402,F401  (registers the ImageNet-classifier families)
+from runtime.errors import UserError
+from ..recipe import DEFAULT_RECIPE
 
 clip.register_name_family()

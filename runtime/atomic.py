@@ -99,12 +99,6 @@ def read_json(path: str | os.PathLike, default=None):
     return json.loads(path.read_text()) if path.exists() else default
 
 
-def save_torch(obj, path: str | os.PathLike) -> None:
-    import torch
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def remove(path: Path) -> None:
     path = Path(path)
     if path.is_dir():
@@ -117,17 +111,3 @@ def clean_temporaries(folder: Path) -> None:
     """Remove what a killed writer left behind in ``folder`` (hidden ``*.tmp*`` names)."""
     for tmp in Path(folder).glob(".*.tmp*"):
         remove(tmp)
-
-
-def load_torch(path: str | os.PathLike, map_location="cpu", weights_only: bool = False):
-    """``torch.load`` of a run-folder file; a damaged or truncated one is a ``UserError`` naming the fix."""
-    import pickle
-
-    import torch
-
-    from runtime.errors import UserError
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError, KeyError, AttributeError) as exc:
-        raise UserError(f"{path} is damaged or truncated ({type(exc).__name__}): delete it and run the same command "
-                        "again to redo that step") from None

@@ -1,0 +1,96 @@
+"""What the exporter measured, as typed records: one ``VariantRecord`` per model file and the ``ExportRecord``
+around them (``export.json``, and ``report.json``'s ``export``). The exporter writes them, and the runtime's
+fallbacks, ``distiller bench``, the report and ``eval`` read them, through these classes alone."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import UserError
+
+
+@dataclass
+class Latency:
+    """Batch-1 milliseconds of ``runs`` timed calls."""
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    runs: int
+
+
+@dataclass
+class VariantRecord:
+    """One exported model file: how it was made and what it measured on this machine."""
+    file: str                                   # relative to the run folder
+    precision: str                              # fp32 | int8
+    agreement: float                            # top-1 agreement with the FP32 student on the fidelity images
+    latency_ms: Latency
+    format: str = ""                            # onnx | openvino
+    description: str = ""
+    size_mb: float = 0.0
+    build_s: float = 0.0
+    cosine: float = 1.0                         # mean logit cosine against the FP32 student
+    max_abs_diff: float = 0.0
+    teacher_agreement: float | None = None      # on the validation images with teacher logits
+    backend: str = ""
+    agreement_open_set: float | None = None     # open-set models: the K + 1 decision's agreement ...
+    agreement_concepts: float | None = None     # ... and the concepts' own ranking's (``agreement`` is the lower)
+    drop_points: float = 0.0                    # 100 x (1 - agreement)
+    eligible: bool = False                      # within max_drop, judged on enough images and fast enough
+    status: str = ""                            # why it was or was not picked, in words
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        return {k: v for k, v in out.items() if v is not None or k == "teacher_agreement"}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "VariantRecord":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["latency_ms"] = Latency(**{k: d["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "runs")})
+        return cls(**kw)
+
+
+@dataclass
+class ExportRecord:
+    """Every variant of a run, the deployable one, the rule that chose it, and how the fidelity was judged."""
+    variants: dict[str, VariantRecord]
+    deployable_variant: str
+    max_drop: float
+    min_speedup: float
+    min_fidelity_images: int
+    failed: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    fidelity_images: int | None = None
+    calibration_images: int | None = None
+    calibration_source: str | None = None       # real | surrogate
+    threshold: dict | None = None               # open set: {"value": t, "source": ..., ...}
+
+    @property
+    def deployable(self) -> str:
+        """The deployable variant's file."""
+        return self.variants[self.deployable_variant].file
+
+    def eligible_by_speed(self) -> list[VariantRecord]:
+        """The eligible variants, fastest first (the runtime's fallbacks)."""
+        return sorted((r for r in self.variants.values() if r.eligible), key=lambda r: r.latency_ms.p50)
+
+    def to_json(self) -> dict:
+        out = {"variants": {n: r.to_json() for n, r in self.variants.items()}, "failed": self.failed,
+               "deployable": self.deployable, "deployable_variant": self.deployable_variant, "max_drop": self.max_drop,
+               "min_speedup": self.min_speedup, "min_fidelity_images": self.min_fidelity_images, "notes": self.notes}
+        for k in ("fidelity_images", "calibration_images", "calibration_source", "threshold"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = "export.json") -> "ExportRecord":
+        try:
+            return cls({n: VariantRecord.from_json(r) for n, r in d["variants"].items()}, d["deployable_variant"],
+                       float(d["max_drop"]), float(d.get("min_speedup", 1.0)), int(d.get("min_fidelity_images", 0)),
+                       dict(d.get("failed", {})), list(d.get("notes", [])), d.get("fidelity_images"),
+                       d.get("calibration_images"), d.get("calibration_source"), d.get("threshold"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"{source}: its export record is damaged ({type(exc).__name__}: {exc}): run `distiller export "
+                            f"RUN` again") from None
