@@ -16,7 +16,7 @@ import numpy as np
 
 from exporter.variants import select
 from runtime.atomic import atomic_path, write_json
-from runtime.classifier import Classifier, model_size_bytes, onnx_session, physical_cores, read_report
+from runtime.classifier import Classifier, model_size_bytes, onnx_session, physical_cores, read_export, read_report
 from runtime.errors import UserError
 from runtime.exports import ExportRecord, Latency
 from runtime.preprocess import list_images, preprocess
@@ -102,7 +102,7 @@ def _photo_like(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def bench_run(run: Path, threads=None, runs=100, warmup=10, batch=32, include_preprocess=False, on_model=None) -> dict:
-    exp = ExportRecord.from_json(read_report(run)["export"], "report.json")
+    exp = read_export(run)
     models = {name: run / v.file for name, v in exp.variants.items()}
     images, teacher = val_images(run)
     return bench_models(models, images, teacher, threads, runs, warmup, batch, include_preprocess, on_model)

@@ -19,9 +19,8 @@ import numpy as np
 
 from runtime import Classifier
 from runtime.atomic import write_json
-from runtime.classifier import backend_for, installed, read_report, with_other_bias
+from runtime.classifier import backend_for, installed, read_export, with_other_bias
 from runtime.errors import UserError
-from runtime.exports import ExportRecord
 from runtime.preprocess import list_images, preprocess
 
 from .images import read_image_set
@@ -227,7 +226,7 @@ def run_variants(run: Path) -> tuple[list[Path], list[str]]:
     """Every exported model file of a finished run that an installed backend can run, and notes on
     the ones skipped (a runtime-only install has ONNX Runtime, not OpenVINO)."""
     files, notes = [], []
-    for v in ExportRecord.from_json(read_report(run)["export"], "report.json").variants.values():
+    for v in read_export(run).variants.values():
         b = backend_for(v.file)
         if b is not None and installed(b.name):
             files.append(run / v.file)

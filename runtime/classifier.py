@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import UserError
+from .exports import ExportRecord
 from .metadata import METADATA_KEY, ModelMetadata
 from .preprocess import ImageLike, load_image, preprocess
 from .registry import Registry
@@ -176,6 +177,11 @@ def read_report(run: str | os.PathLike) -> dict:
     return data
 
 
+def read_export(run: str | os.PathLike) -> ExportRecord:
+    """A finished run folder's export record (every variant measured, the deployable pick), as report.json holds it."""
+    return ExportRecord.from_json(read_report(run).get("export", {}), str(Path(run) / REPORT_FILE))
+
+
 def backend_for(path: str | os.PathLike) -> Backend | None:
     """The registered backend that reads this file, by suffix."""
     return next((b for _, b in BACKENDS.items() if Path(path).suffix.lower() in b.suffixes), None)
@@ -196,9 +202,8 @@ def resolve_model_path(path: str | os.PathLike, backend: str = "auto") -> Path:
         rep = read_report(p)
         if not rep.get("deployable"):
             raise UserError(f"{p / REPORT_FILE}: names no deployable model: run `distiller export {p}`")
-        rows = rep.get("export", {}).get("variants", {})
-        eligible = sorted((r for r in rows.values() if r.get("eligible") is True), key=lambda r: r["latency_ms"]["p50"])
-        files = [rep["deployable"]] + [r["file"] for r in eligible if r["file"] != rep["deployable"]]
+        eligible = ExportRecord.from_json(rep["export"], str(p / REPORT_FILE)).eligible_by_speed() if "export" in rep else []
+        files = [rep["deployable"]] + [r.file for r in eligible if r.file != rep["deployable"]]
         usable = []
         for f in files:
             b = backend_for(f)

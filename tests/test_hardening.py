@@ -311,6 +311,7 @@ def test_eval_scores_what_the_installed_backends_run(copied_run, tmp_path, monke
         (data / r["label"]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(data / r["label"] / f"{i}.png")
     monkeypatch.setattr(classifier, "installed", lambda backend: backend == "onnxruntime")
+    monkeypatch.setattr("distiller.evaluation.installed", classifier.installed)
     _, results, notes = evaluate_models(copied_run, data, teacher=False, baseline=False)
     assert set(results) == {"student.onnx", "student.int8.onnx"}
     assert sum("not scored: openvino is not installed" in n for n in notes) == 2

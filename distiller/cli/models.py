@@ -144,10 +144,11 @@ def bench(
 ):
     """Latency (p50/p90/p99 at batch 1), throughput and agreement of each variant, on this machine."""
     from ..bench import bench_models, bench_run, select_for_device, teacher_baseline
+    from ..runfolder import RunPaths
     first = Path(models[0])
     is_run = len(models) == 1 and first.is_dir()
     if is_run:
-        if not (first / "report.json").exists():
+        if not RunPaths(first).report.exists():
             raise UserError(f"{first}: no report.json: pass a finished run folder or model files")
         result = bench_run(first, threads, runs, warmup, batch, include_preprocess)
         if teacher:

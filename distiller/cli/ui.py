@@ -8,6 +8,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from runtime.exports import ExportRecord
+
 console = Console()
 err = Console(stderr=True)
 for _c in (console, err):  # logs and pipes: wide enough for the tables, not rich's 80 columns
@@ -55,11 +57,12 @@ def artifacts_table(report: dict) -> Table:
     for col in ("precision", "MB", "vs FP32", "cosine", "vs teacher", "p50 ms"):
         t.add_column(col, justify="right")
     t.add_column("", no_wrap=True)
-    exp = report["export"]
-    for name, r in exp["variants"].items():
-        mark = "[bold green]deployable[/bold green]" if name == exp["deployable_variant"] else ""
-        t.add_row(r["file"], r["precision"], f"{r['size_mb']:.1f}", f"{100 * r['agreement']:.1f}%",
-                  f"{r['cosine']:.4f}", f"{100 * r['teacher_agreement']:.1f}%", fmt_ms(r["latency_ms"]["p50"]), mark)
+    exp = ExportRecord.from_json(report["export"], "report.json's export")
+    for name, r in exp.variants.items():
+        mark = "[bold green]deployable[/bold green]" if name == exp.deployable_variant else ""
+        vs_teacher = "-" if r.teacher_agreement is None else f"{100 * r.teacher_agreement:.1f}%"
+        t.add_row(r.file, r.precision, f"{r.size_mb:.1f}", f"{100 * r.agreement:.1f}%",
+                  f"{r.cosine:.4f}", vs_teacher, fmt_ms(r.latency_ms.p50), mark)
     return t
 
 

@@ -109,4 +109,4 @@ class ExportStage:
     @staticmethod
     def record(report: dict) -> ExportRecord:
         """The same record as a finished run's report.json carries it (re-picked there by `bench --select`)."""
-        return ExportRecord.from_json(report["export"], "report.json")
+        return ExportRecord.from_json(report["export"], "report.json's export")
