@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import UserError
-
 from runtime.atomic import atomic_dir, clean_temporaries, remove, write_json, write_text
+from runtime.errors import UserError
 
 
 @dataclass(frozen=True)

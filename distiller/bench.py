@@ -158,7 +158,7 @@ def teacher_baseline(run: Path, threads=None, runs=30, warmup=3, input_size: int
         onnx_path = r.paths.teacher_onnx
         teacher = r.teacher()
     else:
-        from .teachers import build_teacher   # torch: lazy, for the runtime-only install
+        from .teachers import build_teacher  # torch: lazy, for the runtime-only install
         teacher = build_teacher(dataclasses.replace(r.recipe.teacher, input_size=input_size), r.concepts,
                                 openset=r.recipe.openset)
         onnx_path = r.paths.teacher_onnx_at(teacher.input_size)

@@ -21,8 +21,10 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 from runtime.atomic import write_json
 from runtime.errors import UserError
+
 from .imagenet_concepts import class_names, map_each
 from .teachers.textsplice import SplicedText
 from .torchfiles import load_torch, save_torch

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from runtime.errors import UserError
 from runtime.atomic import write_text
+from runtime.errors import UserError
 
 
 @dataclass(frozen=True)

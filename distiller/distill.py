@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 from runtime.errors import UserError
 
-from .torchfiles import load_torch, save_torch
 from .augment import Normalizer, random_views, resize_center, to_float
 from .probe import fit_head
-from .students import create_student
 from .ranks import gather_rows, mean, world, wrap
+from .students import create_student
+from .torchfiles import load_torch, save_torch
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:

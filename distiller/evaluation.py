@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from datetime import datetime, timezone
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -216,7 +216,7 @@ def baseline_predictor(concepts, device="cpu", openset=False) -> Callable[[list[
     """The free baseline: EfficientNet-Lite0's own ImageNet head restricted to the concepts (logsumexp
     over each concept's member classes; with ``openset``, "other" over every other class) at 128 px. No
     synthesis, no training: what a student must beat."""
-    from .teachers import build_teacher   # torch: lazy, for the runtime-only install
+    from .teachers import build_teacher  # torch: lazy, for the runtime-only install
     model, size = FREE_BASELINE
     cfg = dataclasses.replace(default_recipe().teacher, model=model, input_size=size)
     return teacher_predictor(build_teacher(cfg, concepts, device, openset=openset), device)

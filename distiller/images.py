@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.atomic import read_json, remove, write_json
 from runtime.errors import UserError
 from runtime.preprocess import IMAGE_SUFFIXES, load_image
 
-from runtime.atomic import read_json, remove, write_json
 from .bank import Bank, Shards
 
 MIN_SIDE = 16          # px: smaller images carry nothing at training resolution

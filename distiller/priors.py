@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from runtime.errors import UserError
-
 from runtime.registry import Registry
 
 from .augment import random_views

@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from runtime.errors import UserError
-
-from .torchfiles import load_torch
 from runtime.registry import Registry
+
 from .teachers.textsplice import SplicedText
-from .torchfiles import save_torch
+from .torchfiles import load_torch, save_torch
 
 PROMPT_SOURCES: Registry = Registry("prompt source")
 STYLE_WORDS = Path(__file__).resolve().parent / "data" / "style_words.txt"

@@ -11,9 +11,8 @@ import base64
 import html
 import io
 import platform
-from datetime import datetime, timezone
-
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import numpy as np
 

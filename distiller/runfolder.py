@@ -90,7 +90,7 @@ class Run:
 
     def teacher(self):
         if self._teacher is None:
-            from .teachers import build_teacher   # torch: lazy, so the runtime-only install can read a run folder
+            from .teachers import build_teacher  # torch: lazy, so the runtime-only install can read a run folder
             path = self.paths.text_embeddings
             emb = load_torch(path, weights_only=True) if path.exists() else None
             self._teacher = build_teacher(self.recipe.teacher, self.concepts, self.device, self.offline, emb,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from runtime.errors import UserError
 from runtime.metadata import Preprocess
-
 from runtime.registry import Registry
+
 from .bridge import decide_heads
 from .heads import ConceptHead, PooledStudent
 from .teachers.imagenet import LITE_BY_ARCH, lite_model

@@ -23,6 +23,7 @@ from .priors import crop_views, make_prior
 from .students import create_student, student_spec
 from .teachers import build_teacher, network_name, resolve_family
 
+
 class Objective:
     """What synthesis minimises per image, beyond one teacher's own loss (DeepInversion and its kin).
 

@@ -8,12 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from runtime.atomic import atomic_path, publish, scratch_path, write_text
-from runtime.metadata import ModelMetadata
+from runtime.classifier import verbose
+from runtime.metadata import METADATA_KEY, ModelMetadata
 
 from .onnx_export import save_onnx_atomic, set_onnx_metadata
-from runtime.classifier import verbose
-from runtime.metadata import METADATA_KEY
-
 
 ORT_DEFAULTS = {"format": "QDQ", "activations": "U8", "weights": "S8", "per_channel": False, "skip_ends": False,
                 "calibration": "MinMax"}
@@ -68,8 +66,13 @@ def quantize_onnx(fp32: Path, out: Path, calib_data: np.ndarray, metadata: Model
     """ONNX Runtime static quantization. ``options``: format QDQ|QOperator, activations U8|S8,
     weights S8|U8, per_channel, skip_ends (keep first and last layer FP32), calibration MinMax|Entropy|Percentile."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     opts = {**ORT_DEFAULTS, **options}
     types = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}

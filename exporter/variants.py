@@ -14,10 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.registry import Registry
 from runtime.classifier import Classifier, model_size_bytes
 from runtime.exports import ExportRecord, Latency, VariantRecord
 from runtime.metadata import ModelMetadata
+from runtime.registry import Registry
 from runtime.timing import latency_stats, timed
 
 from . import quantize

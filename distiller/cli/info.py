@@ -69,7 +69,7 @@ def _bridges(parsed, teacher: str, pretrained: str | None, all_: bool, offline: 
     """The head source of each class for a CLIP teacher, as `make` with the cpu recipe would choose it."""
     import dataclasses
 
-    from ..bridge import class_text_embeddings, fresh_warning, decide_heads
+    from ..bridge import class_text_embeddings, decide_heads, fresh_warning
     from ..imagenet_concepts import class_names
     from ..recipe import load_recipe
     from ..teachers import build_teacher, check_teacher

@@ -190,9 +190,9 @@ def synthesize(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), 
                images: Optional[List[Path]] = IMAGES,
                quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Fill (or finish) a run's surrogate image bank; --images DIR adds your own images to it."""
+    from .. import ranks
     from ..pipeline import run_stages
     from ..stages import stage_group
-    from .. import ranks
     r = _run(run, device, offline, quiet, verbose)
     with ranks.group(r.device) as w:   # under torchrun: the ranks share the shards, as in make
         if images and w.main:
@@ -209,8 +209,8 @@ def synthesize(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), 
 def distill(run: Path = RUN_ARG, device: Optional[str] = typer.Option(None), offline: bool = typer.Option(False, "--offline"),
             quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = VERBOSE):
     """Train (or resume training) a run's student on its bank."""
-    from ..ranks import group
     from ..pipeline import run_stages
+    from ..ranks import group
     from ..stages import stage_group
     r = _run(run, device, offline, quiet, verbose)
     with group(r.device):   # under torchrun: DistributedDataParallel, as in make

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from runtime.errors import UserError
 
-from ..bridge import HeadSource, class_text_embeddings, decide_heads, fresh_warning, load_heads, save_heads, wordnet_heads
+from ..bridge import (
+    HeadSource,
+    class_text_embeddings,
+    decide_heads,
+    fresh_warning,
+    load_heads,
+    save_heads,
+    wordnet_heads,
+)
 from ..imagenet_concepts import class_names
 from ..runfolder import Run
 from ..teachers import resolve_family

