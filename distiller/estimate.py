@@ -17,7 +17,7 @@ from .bank import Bank
 from .priors import PRIORS
 from .prompts import ClassPrompts
 from .runfolder import Reporter, RunPaths, resolve_device
-from .synthesis import negative_images, synthesis_objective, synthesize
+from .synthesis import bank_plan, synthesis_objective, synthesize
 from .teachers import build_teacher
 from .units import format_duration
 
@@ -40,10 +40,8 @@ class Estimate:
 def estimate_synthesis(recipe, concepts, teacher, device="cpu", offline=False, steps: int = 3) -> Estimate:
     """Time ``steps`` optimisation steps of one shard-sized batch (the first one, warm-up, not counted)
     and scale to the bank: shards x synthesis.steps (+ generator steps)."""
-    syn = recipe.synthesis
-    neg = negative_images(recipe, len(concepts))
-    images = syn.images_per_class * len(concepts) + neg
-    shards = -(-images // syn.shard_size)
+    syn, plan = recipe.synthesis, bank_plan(recipe, [c.label for c in concepts])
+    images, shards, neg = plan.total, plan.num_shards, plan.negatives
     k = len(concepts)
     cls = torch.arange(min(syn.shard_size, images)) % k
     gen = torch.Generator().manual_seed(0)

@@ -8,7 +8,6 @@ import dataclasses
 from exporter import VARIANTS
 from runtime.errors import UserError
 
-from .bank import BankPlan
 from .bridge import HeadSource, decide_heads
 from .concepts import Concept
 from .distill import check_weights
@@ -18,16 +17,14 @@ from .prompts import check_source
 from .recipe import Recipe
 from .runfolder import resolve_device
 from .students import student_spec
-from .synthesis import negative_images, synthesis_networks
+from .synthesis import bank_plan, synthesis_networks
 from .teachers import check_teacher, judge_cfg, resolve_family
 
 
 def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) -> None:
     """Every check that can fail on user input, before anything is written."""
     resolve_device(recipe.device)
-    syn = recipe.synthesis
-    BankPlan(tuple(c.label for c in concepts), ("plain",), syn.images_per_class, syn.shard_size,
-             syn.resolution, syn.val_every, recipe.seed, negative_images(recipe, len(concepts))).validate()
+    bank_plan(recipe, [c.label for c in concepts], resolution=recipe.synthesis.resolution).validate()
     bridged = resolve_family(recipe.teacher.model).has_text_tower and recipe.student.head == "imagenet"
     if bridged:   # head = imagenet with a CLIP teacher: the text bridge may yet find rows WordNet has not
         student_spec(recipe, concepts, decide_heads(concepts, "auto"))

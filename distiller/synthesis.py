@@ -153,6 +153,14 @@ def negative_images(recipe, k: int) -> int:
     return round(syn.negative_share / (1 - syn.negative_share) * syn.images_per_class * k)
 
 
+def bank_plan(recipe, labels, style_names=("plain",), resolution: int = 0) -> BankPlan:
+    """What the recipe's bank holds for these labels: its images, negatives and shards depend on nothing else (the
+    styles and resolution are the prompt source's and the teacher's, known once they are built)."""
+    syn = recipe.synthesis
+    return BankPlan(tuple(labels), tuple(style_names), syn.images_per_class, syn.shard_size, resolution, syn.val_every,
+                    recipe.seed, negative_images(recipe, len(labels)))
+
+
 def synthesis_objective(recipe, concepts, teacher, device="cpu", offline=False):
     """The teacher, or an ``Objective`` with the recipe's ensemble and adversarial competitor."""
     syn = recipe.synthesis

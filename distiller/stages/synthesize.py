@@ -3,24 +3,14 @@ from __future__ import annotations
 
 from runtime.atomic import write_bytes, write_json
 
-from ..bank import Bank, BankPlan
+from ..bank import Bank
 from ..generator import sampler
 from ..priors import PRIORS, cost_warning
 from ..ranks import share_shards, world
 from ..runfolder import Run
-from ..synthesis import fill_bank, negative_images
+from ..synthesis import bank_plan, fill_bank
 from .base import Progress
 from .generator import synthesis_inputs, trained_generator
-
-
-def bank_plan(run: Run, style_names, resolution: int) -> BankPlan:
-    syn = run.recipe.synthesis
-    return BankPlan(tuple(run.labels), tuple(style_names), syn.images_per_class, syn.shard_size, resolution,
-                    syn.val_every, run.recipe.seed, negative_images(run.recipe, len(run.labels)))
-
-
-def _planned_images(run: Run) -> int:
-    return run.recipe.synthesis.images_per_class * len(run.labels) + negative_images(run.recipe, len(run.labels))
 
 
 class SynthesizeStage:
@@ -32,12 +22,12 @@ class SynthesizeStage:
         return bank.is_complete() and bank.manifest.exists()
 
     def work(self, run: Run) -> int:
-        return -(-_planned_images(run) // run.recipe.synthesis.shard_size)
+        return bank_plan(run.recipe, run.labels).num_shards
 
     def describe(self, run: Run) -> str:
-        syn = run.recipe.synthesis
-        neg = negative_images(run.recipe, len(run.labels))
-        return (f"synthesis ({syn.images_per_class * len(run.labels)} images{f' + {neg} negatives' if neg else ''}, "
+        syn, plan = run.recipe.synthesis, bank_plan(run.recipe, run.labels)
+        neg = plan.negatives
+        return (f"synthesis ({plan.concept_images} images{f' + {neg} negatives' if neg else ''}, "
                 f"{PRIORS.get(syn.prior).steps(syn)} steps, {syn.prior} prior)")
 
     def run(self, run: Run, progress: Progress) -> None:
@@ -47,11 +37,11 @@ class SynthesizeStage:
             write_json(run.paths.teacher, teacher.describe())
             for note in teacher.warnings():
                 run.warn(note)
-            note = cost_warning(rec.synthesis, run.resolution(), _planned_images(run), run.device)
+            note = cost_warning(rec.synthesis, run.resolution(), bank_plan(rec, run.labels).total, run.device)
             if note:
                 run.warn(note)
         source, objective = synthesis_inputs(run)
-        plan = bank_plan(run, source.style_names, run.resolution())
+        plan = bank_plan(rec, run.labels, source.style_names, run.resolution())
         produce = None
         if rec.synthesis.generator_steps:
             produce = sampler(trained_generator(run, source, objective), objective, rec.synthesis, run.device)
