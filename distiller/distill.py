@@ -205,9 +205,10 @@ def train_student(student, spec, data: TransferSet, cfg, ckpt_dir: Path, seed: i
     batch's: the effective batch is the recipe's, whatever N. Rank 0 probes the head and writes the checkpoints;
     validation is scored in shares and gathered. A checkpoint is an epoch, so a run resumes with another N."""
     n, w = len(data.images), world()
-    if min(cfg.batch_size, n) < w.size:
-        raise UserError(f"a batch of {min(cfg.batch_size, n)} images cannot be split between {w.size} ranks: use at most "
-                        f"{min(cfg.batch_size, n)} processes (or a larger distill.batch_size and bank)")
+    bs = min(cfg.batch_size, n)
+    if bs < w.size:
+        raise UserError(f"a batch of {bs} images cannot be split between {w.size} ranks: use at most {bs} processes "
+                        f"(or a larger distill.batch_size and bank)")
     if cfg.relabel and teacher is None:
         raise ValueError("relabel needs the teacher")
     steps = steps_per_epoch(n, cfg.batch_size)
@@ -284,12 +285,12 @@ def _train_epoch(model, student, spec, data: TransferSet, cfg, opt, sched, epoch
                 m.eval()
     gen = torch.Generator().manual_seed(seed * 100003 + epoch)
     perm = torch.randperm(n, generator=gen)
+    mine = slice(w.rank, None, w.size)   # this rank's share of every batch
     running = 0.0
     for s in range(steps):
         idx = perm[s * bs:(s + 1) * bs]   # the whole step's batch: its views are drawn as one process draws them
-        s_in, t_logits, wt = _step_batch(to_float(tr_img[idx], device), tr_logit[idx], tr_w[idx].to(device), spec, cfg,
-                                         gen, teacher, device, seed, epoch, s)
-        mine = slice(w.rank, None, w.size)
+        s_in, t_logits, wt = _step_batch(to_float(tr_img[idx], device), tr_logit[idx], tr_w[idx].to(device), mine, spec,
+                                         cfg, gen, teacher, device, seed, epoch, s)
         with autocast() if autocast else torch.enable_grad():
             out = model(norm(s_in))
         # this rank's weighted sum over the whole batch's weight, times N: DDP's mean of the gradients is the batch's
@@ -304,10 +305,9 @@ def _train_epoch(model, student, spec, data: TransferSet, cfg, opt, sched, epoch
     return running / steps
 
 
-def _step_batch(x, cached_logits, wt, spec, cfg, gen, teacher, device, seed: int, epoch: int, step: int):
-    """This rank's share of one step: the student's input views, their teacher logits (the teacher relabels exactly
-    the view the student sees, or the cached logits of the whole image) and the whole batch's loss weights."""
-    mine = slice(world().rank, None, world().size)
+def _step_batch(x, cached_logits, wt, mine: slice, spec, cfg, gen, teacher, device, seed: int, epoch: int, step: int):
+    """This rank's share (``mine``) of one step: the student's input views, their teacher logits (the teacher relabels
+    exactly the view the student sees, or the cached logits of the whole image) and the whole batch's loss weights."""
     if not cfg.relabel:
         return random_views(x, spec.preprocess.size, gen, cfg.crop_scale)[mine], cached_logits[mine].to(device), wt
     views = random_views(x, teacher.input_size, gen, cfg.crop_scale)
