@@ -131,7 +131,8 @@ def select_for_device(run: Path, result: dict) -> dict:
     for name, r in measured.items():
         lat = {**vars(r.latency_ms), **result["models"][name]["latency_ms"]}
         r.latency_ms = Latency(**{k: lat[k] for k in ("p50", "p90", "p99", "mean", "runs")})
-    best, notes = select(measured, exp.max_drop, exp.min_speedup, exp.fidelity_images, exp.min_fidelity_images)
+    best, notes = select(measured, exp.rule(), exp.fidelity_sources or
+                         ({"all": exp.fidelity_images} if exp.fidelity_images is not None else None))
     for name, r in exp.variants.items():
         if name not in measured:
             r.status = f"not measured on this machine: {result.get('skipped', {}).get(name, 'not benched')}"

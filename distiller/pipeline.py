@@ -27,7 +27,8 @@ from .preflight import preflight
 from .priors import resolve_weights
 from .recipe import Recipe
 from .runfolder import Reporter, Run, RunPaths, resolve_device
-from .stages import STAGES, stage_group
+from .stages import STAGES, ExportStage, stage_group
+from .stages.calibration import calibration_source
 from .stages.report import read_report
 from .teachers import resolve_paths
 
@@ -167,6 +168,11 @@ def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Repor
 
 
 def export_run(run: Run) -> dict:
-    """Export (if not done yet) and report: what `distiller export RUN` does; returns the report."""
+    """Export (if not done yet) and report: what `distiller export RUN` does; returns the report. A run exported
+    before per-source fidelity and statistics calibration is exported again, and says so."""
+    if ExportStage.stale(run):
+        run.warn(f"{run.paths.export.name} was made before INT8 calibration from the student's own statistics: "
+                 f"exporting again (calibration source: {calibration_source(run)})")
+        ExportStage.clear(run)
     run_stages(run, stage_group("export"))
     return read_report(run)

@@ -40,6 +40,7 @@ Device = Literal["auto", "cpu", "cuda"]
 BnForm = Literal["kl", "l2"]
 StudentInit = Literal["pretrained", "scratch"]
 HeadChoice = Literal["auto", "fresh", "imagenet"]
+CalibrationSource = Literal["auto", "statistics", "bank", "real"]
 
 
 @dataclass(frozen=True)
@@ -159,11 +160,23 @@ class ImagesCfg:
 
 
 @dataclass(frozen=True)
+class CalibrationCfg:
+    source: CalibrationSource                   # what INT8 calibrates on (auto: real, else statistics, else bank)
+    holdout: int = num(min=0, max=4096)         # more statistics images, never calibrated on: the fidelity check's
+    steps: int = num(min=1, max=10000)          # Adam steps per batch of statistics images
+    batch: int = num(min=2, max=256)            # images optimised together (BN statistics are batch statistics)
+    lr: float = num(above=0.0, max=10.0)        # on pixels in [0, 1]
+    jitter: float = num(min=0.0, max=0.5)       # random roll of up to this share of the side, per step
+    form: BnForm                                # the BN gap: kl (per-channel Gaussian KL) | l2 (ZeroQ's)
+
+
+@dataclass(frozen=True)
 class ExportCfg:
     variants: tuple[str, ...]
     opset: int = num(min=13, max=21)
     calibration_images: int = num(min=1)        # from the train split only
     max_drop: float = num(min=0.0, max=100.0)   # points of top-1 agreement INT8 may lose vs FP32
+    min_cosine: float = num(min=0.0, max=1.0)   # mean logit cosine with FP32 INT8 must keep on the fidelity images
     min_speedup: float = num(min=0.0)           # INT8 replaces FP32 only when at least this much faster
     min_fidelity_images: int = num(min=0)       # INT8 ships only when judged on at least this many unseen images
     latency_runs: int = num(min=1)
@@ -186,6 +199,7 @@ class Recipe:
     student: StudentCfg
     distill: DistillCfg
     images: ImagesCfg
+    calibration: CalibrationCfg
     export: ExportCfg
 
     def to_dict(self) -> dict:

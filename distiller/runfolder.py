@@ -27,6 +27,7 @@ class RunPaths:
     text_embeddings = property(lambda s: s.root / "text_embeddings.pt")
     styles = property(lambda s: s.root / "styles.pt")
     bank = property(lambda s: s.root / "bank")
+    calibration = property(lambda s: s.root / "calibration")   # INT8 calibration images (statimages)
     checkpoints = property(lambda s: s.root / "checkpoints")
     samples = property(lambda s: s.root / "samples.png")
     export = property(lambda s: s.root / "export.json")
@@ -48,7 +49,7 @@ class RunPaths:
 
     def work(self) -> tuple[Path, ...]:
         """What a stage leaves once it got anywhere (besides bank shards): a run with none of them never started."""
-        return (self.styles, self.generator, self.checkpoints, self.judge, self.export, self.report)
+        return (self.styles, self.generator, self.checkpoints, self.judge, self.calibration, self.export, self.report)
 
 
 class Reporter:

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from runtime.classifier import Classifier, model_size_bytes
-from runtime.exports import ExportRecord, Latency, VariantRecord
+from runtime.exports import ExportRecord, Latency, ShipRule, VariantRecord
 from runtime.metadata import ModelMetadata
 from runtime.registry import Registry
 from runtime.timing import latency_stats, timed
@@ -130,36 +130,59 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((num / den).mean())
 
 
-def measure(path: Path, val: np.ndarray, reference: np.ndarray, teacher: np.ndarray, runs: int, threads: int | None,
-            concepts: int | None = None) -> dict:
-    """Fidelity against the FP32 reference, agreement with the teacher, latency. ``concepts``: an open-set
-    model's K; then agreement is the lower of the K + 1 decision's and the concepts' own ranking's, so a
-    variant that keeps "other" but scrambles the concepts (a fidelity set the model calls other) fails."""
-    clf = Classifier.load(path, threads=threads)
-    out = np.concatenate([clf.logits(val[i:i + 64]) for i in range(0, len(val), 64)])
-    known = ~np.isnan(teacher).any(-1)   # rows without teacher logits (train images) only check fidelity
+@dataclass
+class FidelitySet:
+    """The images INT8 variants are judged on, none of them seen by a quantizer, and what is known about them."""
+    images: np.ndarray          # NCHW float32
+    reference: np.ndarray       # the FP32 student's outputs on them
+    teacher: np.ndarray         # the teacher's logits (NaN rows: none, e.g. statistics images)
+    sources: np.ndarray         # per row, where the image is from (real | statistics | bank)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def counts(self) -> dict[str, int]:
+        names, n = np.unique(self.sources, return_counts=True)
+        return {str(a): int(b) for a, b in zip(names, n)}
+
+
+def agreement(out: np.ndarray, reference: np.ndarray, concepts: int | None) -> tuple[float, dict]:
+    """Top-1 agreement with the FP32 reference. ``concepts``: an open-set model's K; then agreement is the lower
+    of the K + 1 decision's and the concepts' own ranking's, so a variant that keeps "other" but scrambles the
+    concepts (a fidelity set the model calls other) fails."""
     full = float((out.argmax(-1) == reference.argmax(-1)).mean())
-    extra = {}
-    if concepts is not None and out.shape[-1] > concepts:
-        inner = float((out[:, :concepts].argmax(-1) == reference[:, :concepts].argmax(-1)).mean())
-        extra = {"agreement_open_set": full, "agreement_concepts": inner}
-        full = min(full, inner)
+    if concepts is None or out.shape[-1] <= concepts:
+        return full, {}
+    inner = float((out[:, :concepts].argmax(-1) == reference[:, :concepts].argmax(-1)).mean())
+    return min(full, inner), {"agreement_open_set": full, "agreement_concepts": inner}
+
+
+def measure(path: Path, fid: FidelitySet, runs: int, threads: int | None, concepts: int | None = None) -> dict:
+    """Fidelity against the FP32 reference (over all the fidelity images, and per source), agreement with the
+    teacher, latency."""
+    clf = Classifier.load(path, threads=threads)
+    out = np.concatenate([clf.logits(fid.images[i:i + 64]) for i in range(0, len(fid), 64)])
+    known = ~np.isnan(fid.teacher).any(-1)   # rows without teacher logits only check fidelity
+    full, extra = agreement(out, fid.reference, concepts)
+    rows = {name: fid.sources == name for name in fid.counts()}
+    by_source = {name: round(agreement(out[r], fid.reference[r], concepts)[0], 4) for name, r in rows.items()}
     return {
         **extra,
         "agreement": full,
-        "cosine": cosine(out, reference),
-        "max_abs_diff": float(np.abs(out - reference).max()),
-        "teacher_agreement": float((out[known].argmax(-1) == teacher[known].argmax(-1)).mean()) if known.any() else None,
-        "latency_ms": Latency(**latency_ms(clf, val, runs)),
+        "agreement_by_source": by_source,
+        "cosine_by_source": {name: round(cosine(out[r], fid.reference[r]), 5) for name, r in rows.items()},
+        "cosine": cosine(out, fid.reference),
+        "max_abs_diff": float(np.abs(out - fid.reference).max()),
+        "teacher_agreement": float((out[known].argmax(-1) == fid.teacher[known].argmax(-1)).mean()) if known.any() else None,
+        "latency_ms": Latency(**latency_ms(clf, fid.images, runs)),
         "backend": clf.backend,
     }
 
 
-def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray, teacher: np.ndarray,
-               max_drop: float, runs: int = 50, threads: int | None = None, on_variant=None,
-               min_speedup: float = 1.0, min_fidelity_images: int = 0) -> ExportRecord:
+def export_all(ctx: ExportContext, names, fid: FidelitySet, rule: ShipRule, runs: int = 50,
+               threads: int | None = None, on_variant=None) -> ExportRecord:
     """Build, measure and rank the variants; returns the export record (report.json's ``export``)."""
-    ctx.max_drop = max_drop
+    ctx.max_drop = rule.max_drop
     rows: dict[str, VariantRecord] = {}
     failed = {}
     for name in build_order(names):
@@ -179,62 +202,71 @@ def export_all(ctx: ExportContext, names, val: np.ndarray, reference: np.ndarray
         rows[name] = VariantRecord(file=v.file, format=v.format, precision=v.precision, description=v.description,
                                    size_mb=round(model_size_bytes(path) / 2**20, 3),
                                    build_s=round(time.perf_counter() - t0, 2),
-                                   **measure(path, val, reference, teacher, runs, threads,
+                                   **measure(path, fid, runs, threads,
                                              len(ctx.metadata.labels) if ctx.metadata.other_label else None))
         if on_variant:
             on_variant(name, rows[name])
-    deployable, notes = select(rows, max_drop, min_speedup, len(val), min_fidelity_images)
+    deployable, notes = select(rows, rule, fid.counts())
     notes += [f"{n}: failed to build ({why})" for n, why in failed.items()]
-    return ExportRecord(rows, deployable, max_drop, min_speedup, min_fidelity_images, failed, notes)
+    return ExportRecord(rows, deployable, rule.max_drop, rule.min_speedup, rule.min_fidelity_images, failed, notes,
+                        min_cosine=rule.min_cosine, judged_on=rule.judged_on, cosine_on=rule.cosine_on,
+                        fidelity_sources=fid.counts(),
+                        fidelity_images=len(fid))
 
 
-def select(rows: dict[str, VariantRecord], max_drop: float, min_speedup: float = 1.0, fidelity_images: int | None = None,
-           min_fidelity_images: int = 0) -> tuple[str, list[str]]:
-    """Mark the fastest variant within ``max_drop`` points of agreement as deployable.
+def _ineligible(r: VariantRecord, rule: ShipRule, judged: int | None, speedup: float) -> str:
+    """Why an INT8 row may not ship under ``rule`` ("" when it may); sets its ``drop_points``."""
+    agreement = r.agreement if rule.judged_on in (None, "all") else (r.agreement_by_source or {}).get(rule.judged_on, 0.0)
+    drop = 100 * (1 - agreement)
+    r.drop_points = round(drop, 2) if rule.judged_on is not None else 0.0
+    on = "" if rule.judged_on in (None, "all") else f" on the {rule.judged_on} images"
+    cos = r.cosine if rule.cosine_on == "all" else (r.cosine_by_source or {}).get(rule.cosine_on, 0.0)
+    if cos < rule.min_cosine:
+        where = "" if rule.cosine_on == "all" else f" on the {rule.cosine_on} images"
+        return f"keeps a logit cosine of {cos:.4f} with FP32{where} (min_cosine {rule.min_cosine})"
+    if rule.judged_on is not None and drop > rule.max_drop:
+        return f"loses {drop:.1f} points of top-1 agreement{on} (max_drop {rule.max_drop})"
+    if rule.judged_on is not None and judged is not None and judged < rule.min_fidelity_images:
+        return (f"judged on only {judged} images{on} the quantizers did not see "
+                f"(export.min_fidelity_images {rule.min_fidelity_images})")
+    if speedup < rule.min_speedup:
+        return f"only {speedup:.2f}x faster than FP32 (min_speedup {rule.min_speedup})"
+    return ""
 
-    INT8 ships only when its agreement was measured on at least ``min_fidelity_images`` images (one
-    disagreement in 8 is 12.5 points: a perfect score on a handful of images says little).
 
-    An INT8 variant replaces FP32 only when it is at least ``min_speedup`` times faster than the
-    fastest FP32 variant: a lossy model is not worth a few percent. Every row gets a ``status``
-    saying why it was or was not picked; if no INT8 variant qualifies FP32 ships and the notes say so.
-    """
+def select(rows: dict[str, VariantRecord], rule: ShipRule, fidelity: dict[str, int] | None = None) -> tuple[str, list[str]]:
+    """Mark the fastest variant that ``rule`` lets ship as deployable (``runtime.exports.ShipRule`` states the
+    rule). ``fidelity``: the fidelity images per source. Every row gets a ``status`` saying why it was or was not
+    picked; if no INT8 variant qualifies FP32 ships and the notes say so."""
     notes, ok = [], []
-    fp32 = [n for n, r in rows.items() if r.precision == "fp32"]
-    fp32_p50 = min((rows[n].latency_ms.p50 for n in fp32), default=float("inf"))
+    fp32_p50 = min((r.latency_ms.p50 for r in rows.values() if r.precision == "fp32"), default=float("inf"))
+    judged = None if fidelity is None else (sum(fidelity.values()) if rule.judged_on == "all" else fidelity.get(rule.judged_on, 0))
     for name, r in rows.items():
-        drop = 100 * (1 - r.agreement)
-        r.drop_points = round(drop, 2)
-        speedup = fp32_p50 / r.latency_ms.p50
-        if r.precision == "fp32":
-            ok.append(name)
-        elif drop > max_drop:
-            r.status = f"loses {drop:.1f} points of top-1 agreement (max_drop {max_drop})"
-        elif fidelity_images is not None and fidelity_images < min_fidelity_images:
-            r.status = (f"judged on only {fidelity_images} images the quantizers did not see "
-                        f"(export.min_fidelity_images {min_fidelity_images})")
-        elif speedup < min_speedup:
-            r.status = f"only {speedup:.2f}x faster than FP32 (min_speedup {min_speedup})"
-        else:
+        why = "" if r.precision == "fp32" else _ineligible(r, rule, judged, fp32_p50 / r.latency_ms.p50)
+        if r.precision == "fp32" and rule.judged_on is not None:
+            r.drop_points = round(100 * (1 - r.agreement), 2)
+        r.status = why
+        if not why:
             ok.append(name)
     best = min(ok, key=lambda n: rows[n].latency_ms.p50)
     p50 = rows[best].latency_ms.p50
     for name, r in rows.items():   # machine-readable: the runtime's fallbacks read this, never ``status``
         r.eligible = name in ok
-    for name in ok:
-        r = rows[name]
-        r.status = "deployable: fastest within max_drop" if name == best else \
-            f"slower: p50 {r.latency_ms.p50:.2f} ms vs {p50:.2f} ms"
+        if name in ok:
+            r.status = "deployable: the fastest the ship rule allows" if name == best else \
+                f"slower: p50 {r.latency_ms.p50:.2f} ms vs {p50:.2f} ms"
     int8 = [n for n, r in rows.items() if r.precision == "int8"]
     if int8 and rows[best].precision == "fp32":
-        lost = [n for n in int8 if rows[n].drop_points > max_drop]
-        why = ("every INT8 variant lost more than max_drop" if len(lost) == len(int8) else
-               f"INT8 was judged on only {fidelity_images} bank images the quantizers did not see (export."
-               f"min_fidelity_images {min_fidelity_images}: make a bigger bank or give --images)"
-               if fidelity_images is not None and fidelity_images < min_fidelity_images else
-               f"no INT8 variant within max_drop was {min_speedup}x faster than FP32 on this CPU")
-        notes.append(f"shipping FP32 ({best}): {why}")
-    for n in int8:
-        if rows[n].drop_points > max_drop:
-            notes.append(f"{n}: {rows[n].status}: not deployable")
+        notes.append(f"shipping FP32 ({best}): " + _why_fp32([rows[n].status for n in int8], rule, judged))
+    notes += [f"{n}: {rows[n].status}: not deployable" for n in int8 if not rows[n].eligible
+              and not rows[n].status.startswith(("only", "judged"))]
     return best, notes
+
+
+def _why_fp32(statuses: list[str], rule: ShipRule, judged: int | None) -> str:
+    if all(s.startswith(("loses", "keeps")) for s in statuses):
+        return "every INT8 variant lost more than the ship rule allows (max_drop, min_cosine)"
+    if any(s.startswith("judged") for s in statuses):
+        return (f"INT8 was judged on only {judged} images the quantizers did not see (export.min_fidelity_images "
+                f"{rule.min_fidelity_images}: make a bigger bank or give --images)")
+    return f"no INT8 variant the ship rule allows was {rule.min_speedup}x faster than FP32 on this CPU"

@@ -35,6 +35,8 @@ class VariantRecord:
     backend: str = ""
     agreement_open_set: float | None = None     # open-set models: the K + 1 decision's agreement ...
     agreement_concepts: float | None = None     # ... and the concepts' own ranking's (``agreement`` is the lower)
+    agreement_by_source: dict[str, float] | None = None   # ``agreement`` on each fidelity source's images alone
+    cosine_by_source: dict[str, float] | None = None      # ``cosine`` likewise
     drop_points: float = 0.0                    # 100 x (1 - agreement)
     eligible: bool = False                      # within max_drop, judged on enough images and fast enough
     status: str = ""                            # why it was or was not picked, in words
@@ -51,6 +53,25 @@ class VariantRecord:
         return cls(**kw)
 
 
+@dataclass(frozen=True)
+class ShipRule:
+    """When an INT8 variant may replace FP32: stated here, applied by ``exporter.select``.
+
+    An INT8 variant is eligible when (1) its mean logit cosine with FP32 on the photo-like fidelity images (none
+    seen by a quantizer; ``cosine_on``: the real validation images, else the statistics images held out, else
+    "all") is at least ``min_cosine``; (2) on the images of ``judged_on`` (the fidelity source whose answers
+    are the user's: real validation images, or the bank's for a bank-calibrated student; "all": every fidelity
+    image; None: no source can resolve it, so (1) alone judges) it loses at most ``max_drop`` points of top-1
+    agreement, measured on at least ``min_fidelity_images`` of them; and (3) it is at least ``min_speedup`` times
+    faster than the fastest FP32 variant. The fastest eligible variant ships."""
+    max_drop: float = 1.0
+    min_speedup: float = 1.0
+    min_fidelity_images: int = 0
+    min_cosine: float = 0.0
+    judged_on: str | None = "all"
+    cosine_on: str = "all"
+
+
 @dataclass
 class ExportRecord:
     """Every variant of a run, the deployable one, the rule that chose it, and how the fidelity was judged."""
@@ -63,8 +84,17 @@ class ExportRecord:
     notes: list[str] = field(default_factory=list)
     fidelity_images: int | None = None
     calibration_images: int | None = None
-    calibration_source: str | None = None       # real | surrogate
+    calibration_source: str | None = None       # real | statistics | bank (older runs: real | surrogate)
+    min_cosine: float = 0.0
+    judged_on: str | None = "all"
+    cosine_on: str = "all"
+    fidelity_sources: dict[str, int] | None = None   # fidelity images per source (None: an export made
+                                                     # before per-source fidelity: `distiller export RUN` redoes it)
     threshold: dict | None = None               # open set: {"value": t, "source": ..., ...}
+
+    def rule(self) -> ShipRule:
+        return ShipRule(self.max_drop, self.min_speedup, self.min_fidelity_images, self.min_cosine, self.judged_on,
+                        self.cosine_on)
 
     @property
     def deployable(self) -> str:
@@ -78,8 +108,9 @@ class ExportRecord:
     def to_json(self) -> dict:
         out = {"variants": {n: r.to_json() for n, r in self.variants.items()}, "failed": self.failed,
                "deployable": self.deployable, "deployable_variant": self.deployable_variant, "max_drop": self.max_drop,
-               "min_speedup": self.min_speedup, "min_fidelity_images": self.min_fidelity_images, "notes": self.notes}
-        for k in ("fidelity_images", "calibration_images", "calibration_source", "threshold"):
+               "min_speedup": self.min_speedup, "min_fidelity_images": self.min_fidelity_images, "notes": self.notes,
+               "min_cosine": self.min_cosine, "judged_on": self.judged_on, "cosine_on": self.cosine_on}
+        for k in ("fidelity_images", "calibration_images", "calibration_source", "fidelity_sources", "threshold"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
         return out
@@ -90,7 +121,10 @@ class ExportRecord:
             return cls({n: VariantRecord.from_json(r) for n, r in d["variants"].items()}, d["deployable_variant"],
                        float(d["max_drop"]), float(d.get("min_speedup", 1.0)), int(d.get("min_fidelity_images", 0)),
                        dict(d.get("failed", {})), list(d.get("notes", [])), d.get("fidelity_images"),
-                       d.get("calibration_images"), d.get("calibration_source"), d.get("threshold"))
+                       d.get("calibration_images"), d.get("calibration_source"),
+                       fidelity_sources=d.get("fidelity_sources"), threshold=d.get("threshold"),
+                       min_cosine=float(d.get("min_cosine", 0.0)), judged_on=d.get("judged_on", "all"),
+                       cosine_on=d.get("cosine_on", "all"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"{source}: its export record is damaged ({type(exc).__name__}: {exc}): run `distiller export "
                             f"RUN` again") from None

@@ -9,17 +9,18 @@ import pytest
 
 from distiller.cli import main
 from exporter.variants import VARIANTS, select
-from runtime.exports import Latency, VariantRecord
+from runtime.exports import Latency, ShipRule, VariantRecord
 
 
-def _row(precision, agreement, p50):
-    return VariantRecord(f"{precision}-{p50}", precision, agreement, Latency(p50, p50, p50, p50, 1))
+def _row(precision, agreement, p50, cosine=1.0, by_source=None):
+    return VariantRecord(f"{precision}-{p50}", precision, agreement, Latency(p50, p50, p50, p50, 1), cosine=cosine,
+                         agreement_by_source=by_source)
 
 
 def test_select_fastest_within_max_drop():
     rows = {"onnx-fp32": _row("fp32", 1.0, 2.0), "openvino-fp32": _row("fp32", 1.0, 1.5),
             "onnx-int8": _row("int8", 0.995, 1.0), "openvino-int8": _row("int8", 0.97, 0.5)}
-    best, notes = select(rows, max_drop=1.0)
+    best, notes = select(rows, ShipRule(max_drop=1.0))
     assert best == "onnx-int8"
     assert rows["openvino-int8"].status.startswith("loses 3.0 points")
     assert rows["openvino-fp32"].status.startswith("slower")
@@ -28,30 +29,45 @@ def test_select_fastest_within_max_drop():
 
 def test_select_with_max_drop_zero_ships_fp32_and_says_so():
     rows = {"onnx-fp32": _row("fp32", 1.0, 2.0), "onnx-int8": _row("int8", 0.99, 1.0)}
-    best, notes = select(rows, max_drop=0.0)
+    best, notes = select(rows, ShipRule(max_drop=0.0))
     assert best == "onnx-fp32"
-    assert any("shipping FP32" in n and "every INT8 variant lost more than max_drop" in n for n in notes)
+    assert any("shipping FP32" in n and "every INT8 variant lost more than the ship rule allows" in n for n in notes)
     rows = {"onnx-fp32": _row("fp32", 1.0, 1.0), "onnx-int8": _row("int8", 1.0, 3.0)}
-    best, notes = select(rows, max_drop=1.0)
-    assert best == "onnx-fp32" and any("no INT8 variant within max_drop was 1.0x faster than FP32" in n for n in notes)
+    best, notes = select(rows, ShipRule(max_drop=1.0))
+    assert best == "onnx-fp32" and any("no INT8 variant the ship rule allows was 1.0x faster than FP32" in n for n in notes)
 
 
 def test_int8_must_be_min_speedup_faster_than_fp32():
     rows = {"openvino-fp32": _row("fp32", 1.0, 1.5), "openvino-int8": _row("int8", 1.0, 1.37)}
-    best, notes = select(rows, max_drop=1.0, min_speedup=1.2)
+    best, notes = select(rows, ShipRule(max_drop=1.0, min_speedup=1.2))
     assert best == "openvino-fp32"
     assert rows["openvino-int8"].status == "only 1.09x faster than FP32 (min_speedup 1.2)"
-    assert any("no INT8 variant within max_drop was 1.2x faster" in n for n in notes)
-    assert select(rows, max_drop=1.0, min_speedup=1.05)[0] == "openvino-int8"
+    assert any("no INT8 variant the ship rule allows was 1.2x faster" in n for n in notes)
+    assert select(rows, ShipRule(max_drop=1.0, min_speedup=1.05))[0] == "openvino-int8"
 
 
 def test_int8_judged_on_too_few_images_does_not_ship():
     rows = {"onnx-fp32": _row("fp32", 1.0, 2.0), "onnx-int8": _row("int8", 1.0, 1.0)}
-    best, notes = select(rows, max_drop=1.0, fidelity_images=8, min_fidelity_images=24)
+    best, notes = select(rows, ShipRule(max_drop=1.0, min_fidelity_images=24), {"bank": 8})
     assert best == "onnx-fp32" and rows["onnx-int8"].eligible is False
     assert rows["onnx-int8"].status == "judged on only 8 images the quantizers did not see (export.min_fidelity_images 24)"
     assert any("shipping FP32" in n and "make a bigger bank or give --images" in n for n in notes)
-    assert select(rows, max_drop=1.0, fidelity_images=24, min_fidelity_images=24)[0] == "onnx-int8"
+    assert select(rows, ShipRule(max_drop=1.0, min_fidelity_images=24), {"bank": 24})[0] == "onnx-int8"
+
+
+def test_ship_rule_judges_top1_on_the_users_images_and_cosine_on_every_image():
+    by = {"statistics": 0.90, "bank": 0.9, "real": 1.0}
+    rows = {"onnx-fp32": _row("fp32", 1.0, 2.0), "onnx-int8": _row("int8", 0.93, 1.0, cosine=0.99, by_source=by)}
+    # real images judge top-1: the synthetic images' flips do not count
+    assert select(rows, ShipRule(max_drop=1.0, min_cosine=0.985, judged_on="real"), {"real": 40, "statistics": 64})[0] == "onnx-int8"
+    # data-free (no source judges top-1): the cosine alone, and a variant below min_cosine does not ship
+    assert select(rows, ShipRule(max_drop=1.0, min_cosine=0.985, judged_on=None), {"statistics": 64})[0] == "onnx-int8"
+    assert rows["onnx-int8"].drop_points == 0.0
+    best, notes = select(rows, ShipRule(max_drop=1.0, min_cosine=0.995, judged_on=None), {"statistics": 64})
+    assert best == "onnx-fp32" and rows["onnx-int8"].status == "keeps a logit cosine of 0.9900 with FP32 (min_cosine 0.995)"
+    # judged on the bank (a bank-calibrated student): its agreement there decides
+    best, _ = select(rows, ShipRule(max_drop=1.0, judged_on="bank"), {"bank": 40})
+    assert best == "onnx-fp32" and rows["onnx-int8"].status == "loses 10.0 points of top-1 agreement on the bank images (max_drop 1.0)"
 
 
 def test_calibration_and_fidelity_images_never_overlap():

@@ -150,15 +150,16 @@ def test_every_exported_variant_has_the_other_output_and_predict_prints_it(tmp_p
         assert clf.logits(clf.preprocess([imgs[0]])).shape == (1, 3)
     # INT8 fidelity counts the K + 1 decisions: a reference whose "other" output wins everywhere agrees
     # with a variant exactly where that variant answers other
-    from exporter.variants import measure
+    from exporter.variants import FidelitySet, measure
     fp = Classifier.load(run / "student.int8.onnx", exact=True)
     batch = fp.preprocess(list(imgs))
     out = fp.logits(batch)
     ref = out.copy()
     ref[:, 2] = out.max(1) + 10.0
-    m = measure(run / "student.int8.onnx", batch, ref, np.full_like(ref, np.nan), 2, None)
-    assert m["agreement"] == pytest.approx(float((out.argmax(1) == 2).mean()))
-    assert measure(run / "student.int8.onnx", batch, out, np.full_like(out, np.nan), 2, None)["agreement"] == 1.0
+    src = np.array(["bank"] * len(batch))
+    m = measure(run / "student.int8.onnx", FidelitySet(batch, ref, np.full_like(ref, np.nan), src), 2, None)
+    assert m["agreement"] == pytest.approx(float((out.argmax(1) == 2).mean())) == m["agreement_by_source"]["bank"]
+    assert measure(run / "student.int8.onnx", FidelitySet(batch, out, np.full_like(out, np.nan), src), 2, None)["agreement"] == 1.0
     noise = tmp_path / "noise.png"
     from PIL import Image
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8)).save(noise)

@@ -107,7 +107,7 @@ def test_the_multi_resolution_schedule_hands_the_image_up_in_size(clip):
 
 
 def test_the_deepinversion_bn_prior_weights_its_first_layer(clip):
-    from distiller.teachers.imagenet import BNStats
+    from distiller.bnstats import BNStats
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 1),
                               torch.nn.BatchNorm2d(4)).eval()
     stats = BNStats(net)

@@ -4,6 +4,7 @@ the single-stage commands run a named group of them."""
 from __future__ import annotations
 
 from .base import Progress, Stage
+from .calibration import CalibrationStage
 from .distill import DistillStage
 from .export import ExportStage
 from .generator import GeneratorStage
@@ -16,12 +17,12 @@ from .report import ReportStage
 from .synthesize import SynthesizeStage
 
 STAGES: tuple[Stage, ...] = (HeadsStage(), PromptsStage(), GeneratorStage(), SynthesizeStage(), LabelStage(),
-                             JudgeStage(), DistillStage(), ExportStage(), ReportStage(), HtmlReportStage())
+                             JudgeStage(), DistillStage(), CalibrationStage(), ExportStage(), ReportStage(), HtmlReportStage())
 
 GROUPS: dict[str, tuple[str, ...]] = {    # what `distiller synthesize|distill|export RUN` runs
     "synthesize": ("heads", "prompts", "generator", "synthesize", "label images"),
     "distill": ("heads", "distill"),      # the student's heads, then distillation
-    "export": ("export", "report", "report.html"),
+    "export": ("calibration images", "export", "report", "report.html"),
 }
 
 
@@ -31,5 +32,5 @@ def stage_group(name: str) -> tuple[Stage, ...]:
     return tuple(s for s in STAGES if s.name in wanted)
 
 
-__all__ = ["GROUPS", "STAGES", "DistillStage", "ExportStage", "GeneratorStage", "HeadsStage", "HtmlReportStage",
+__all__ = ["GROUPS", "STAGES", "CalibrationStage", "DistillStage", "ExportStage", "GeneratorStage", "HeadsStage", "HtmlReportStage",
            "JudgeStage", "LabelStage", "Progress", "PromptsStage", "ReportStage", "Stage", "SynthesizeStage", "stage_group"]

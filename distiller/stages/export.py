@@ -8,10 +8,10 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from exporter import ExportContext, export_all, open_set_threshold, quantizer_split
-from runtime.atomic import read_json, write_json
+from exporter import ExportContext, FidelitySet, export_all, open_set_threshold, quantizer_split
+from runtime.atomic import read_json, remove, write_json
 from runtime.errors import UserError
-from runtime.exports import ExportRecord
+from runtime.exports import ExportRecord, ShipRule
 from runtime.metadata import ModelMetadata
 from runtime.preprocess import preprocess
 
@@ -20,7 +20,9 @@ from ..bank import Bank
 from ..distill import load_student
 from ..images import real_images
 from ..runfolder import Run
+from ..statimages import to_tensor
 from .base import Progress
+from .calibration import CalibrationStage, calibration_source, has_real_split
 from .distill import DistillStage
 
 FIDELITY_IMAGES = 256   # images on which INT8 variants must agree with FP32
@@ -34,26 +36,79 @@ def teacher_info(run: Run) -> dict:
     return {"model": run.recipe.teacher.model}
 
 
-def _images(run: Run, spec):
-    """(calibration batch, fidelity batch, teacher logits of the fidelity images (NaN rows: none), source name)."""
-    rec, bank, real = run.recipe, Bank(run.paths.bank), real_images(run)
-    source = real if real is not None and real.images.count("val") and real.images.count("train") else bank
-    tr_img, _, _ = source.load("train")
-    va_img, va_logit, _ = source.load("val")
+def _preprocessed(images: np.ndarray, spec) -> np.ndarray:
+    return np.stack([preprocess(im, spec.preprocess) for im in images])
+
+
+def _split_store(run: Run, store, spec, name: str) -> tuple[np.ndarray, list[tuple]]:
+    """Calibration rows from ``store``'s train images (spread evenly) and its fidelity part: the val images, then
+    train images outside the calibration set up to FIDELITY_IMAGES; never the same image."""
+    rec = run.recipe
+    tr_img, _, _ = store.load("train")
+    va_img, va_logit, _ = store.load("val")
     calib_rows, check_rows = quantizer_split(len(tr_img), rec.export.calibration_images, FIDELITY_IMAGES - len(va_img),
                                              rec.export.min_fidelity_images - len(va_img))
-    calib = np.stack([preprocess(im, spec.preprocess) for im in tr_img[calib_rows]])
-    # INT8 fidelity is measured on images the quantizers never saw (the val shards, then train images outside the
-    # calibration set, up to FIDELITY_IMAGES). "vs teacher" agreement stays on the val shards (NaN rows are skipped)
     if not len(va_img) and not len(check_rows):   # a bank too small for both: judged on what it has
         check_rows = calib_rows
         run.warn("the INT8 fidelity check reuses the calibration images: the bank has no others (make a bigger bank)")
-    check = np.concatenate([va_img, tr_img[check_rows]])
-    va_logit = np.concatenate([va_logit, np.full((len(check_rows), va_logit.shape[1]), np.nan, np.float32)])
-    val = np.stack([preprocess(im, spec.preprocess) for im in check])
-    if source is real:
-        return calib, val, va_logit, "real"
-    return calib, val, va_logit, "surrogate+negatives" if bank.plan().negatives > 0 else "surrogate"
+    nan = np.full((len(check_rows), va_logit.shape[1]), np.nan, np.float32)
+    part = (_preprocessed(np.concatenate([va_img, tr_img[check_rows]]), spec), np.concatenate([va_logit, nan]), name)
+    return _preprocessed(tr_img[calib_rows], spec), [part]
+
+
+def _images(run: Run, spec, student) -> tuple[np.ndarray, FidelitySet, str]:
+    """(calibration batch, fidelity set, calibration source). The source is ``calibration_source(run)``; the
+    fidelity set holds every image no quantizer saw: the statistics images held out, the bank's validation
+    shards, the real validation images, each row labelled with its source."""
+    bank, source = Bank(run.paths.bank), calibration_source(run)
+    parts: list[tuple] = []
+    if source == "real":
+        real = real_images(run)
+        if not has_real_split(run):
+            raise UserError("calibration.source = real needs real images in both splits: give --images DIR (a few "
+                            "dozen or more), or set calibration.source = auto")
+        calib, parts = _split_store(run, real, spec, "real")
+        va_img, va_logit, _ = bank.load("val")
+        parts.append((_preprocessed(va_img, spec), va_logit, "bank"))
+    elif source == "statistics":
+        pre = spec.preprocess
+        calib_u8, held = CalibrationStage.store(run).load()
+        calib = to_tensor(calib_u8, pre.mean, pre.std)
+        va_img, va_logit, _ = bank.load("val")
+        k = va_logit.shape[1]
+        parts = [(to_tensor(held, pre.mean, pre.std), np.full((len(held), k), np.nan, np.float32), "statistics"),
+                 (_preprocessed(va_img, spec), va_logit, "bank")]
+    else:
+        calib, parts = _split_store(run, bank, spec, "bank")
+    images = np.concatenate([p[0] for p in parts])
+    with torch.no_grad():
+        reference = np.concatenate([student(torch.from_numpy(images[i:i + 64])).numpy() for i in range(0, len(images), 64)])
+    sources = np.concatenate([np.full(len(p[0]), p[2], dtype=object) for p in parts]).astype(str)
+    return calib, FidelitySet(images, reference, np.concatenate([p[1] for p in parts]), sources), source
+
+
+def ship_rule(run: Run, fid: FidelitySet, source: str) -> ShipRule:
+    """The recipe's ship rule, with the fidelity source whose top-1 agreement ``max_drop`` applies to: the real
+    validation images when there are; the bank's when INT8 calibrates on the bank (as before statistics
+    calibration); none for statistics calibration without real images: a synthetic image far from every concept
+    flips its top-1 easily (benchmarks/int8.py), so the logit cosine (``min_cosine``) judges alone, on the most
+    photo-like images there are (real, else the statistics images held out; the bank's surrogates flip under any
+    INT8 calibration, real photos included)."""
+    e, counts = run.recipe.export, fid.counts()
+    judged_on = "real" if "real" in counts else ("bank" if source == "bank" else None)
+    cosine_on = next((s for s in ("real", "statistics") if s in counts), "all")
+    return ShipRule(e.max_drop, e.min_speedup, e.min_fidelity_images, e.min_cosine, judged_on, cosine_on)
+
+
+def _threshold(run: Run, fid: FidelitySet, source: str) -> tuple[float, dict]:
+    """The open-set threshold, fitted on the real validation images when calibration uses them, else on the bank's
+    (with negatives; without, 0: the other output alone decides)."""
+    rec = run.recipe
+    if not rec.openset:
+        return 0.0, {}
+    rows = fid.sources == ("real" if source == "real" else "bank")
+    name = "real" if source == "real" else ("surrogate+negatives" if Bank(run.paths.bank).plan().negatives > 0 else None)
+    return open_set_threshold(fid.reference[rows], fid.teacher[rows], name, rec.other_bias)
 
 
 class ExportStage:
@@ -75,13 +130,8 @@ class ExportStage:
             raise UserError(f"{run.paths.root} has no trained student: run `distiller distill {run.paths.root}` first")
         rec, spec = run.recipe, DistillStage.spec(run)
         student = load_student(spec, ckpts.best)
-        calib, val, va_logit, source = _images(run, spec)
-        with torch.no_grad():
-            reference = student(torch.from_numpy(val)).numpy()
-        threshold, fit = 0.0, {}
-        if rec.openset:
-            threshold, fit = open_set_threshold(reference, va_logit, None if source == "surrogate" else source,
-                                                rec.other_bias)
+        calib, fid, source = _images(run, spec, student)
+        threshold, fit = _threshold(run, fid, source)
         meta = ModelMetadata(
             labels=tuple(run.labels), preprocess=spec.preprocess, student=spec.model,
             teacher=teacher_info(run), recipe=rec.to_dict(),
@@ -90,16 +140,25 @@ class ExportStage:
             other_bias=rec.other_bias if rec.openset else 0.0,
         )
         ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset)
-        result = export_all(ctx, rec.export.variants, val, reference, va_logit, rec.export.max_drop,
-                            rec.export.latency_runs, rec.export.threads or None, on_variant=lambda n, r: progress(),
-                            min_speedup=rec.export.min_speedup, min_fidelity_images=rec.export.min_fidelity_images)
-        result.fidelity_images = len(val)
-        result.calibration_images = len(calib)
-        result.calibration_source = "real" if source == "real" else "surrogate"
+        result = export_all(ctx, rec.export.variants, fid, ship_rule(run, fid, source), rec.export.latency_runs,
+                            rec.export.threads or None, on_variant=lambda n, r: progress())
+        result.calibration_images, result.calibration_source = len(calib), source
         result.threshold = {"value": threshold, **fit}
         for note in result.notes:
             run.warn(note)
         write_json(run.paths.export, result.to_json())
+
+    @staticmethod
+    def stale(run: Run) -> bool:
+        """Whether the run's export predates per-source fidelity (made by an older distiller)."""
+        data = read_json(run.paths.export)
+        return data is not None and "fidelity_sources" not in data
+
+    @staticmethod
+    def clear(run: Run) -> None:
+        """Forget the export and what was made from it (the model files are rewritten in place, atomically)."""
+        for path in (run.paths.export, run.paths.report, run.paths.html):
+            remove(path)
 
     @staticmethod
     def result(run: Run) -> ExportRecord:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from runtime.errors import UserError
 from runtime.metadata import Preprocess
 
+from ..bnstats import BNStats
 from ..imagenet_concepts import Coverage, map_concepts, warnings_for
 from . import TEACHERS, TeacherFamily
 
@@ -76,42 +77,6 @@ def create_classifier(name: str):
         raise UserError(f"teacher {name}: its ImageNet weights could not be loaded ({type(exc).__name__}); offline, "
                         f"use --teacher efficientnet-lite0|1|2") from None
     return model, arch, f"timm:{arch}"
-
-
-def _bn_kl(mu, var, rm, rv, eps) -> torch.Tensor:
-    """Mean over channels of the Gaussian KL between the batch's and the running statistics (scale-free)."""
-    var, rv = var + eps, rv + eps
-    return (0.5 * (torch.log(rv / var) + (var + (mu - rm) ** 2) / rv - 1)).mean()
-
-
-def _bn_l2(mu, var, rm, rv, eps) -> torch.Tensor:
-    """DeepInversion's: the L2 norms of the variance gap and of the mean gap."""
-    return torch.norm(rv - var, 2) + torch.norm(rm - mu, 2)
-
-
-# per layer term; how the layers' terms combine (the first layer's weighted): kl averages, l2 sums (DeepInversion)
-BN_FORMS = {"kl": (_bn_kl, torch.mean), "l2": (_bn_l2, torch.sum)}
-
-
-class BNStats:
-    """Forward hooks collecting, per BatchNorm layer in order, a gap between batch and running statistics."""
-
-    def __init__(self, model):
-        self.terms: list[torch.Tensor] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        self.active, self.form = False, "kl"
-
-    def _hook(self, module, inputs, output):
-        if not self.active:
-            return
-        x = inputs[0].float()
-        mu, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-        self.terms.append(BN_FORMS[self.form][0](mu, var, module.running_mean.float(), module.running_var.float(), module.eps))
-
-    def prior(self, first_weight: float) -> torch.Tensor:
-        weights = torch.ones(len(self.terms), device=self.terms[0].device)
-        weights[0] = first_weight
-        return BN_FORMS[self.form][1](torch.stack(self.terms) * weights)
 
 
 class ImageNetTeacher(torch.nn.Module):
