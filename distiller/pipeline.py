@@ -152,7 +152,7 @@ def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Repor
     """The whole pipeline; rerun the same call to resume an interrupted run. ``images``: the user's own
     unlabelled images (``images.scan_images``), labelled by the teacher beside the bank. Under torchrun,
     rank 0 returns the report and the other ranks None (``ranks``)."""
-    preflight(recipe, concepts, offline)
+    preflight(recipe, concepts, offline, images is not None)
     recipe = dataclasses.replace(recipe, teacher=resolve_paths(recipe.teacher),   # the run works from any folder
                                  synthesis=resolve_weights(recipe.synthesis))
     with ranks.group(resolve_device(recipe.device)) as w:

@@ -21,8 +21,8 @@ from .synthesis import bank_plan, synthesis_networks
 from .teachers import check_teacher, judge_cfg, resolve_family
 
 
-def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) -> None:
-    """Every check that can fail on user input, before anything is written."""
+def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False, images: bool = False) -> None:
+    """Every check that can fail on user input, before anything is written. ``images``: --images was given."""
     resolve_device(recipe.device)
     bank_plan(recipe, [c.label for c in concepts], resolution=recipe.synthesis.resolution).validate()
     bridged = resolve_family(recipe.teacher.model).has_text_tower and recipe.student.head == "imagenet"
@@ -43,6 +43,9 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False) ->
     check_source(recipe.prompts, resolve_family(recipe.teacher.model).has_text_tower)
     check_judges(recipe, concepts, offline)
     check_synthesis(recipe, concepts, offline)
+    if recipe.calibration.source == "real" and not images:
+        raise UserError("calibration.source = real calibrates INT8 on your own images: give --images DIR, or use "
+                        "calibration.source = auto")
 
 
 def check_judges(recipe: Recipe, concepts: list[Concept], offline: bool = False) -> None:

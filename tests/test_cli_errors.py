@@ -23,6 +23,9 @@ from distiller.cli import main
     (["--set", "synthesis.steps=many"], "recipe.synthesis.steps must be a whole number"),
     (["--prompts", "fancy"], "unknown prompt source 'fancy'"),
     (["--set", "synthesis.images_per_class=4"], "need at least 2 (train and val)"),
+    (["--set", "calibration.steps=0"], "recipe.calibration.steps = 0 is out of range: use a value >= 1"),
+    (["--set", "calibration.source=photos"], "calibration.source"),
+    (["--set", "calibration.source=real"], "calibration.source = real calibrates INT8 on your own images: give --images"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_clip, tmp_path, capsys, change, expect):
     args = smoke_args(tiny_clip, tmp_path / "runs", "bad")

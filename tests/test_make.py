@@ -89,7 +89,7 @@ def test_student_learned_the_teacher(report, student_and_val):
     assert report["student"]["best_val_agreement"] == pytest.approx(agree, abs=0.05)
 
 
-def test_int8_close_to_fp32(report):
+def test_int8_close_to_fp32(smoke_run, report):
     for name in ("onnx-int8", "openvino-int8"):
         row = report["export"]["variants"][name]
         assert row["cosine"] >= 0.99, (name, row)
@@ -98,6 +98,9 @@ def test_int8_close_to_fp32(report):
     # fidelity is checked on every bank image the quantizers did not calibrate on (113, negatives included,
     # less the 16 calibration images), teacher agreement on the val shards only
     assert (report["export"]["fidelity_images"], report["export"]["calibration_images"]) == (97, 16)
+    # a scratch student's BatchNorm statistics are the bank's: it calibrates on the bank, judged there as before
+    assert (report["export"]["calibration_source"], report["export"]["judged_on"]) == ("bank", "bank")
+    assert report["export"]["fidelity_sources"] == {"bank": 97} and not (smoke_run / "calibration").exists()
     fp32 = report["export"]["variants"]["onnx-fp32"]
     assert fp32["teacher_agreement"] * 24 == pytest.approx(round(fp32["teacher_agreement"] * 24))
 

@@ -131,7 +131,8 @@ def test_an_old_metadata_version_loads_as_closed_set():
 def _lite_make(out, name, *extra):
     sets = ["teacher.input_size=64", "synthesis.images_per_class=8", "synthesis.shard_size=4", "synthesis.steps=2",
             "synthesis.crops=1", "distill.epochs=0", "student.input_size=64",
-            'export.variants=["onnx-fp32","onnx-int8"]', "export.latency_runs=3", "export.max_drop=100", "openset=true"]
+            'export.variants=["onnx-fp32","onnx-int8"]', "export.latency_runs=3", "export.max_drop=100", "openset=true",
+            "export.calibration_images=8", "calibration.holdout=8", "calibration.batch=8", "calibration.steps=2"]
     return ["make", "--classes", "dogs,birds", "--teacher", "efficientnet-lite0", "--offline", "--device", "cpu",
             "--out", str(out), "--name", name, "--quiet", *[a for s in sets for a in ("--set", s)], *extra]
 
@@ -142,6 +143,13 @@ def test_every_exported_variant_has_the_other_output_and_predict_prints_it(tmp_p
     run = tmp_path / "os"
     report = json.loads((run / "report.json").read_text())
     assert report["export"]["threshold"]["value"] == 0.0 and report["export"]["threshold"]["source"] == "none"
+    # a pretrained student with frozen BatchNorm calibrates on images made from its own statistics, and its INT8
+    # is judged on the held-out ones (cosine) and the bank's validation images
+    exp = report["export"]
+    assert (exp["calibration_source"], exp["calibration_images"]) == ("statistics", 8)
+    assert exp["fidelity_sources"]["statistics"] == 8 and exp["cosine_on"] == "statistics" and exp["judged_on"] is None
+    assert set(exp["variants"]["onnx-int8"]["cosine_by_source"]) == set(exp["fidelity_sources"])
+    assert len(list((run / "calibration").glob("shard_*"))) == 2
     imgs, logits, _ = Bank(run / "bank").load()
     assert logits.shape[1] == 3                      # the teacher labelled the bank with K + 1 columns
     for file in ("student.onnx", "student.int8.onnx"):

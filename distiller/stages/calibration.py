@@ -3,6 +3,8 @@
 once (``calibration_source``), and read by the export stage."""
 from __future__ import annotations
 
+from exporter.variants import VARIANTS
+
 from ..distill import load_student
 from ..images import real_images
 from ..ranks import share_shards
@@ -23,9 +25,12 @@ def has_real_split(run: Run) -> bool:
 def calibration_source(run: Run) -> str:
     """What the run's INT8 variants calibrate on: the recipe's ``calibration.source``, or for ``auto`` the user's
     real images when there are, else images made from the student's BatchNorm statistics when those are a
-    photo's (a pretrained student whose statistics distillation kept frozen), else the bank."""
+    photo's (a pretrained student whose statistics distillation kept frozen), else the bank; "none" when the
+    recipe exports no INT8 variant."""
     rec = run.recipe
     wanted = rec.calibration.source
+    if not any(VARIANTS.get(v).precision == "int8" for v in rec.export.variants):
+        return "none"   # nothing is quantized: nothing to calibrate
     if wanted != "auto":
         return wanted
     if has_real_split(run):
@@ -54,7 +59,7 @@ class CalibrationStage:
         return store.is_complete() and store.plan() == self.plan(run)
 
     def work(self, run: Run) -> int:
-        return self.plan(run).num_shards
+        return self.plan(run).num_shards if calibration_source(run) == "statistics" else 0
 
     def describe(self, run: Run) -> str:
         plan = self.plan(run)

@@ -78,7 +78,7 @@ def _images(run: Run, spec, student) -> tuple[np.ndarray, FidelitySet, str]:
         k = va_logit.shape[1]
         parts = [(to_tensor(held, pre.mean, pre.std), np.full((len(held), k), np.nan, np.float32), "statistics"),
                  (_preprocessed(va_img, spec), va_logit, "bank")]
-    else:
+    else:   # the bank (also for "none": FP32 alone, whose fidelity check is a formality, judged as before)
         calib, parts = _split_store(run, bank, spec, "bank")
     images = np.concatenate([p[0] for p in parts])
     with torch.no_grad():
