@@ -66,7 +66,7 @@ def networks(run: Path, wanted: list[str]) -> list[Network]:
     if "lite0" in wanted:
         from distiller.teachers.imagenet import lite_model
         from runtime.metadata import Preprocess
-        model = lite_model("tf_efficientnet_lite0").eval()
+        model = lite_model("efficientnet-lite0").eval()
         cfg = model.pretrained_cfg
         pre = Preprocess.from_crop_pct(spec.preprocess.size, cfg.get("crop_pct", 0.875), interpolation="bicubic",
                                        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))

@@ -175,7 +175,7 @@ def class_text_embeddings(tower, model: str, weights: str, templates, device="cp
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = (folder or cache_dir()) / "imagenet_text" / f"{digest}.pt"
     if path.exists():
-        data = load_torch(path, weights_only=True)
+        data = load_torch(path)
         if data.get("key") == json.dumps(key, sort_keys=True):
             return data["embeddings"].to(device)
     text = SplicedText(tower.model, tower.tokenizer)

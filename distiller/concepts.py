@@ -82,6 +82,9 @@ def parse_concepts(spec: str | None = None, file: str | Path | None = None, mini
                 raise UserError(f"class {item!r}: write it as label=teacher text, e.g. cats=a tabby cat")
         else:
             label, text = item, singular(item)
+        if len(label) > MAX_LABEL:
+            raise UserError(f"class {label[:40]!r}... is {len(label)} characters long: keep labels within {MAX_LABEL} "
+                            "(put a long description after =, e.g. cats=a tabby cat on a sofa)")
         key = singular(label.lower())
         if key in seen:
             raise UserError(f"classes {seen[key]!r} and {label!r} are the same class: list each class once")
@@ -90,6 +93,9 @@ def parse_concepts(spec: str | None = None, file: str | Path | None = None, mini
     if len(concepts) < minimum:
         raise UserError(f"need at least {minimum} class{'es' if minimum > 1 else ''}, got {len(concepts)}: e.g. --classes cats,dogs")
     return concepts
+
+
+MAX_LABEL = 100   # characters of a label (the teacher's text after = may be longer)
 
 
 def save_concepts(concepts: list[Concept], path: Path) -> None:

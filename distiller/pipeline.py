@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import unicodedata
+from contextlib import nullcontext
 from pathlib import Path
 
 from runtime.atomic import write_text
@@ -26,7 +27,7 @@ from .images import read_image_set, save_image_set
 from .preflight import preflight
 from .priors import resolve_weights
 from .recipe import Recipe
-from .runfolder import Reporter, Run, RunPaths, resolve_device
+from .runfolder import Reporter, Run, RunPaths, resolve_device, writer_lock
 from .stages import STAGES, ExportStage, stage_group
 from .stages.calibration import calibration_source
 from .stages.report import read_report
@@ -155,9 +156,9 @@ def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Repor
     preflight(recipe, concepts, offline, images is not None)
     recipe = dataclasses.replace(recipe, teacher=resolve_paths(recipe.teacher),   # the run works from any folder
                                  synthesis=resolve_weights(recipe.synthesis))
-    with ranks.group(resolve_device(recipe.device)) as w:
+    with ranks.group(resolve_device(recipe.device)) as w, (writer_lock(run_dir) if w.main else nullcontext()):
         teacher = None
-        if w.main:   # rank 0 alone decides and writes the run folder; the others wait for it
+        if w.main:   # rank 0 alone decides and writes the run folder (holding its writer's lock); the others wait
             resume = run_state(run_dir, recipe, concepts, exist_ok, images) == "resume"   # a finished run is refused early
             teacher = confirm_estimate(run_dir if resume else None, recipe, concepts, reporter or Reporter(), yes, offline)
             init_run(run_dir, recipe, concepts, exist_ok, reporter, images)

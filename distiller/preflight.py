@@ -32,7 +32,7 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False, im
         student_spec(recipe, concepts)
     if recipe.openset:
         labels = [c.label for c in concepts]
-        if not recipe.other_label.strip() or recipe.other_label in labels:
+        if not recipe.other_label.strip() or recipe.other_label.casefold() in {x.casefold() for x in labels}:
             raise UserError(f"other_label {recipe.other_label!r} " + ("is empty" if not recipe.other_label.strip() else
                             "is also one of the classes") + ": pass another name with --other-label NAME")
     check_weights(recipe.distill)

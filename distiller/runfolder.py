@@ -2,9 +2,11 @@
 (the folder with its recipe and concepts, the lazily built teacher, warnings and timings)."""
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from runtime.atomic import read_json, write_json
 from runtime.classifier import REPORT_FILE
@@ -93,7 +95,7 @@ class Run:
         if self._teacher is None:
             from .teachers import build_teacher  # torch: lazy, so the runtime-only install can read a run folder
             path = self.paths.text_embeddings
-            emb = load_torch(path, weights_only=True) if path.exists() else None
+            emb = load_torch(path) if path.exists() else None
             self._teacher = build_teacher(self.recipe.teacher, self.concepts, self.device, self.offline, emb,
                                           self.recipe.openset)
         if self._teacher.text is not None and not self.paths.text_embeddings.exists() and world().main:
@@ -156,3 +158,32 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@contextmanager
+def writer_lock(root: Path) -> Iterator[None]:
+    """One writer per run folder: an OS advisory lock (``flock``) on ``.<name>.lock`` beside the folder, held
+    while the block runs; the kernel drops it when the process dies, so a kill -9 never leaves a stale lock.
+    A second writer gets the user's error at once. Readers never take it. (Where ``fcntl`` is missing, no lock.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    root = Path(root)
+    lock = root.parent / f".{root.name}.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot lock {root} for writing ({exc.strerror}): check that {lock.parent} is writable") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"{root} is being written by another distiller process (pid {pid}): wait for it or use "
+                            f"another --name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

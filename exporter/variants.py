@@ -1,9 +1,10 @@
 """Export variants registered by name, measured on this machine, and the deployable pick.
 
 Each variant builds one file from the ones it needs; ``export_all`` builds the recipe's list,
-measures each with the runtime itself (top-1 agreement and logit cosine against the PyTorch
-student on the same input tensors, agreement with the teacher, batch-1 latency) and marks the
-fastest variant that loses at most ``max_drop`` points of agreement as deployable.
+measures each with the runtime itself on a ``FidelitySet`` no quantizer saw (top-1 agreement and
+logit cosine against the PyTorch student on the same input tensors, overall and per source;
+agreement with the teacher; batch-1 latency) and marks the fastest variant that the
+``runtime.exports.ShipRule`` allows as deployable.
 """
 from __future__ import annotations
 
@@ -180,13 +181,19 @@ def measure(path: Path, fid: FidelitySet, runs: int, threads: int | None, concep
 
 
 def export_all(ctx: ExportContext, names, fid: FidelitySet, rule: ShipRule, runs: int = 50,
-               threads: int | None = None, on_variant=None) -> ExportRecord:
-    """Build, measure and rank the variants; returns the export record (report.json's ``export``)."""
+               threads: int | None = None, on_variant=None, done: dict[str, VariantRecord] | None = None) -> ExportRecord:
+    """Build, measure and rank the variants; returns the export record (report.json's ``export``). ``done``: variants
+    an interrupted export already built and measured (their files exist): kept as they are, not measured again, so
+    a resumed export chooses among the same numbers an uninterrupted one did. ``on_variant(name, record)`` after
+    each variant measured here."""
     ctx.max_drop = rule.max_drop
     rows: dict[str, VariantRecord] = {}
     failed = {}
     for name in build_order(names):
         v = VARIANTS.get(name)
+        if done and name in done and (ctx.out_dir / done[name].file).exists():
+            rows[name], ctx.built[name] = done[name], ctx.out_dir / done[name].file
+            continue
         if any(dep in failed for dep in v.needs):
             failed[name] = f"needs {', '.join(d for d in v.needs if d in failed)}, which failed"
             continue

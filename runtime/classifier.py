@@ -104,6 +104,36 @@ def _open_onnxruntime(path: Path, threads: int | None):
     return (lambda batch: sess.run(None, {name: batch})[0]), meta
 
 
+OV_CACHE_MB = 200   # OpenVINO's compiled-model cache is pruned to this size, least recently used first
+
+
+def ov_cache_dir() -> Path | None:
+    """Where OpenVINO keeps compiled models (first loads then take milliseconds): ``DISTILLER_OV_CACHE``, else
+    ``~/.cache/distiller/openvino``; ``DISTILLER_OV_CACHE=off`` (or empty) disables it."""
+    value = os.environ.get("DISTILLER_OV_CACHE")
+    if value is not None and value.strip().lower() in ("", "off", "0", "none"):
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "distiller" / "openvino"
+
+
+def prune_cache(folder: Path, max_bytes: int) -> None:
+    """Delete the least recently used files of ``folder`` until it holds at most ``max_bytes``."""
+    files = []
+    for p in folder.iterdir():
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.is_file():
+            files.append((max(st.st_atime, st.st_mtime), st.st_size, p))
+    total = sum(f[1] for f in files)
+    for _, size, p in sorted(files):
+        if total <= max_bytes:
+            break
+        p.unlink(missing_ok=True)
+        total -= size
+
+
 @register_backend("openvino", (".xml",))
 def _open_openvino(path: Path, threads: int | None):
     try:
@@ -111,12 +141,14 @@ def _open_openvino(path: Path, threads: int | None):
     except ImportError:
         raise UserError("openvino is not installed: pip install 'distiller[openvino]' or use the .onnx file") from None
     core = ov.Core()
-    cache = Path(os.environ.get("DISTILLER_OV_CACHE", Path.home() / ".cache" / "distiller" / "openvino"))
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        core.set_property({"CACHE_DIR": str(cache)})
-    except OSError:
-        pass
+    cache = ov_cache_dir()
+    if cache is not None:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            prune_cache(cache, OV_CACHE_MB * 2**20)
+            core.set_property({"CACHE_DIR": str(cache)})
+        except OSError:
+            pass
     if not path.with_suffix(".bin").is_file():
         raise UserError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing: copy the .xml and .bin together")
     try:
@@ -192,6 +224,17 @@ def check_backend(backend: str) -> None:
         raise UserError(f"unknown backend {backend!r}: use auto, {', '.join(BACKENDS.names())}")
 
 
+def inside(run: Path, name: str) -> Path:
+    """The model file ``name`` a run folder's report names, which must lie inside that folder (no ``..``, no absolute
+    path, no symlink pointing out): a run folder is data, and its report may not send the runtime elsewhere."""
+    root = Path(run).resolve()
+    target = (Path(run) / str(name)).resolve()
+    if Path(str(name)).is_absolute() or not target.is_relative_to(root):
+        raise UserError(f"{Path(run) / REPORT_FILE} names a model outside the run folder: {name!r}: re-export the "
+                        f"run (`distiller export {run}`) or pass a model file")
+    return target
+
+
 def resolve_model_path(path: str | os.PathLike, backend: str = "auto") -> Path:
     """A model file, or a run folder: its deployable file, or where that file's backend is not
     installed (or another backend is asked for), the fastest other eligible variant (the exporter
@@ -204,6 +247,8 @@ def resolve_model_path(path: str | os.PathLike, backend: str = "auto") -> Path:
             raise UserError(f"{p / REPORT_FILE}: names no deployable model: run `distiller export {p}`")
         eligible = ExportRecord.from_json(rep["export"], str(p / REPORT_FILE)).eligible_by_speed() if "export" in rep else []
         files = [rep["deployable"]] + [r.file for r in eligible if r.file != rep["deployable"]]
+        for f in files:
+            inside(p, f)
         usable = []
         for f in files:
             b = backend_for(f)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Union
@@ -107,6 +108,14 @@ def load_image(image: ImageLike, channels: str = "rgb", draft_short: int = 0) ->
         source = io.BytesIO(bytes(image))
     elif isinstance(image, (str, os.PathLike)):
         source = Path(image)
+        try:   # only regular files: opening a FIFO or a device would block or never end
+            mode = source.stat().st_mode
+        except FileNotFoundError:
+            raise UserError(f"{_name(image)}: no such image file") from None
+        except OSError as exc:
+            raise UserError(f"{_name(image)}: cannot read it ({exc.strerror})") from None
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{_name(image)}: not a regular file (a FIFO, device, socket or folder): pass an image file")
     else:
         raise UserError(f"cannot classify a {type(image).__name__}: pass a path, bytes, a PIL image or a numpy array")
     name = _name(image)

@@ -193,7 +193,7 @@ def test_as_initialised_wins_when_kd_lowers_the_deciding_signal(tmp_path):
     assert max(h["val_agreement_surrogate"] for h in hist[1:]) == 1.0    # KD did learn the teacher's labels...
     assert all(h["val_agreement_judge"] < 1.0 for h in hist[1:])          # ...and lost the judge's
     from distiller.distill import Checkpoints
-    assert torch.load(Checkpoints(tmp_path).best, weights_only=False)["epoch"] == 0
+    assert torch.load(Checkpoints(tmp_path).best, weights_only=True)["epoch"] == 0
 
 
 def test_an_uncached_clip_teacher_names_the_file_and_the_offline_teacher(tmp_path, capsys, monkeypatch):

@@ -71,7 +71,9 @@ def test_help_shows_no_type_beside_flags(capsys):
     out = capsys.readouterr().out
     assert "--exist-ok" in out and "--yes" in out and "--verbose" in out
     assert "<bool>" not in out, [ln for ln in out.splitlines() if "<bool>" in ln]
-    assert "<int>" in out   # options that take a value still show its type
+    # options that take a value show it as a word, never as a Python type (<list[Path]>, <str>)
+    assert "--images" in out and "DIR" in out and "A,B,..." in out
+    assert not [ln for ln in out.splitlines() if "<list" in ln or "<str>" in ln or "<path>" in ln]
 
 
 def test_usage_errors_are_one_line_with_exit_2(capsys):

@@ -276,7 +276,7 @@ def test_runtime_api_rejects_bad_threads_and_top_k(smoke_run):
 def test_a_truncated_checkpoint_is_an_error_not_an_interrupt(copied_run, capsys):
     last = copied_run / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:100])
-    err = _one_line_exit_2(["distill", str(copied_run), "--quiet"], capsys, "last.pt is damaged or truncated")
+    err = _one_line_exit_2(["distill", str(copied_run), "--quiet"], capsys, "last.pt is damaged or not written by distiller")
     assert "interrupted" not in err
 
 
@@ -317,7 +317,10 @@ def test_eval_scores_what_the_installed_backends_run(copied_run, tmp_path, monke
     assert sum("not scored: openvino is not installed" in n for n in notes) == 2
 
 
-def test_ctrl_c_exits_130_with_the_resume_hint_last(tiny_clip, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_exits_130_with_the_resume_hint_last(tiny_clip, tmp_path, capsys, sig, code):
+    """SIGTERM as Ctrl-C, exit 143. (And while it runs, the run folder has one writer: a second make or export
+    exits 2 at once.)"""
     out = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "distiller", *smoke_args(tiny_clip, out, "int")[:-1]],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=python_env())
@@ -326,13 +329,145 @@ def test_ctrl_c_exits_130_with_the_resume_hint_last(tiny_clip, tmp_path):
     while not list(bank.glob("shard_*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1].decode()
-    proc.send_signal(signal.SIGINT)
+    for second in (smoke_args(tiny_clip, out, "int"), ["export", str(out / "int"), "--quiet"])[:2 if sig == signal.SIGINT else 0]:
+        t0 = time.time()
+        err = _one_line_exit_2(second, capsys, f"is being written by another distiller process (pid {proc.pid})")
+        assert time.time() - t0 < 20 and "wait for it or use another --name" in err
+    proc.send_signal(sig)
     t0 = time.time()
     _, err = proc.communicate(timeout=30)
-    assert time.time() - t0 < 15, "SIGINT must end the process within seconds"
-    assert proc.returncode == 130, err.decode()
+    assert time.time() - t0 < 15, "the signal must end the process within seconds"
+    assert proc.returncode == code, err.decode()
     lines = [ln for ln in err.decode().splitlines() if ln.strip()]
     assert lines[-1] == INTERRUPTED
     assert "Traceback" not in err.decode()
     timings = json.loads((out / "int" / "timings.json").read_text())
     assert timings["synthesize"] > 0   # the interrupted part of the stage is kept
+
+
+class _RunsCode:
+    """A pickle that would run a shell command when loaded without weights_only."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_run_folder_never_runs_code(copied_run, tmp_path, capsys):
+    """Every .pt the smoke run holds, replaced by a code-running pickle: report, export (which reloads the student)
+    and distill (which resumes from last.pt) never run it, and say in one line what is wrong."""
+    import torch
+    marker = tmp_path / "PWNED"
+    files = sorted(p.relative_to(copied_run) for p in copied_run.rglob("*.pt"))
+    assert {"checkpoints/best.pt", "checkpoints/last.pt", "styles.pt"} <= {str(p) for p in files}
+    for rel in files:
+        run = tmp_path / f"run-{rel.name}"
+        shutil.copytree(copied_run, run)
+        if rel.name == "best.pt":   # export reloads the student only when it has not exported yet
+            for done in ("export.json", "report.json", "report.html"):
+                (run / done).unlink(missing_ok=True)
+        torch.save({"model": _RunsCode(marker), "epoch": 0}, run / rel)
+        for cmd in (["export", str(run), "--quiet"], ["report", str(run)], ["distill", str(run), "--quiet"]):
+            code = main(cmd)
+            err = capsys.readouterr().err
+            assert not marker.exists(), (rel, cmd)
+            assert code in (0, 2) and "Traceback" not in err, (rel, cmd, err)
+            if cmd[0] == "export" and rel.name == "best.pt":   # the student it must reload: refused, in one line
+                assert code == 2 and "best.pt is damaged or not written by distiller" in " ".join(err.split()), err
+
+
+def test_labels_print_literally_never_as_markup(copied_run, capsys, monkeypatch):
+    """Labels like ``[/]`` or ``cat [tabby]`` (here edited into the OpenVINO model's metadata) print as they are in
+    predict's table and in the make summary's table: no MarkupError, no text swallowed."""
+    from rich.console import Console
+
+    from distiller.cli.ui import artifacts_table
+    sidecar = copied_run / "openvino" / "student.json"
+    meta = json.loads(sidecar.read_text())
+    meta["labels"] = ["cat [tabby]", "[/]"]
+    sidecar.write_text(json.dumps(meta))
+    monkeypatch.chdir(copied_run)   # short paths: the table keeps each label on one line
+    assert main(["predict", "openvino/student.xml", "samples.png", "--top-k", "3"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "cat [tabby]" in out and "[/]" in out
+    report = json.loads((copied_run / "report.json").read_text())
+    report["labels"] = ["cat [bold]x[/bold]", "[/]"]
+    con = Console(record=True, width=200)
+    con.print(artifacts_table(report))
+    assert "distiller: cat [bold]x[/bold], [/]" in con.export_text()
+
+
+@pytest.mark.parametrize("name", ["../elsewhere/m.onnx", "/etc/passwd", "link.onnx"])
+def test_a_report_cannot_send_the_runtime_outside_the_run_folder(copied_run, tmp_path, capsys, name):
+    from runtime import Classifier, UserError
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(copied_run / "student.onnx", outside / "m.onnx")
+    (copied_run / "link.onnx").symlink_to(outside / "m.onnx")
+    report = json.loads((copied_run / "report.json").read_text())
+    report["deployable"] = name
+    (copied_run / "report.json").write_text(json.dumps(report))
+    _one_line_exit_2(["predict", str(copied_run), str(copied_run / "samples.png")], capsys,
+                     "names a model outside the run folder")
+    with pytest.raises(UserError, match="outside the run folder"):
+        Classifier.load(copied_run)
+
+
+def test_a_killed_export_resumes_with_the_variants_it_measured(copied_run, capsys):
+    """SIGKILL in the middle of export: the rerun keeps every variant already built and measured (the same numbers,
+    so the same pick among them), redoes the rest, and sweeps the half-written files."""
+    for done in ("export.json", "report.json", "report.html"):
+        (copied_run / done).unlink()
+    partial = copied_run / "export.partial.json"
+    proc = subprocess.Popen([sys.executable, "-m", "distiller", "export", str(copied_run), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=python_env())
+    deadline = time.time() + 240
+    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1].decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = json.loads(partial.read_text())
+    (copied_run / ".student.int8.dead.tmp.onnx").write_bytes(b"half")   # what a kill mid-write leaves
+    assert main(["export", str(copied_run), "--quiet"]) == 0
+    after = json.loads((copied_run / "export.json").read_text())["variants"]
+    kept = ("latency_ms", "agreement", "cosine", "size_mb", "build_s")
+    assert before and all({k: after[n][k] for k in kept} == {k: r[k] for k in kept} for n, r in before.items())
+    assert set(after) == {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}
+    assert not partial.exists() and not list(copied_run.glob(".*.tmp*"))
+
+
+def test_predict_skips_a_fifo_instead_of_hanging(smoke_run, tmp_path, capsys):
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    t0 = time.time()
+    assert main(["predict", str(smoke_run), str(smoke_run / "samples.png"), str(fifo)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert time.time() - t0 < 40 and "x.jpg: not a regular file" in err
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--classes", "cat,Other"], "other_label 'other' is also one of the classes"),
+    (["--classes", "cat," + "d" * 101], "is 101 characters long: keep labels within 100"),
+])
+def test_label_clashes_and_lengths(tiny_clip, tmp_path, capsys, extra, expect):
+    args = smoke_args(tiny_clip, tmp_path / "runs", "lab")
+    args[args.index("--classes") + 1] = extra[1]
+    _one_line_exit_2(args + ["--set", "openset=true"], capsys, expect)
+    assert not (tmp_path / "runs" / "lab").exists()
+
+
+def test_the_openvino_cache_is_bounded_and_can_be_turned_off(tmp_path, monkeypatch):
+    from runtime.classifier import ov_cache_dir, prune_cache
+    monkeypatch.setenv("DISTILLER_OV_CACHE", "off")
+    assert ov_cache_dir() is None
+    monkeypatch.setenv("DISTILLER_OV_CACHE", str(tmp_path))
+    assert ov_cache_dir() == tmp_path
+    for i in range(5):
+        f = tmp_path / f"blob{i}"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))   # blob0 least recently used
+    prune_cache(tmp_path, 2500)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob3", "blob4"]

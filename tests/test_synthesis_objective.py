@@ -180,13 +180,13 @@ def test_generator_training_resumes_exactly(lites, tmp_path):
     resumed = train_generator(t[0], src, 2, 1, _gen_cfg(rec, 6), 64, tmp_path / "split.pt", seed=0)
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
-    assert torch.load(tmp_path / "split.pt", weights_only=False)["step"] == 6
+    assert torch.load(tmp_path / "split.pt", weights_only=True)["step"] == 6
 
 
 def test_make_with_a_generator(tmp_path):
     assert main(_make(tmp_path, "gen", "synthesis.generator_steps=3")) == 0
     run = tmp_path / "gen"
-    assert torch.load(run / "generator.pt", weights_only=False)["step"] == 3
+    assert torch.load(run / "generator.pt", weights_only=True)["step"] == 3
     from distiller.bank import Bank
     imgs, logits, recs = Bank(run / "bank").load()
     assert imgs.shape == (8, 64, 64, 3) and imgs.reshape(8, -1).std(0).mean() > 0.1   # 8 different images
@@ -199,7 +199,7 @@ def test_generator_with_a_clip_teacher_conditions_on_text_embeddings(tiny_clip, 
     args = smoke_args(tiny_clip, tmp_path, "clipgen", "--set", "synthesis.generator_steps=2", "--set", "synthesis.steps=1",
                       "--set", "distill.epochs=1", "--set", 'export.variants=["onnx-fp32"]')
     assert main(args) == 0
-    g = torch.load(tmp_path / "clipgen" / "generator.pt", weights_only=False)
+    g = torch.load(tmp_path / "clipgen" / "generator.pt", weights_only=True)
     assert g["step"] == 2 and g["model"]["embed.weight"].dim() == 2 and "embed.bias" in g["model"]   # a Linear
     _assert_ships_a_model(tmp_path / "clipgen")
 

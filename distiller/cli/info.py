@@ -59,7 +59,7 @@ def concepts(
     for c in cov:
         names = c.names()
         shown = ", ".join(names if all_ or len(names) <= 10 else names[:10] + [f"... (+{len(names) - 10}, --all)"])
-        t.add_row(c.label, c.synset, ", ".join(c.lemmas[:3]), shown, str(len(c.classes)))
+        t.add_row(escape(c.label), c.synset, ", ".join(c.lemmas[:3]), shown, str(len(c.classes)))
     console.print(t)
     for w in warnings_for(cov):
         err.print(f"[bold yellow]warning:[/bold yellow] {escape(w)}")
@@ -97,7 +97,7 @@ def _bridges(parsed, teacher: str, pretrained: str | None, all_: bool, offline: 
         if len(h.classes) > limit:
             shown += f", ... (+{len(h.classes) - limit}, --all)"
         near = ", ".join(f"{names[i]} {float(cos[k, i]):.2f}" for i in cos[k].argsort(descending=True)[:3].tolist())
-        table.add_row(h.label, h.source, shown or "-", str(len(h.classes)), near)
+        table.add_row(escape(h.label), h.source, shown or "-", str(len(h.classes)), near)
     console.print(table)
     for h in heads:
         if h.source == "fresh":

@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .ui import RichReporter, artifacts_table, console, err
+from .ui import RichReporter, artifacts_table, console, err, literal
 
 RUN_ARG = typer.Argument(..., help="A run folder made by `distiller make`.", show_default=False)
 IMAGES = typer.Option(None, "--images", help="A folder of your own unlabelled images (read recursively; repeatable): "
@@ -98,8 +98,8 @@ def make(
     quiet = quiet or not main_rank   # one display: rank 0's
     reporter = RichReporter(quiet)
     if not quiet:
-        err.print(f"[bold]distiller make[/bold] {', '.join(c.label for c in concepts)} -> {run_dir} "
-                  f"(recipe {rec.name}, target {rec.target}, teacher {rec.teacher.model})", highlight=False)
+        err.print(f"[bold]distiller make[/bold] {literal(', '.join(c.label for c in concepts))} -> {literal(run_dir)} "
+                  f"(recipe {literal(rec.name)}, target {rec.target}, teacher {literal(rec.teacher.model)})", highlight=False)
     t0 = time.perf_counter()
     report = make_run(run_dir, rec, concepts, reporter, exist_ok=exist_ok, offline=offline, yes=yes, images=image_set)
     if report is not None:   # rank 0 (the other ranks leave once the student is trained)
@@ -132,7 +132,7 @@ def _summary(run_dir: Path, report: dict, seconds: float) -> None:
         console.print(f"transfer set: surrogate: {ts['surrogate']}, real: {ts['real']} "
                       f"({ts.get('real_val', 0)} held back for validation), skipped: {len(ts['skipped'])}")
         for s in ts["skipped"][:SKIPPED_SHOWN]:
-            console.print(f"  skipped {s['path']}: {s['reason']}", highlight=False)
+            console.print(f"  skipped {literal(s['path'])}: {literal(s['reason'])}", highlight=False)
         if len(ts["skipped"]) > SKIPPED_SHOWN:
             console.print(f"  ... and {len(ts['skipped']) - SKIPPED_SHOWN} more (report.json lists every one)")
     agree = [f"[bold]real {100 * st['val_agreement_real']:.1f}%[/bold] (the number to trust)"] if "val_agreement_real" in st else []
@@ -153,19 +153,19 @@ def _summary(run_dir: Path, report: dict, seconds: float) -> None:
     if j:
         low = {k: v for k, v in j["per_concept"].items() if v < j["min"]}
         if j.get("self_judged"):
-            console.print(f"[yellow]{', '.join(j['self_judged'])}: judged by the teacher itself (held-out templates): "
+            console.print(f"[yellow]{literal(', '.join(j['self_judged']))}: judged by the teacher itself (held-out templates): "
                           f"weaker, the teacher grades its own images[/yellow]")
         console.print(f"held-out judge {j['judge']} on the bank: " + ", ".join(
-            f"{'[bold red]' if k in low else ''}{k} {100 * v:.0f}%{'[/bold red]' if k in low else ''}" for k, v in j["per_concept"].items())
+            f"{'[bold red]' if k in low else ''}{literal(k)} {100 * v:.0f}%{'[/bold red]' if k in low else ''}" for k, v in j["per_concept"].items())
             + (f"  ([bold red]below {100 * j['min']:.0f}%: may not transfer[/bold red])" if low else ""))
     t = report.get("timings_s", {})
     console.print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()) + f"; this call {seconds:.0f}s")
-    console.print(f"report [bold]{run_dir / 'report.html'}[/bold] (open it in a browser: images, plots, every variant)")
-    console.print(f"ship [bold]{run_dir / report['deployable']}[/bold] (all numbers: {run_dir / 'report.json'})")
+    console.print(f"report [bold]{literal(run_dir / 'report.html')}[/bold] (open it in a browser: images, plots, every variant)")
+    console.print(f"ship [bold]{literal(run_dir / report['deployable'])}[/bold] (all numbers: {literal(run_dir / 'report.json')})")
     console.print("next:\n"
-                  f"  distiller predict {run_dir} IMAGE...\n"
-                  f"  distiller eval {run_dir} --data DIR\n"
-                  f"  python -c \"from runtime import Classifier; print(Classifier.load('{run_dir}').classify('IMAGE'))\"")
+                  f"  distiller predict {literal(run_dir)} IMAGE...\n"
+                  f"  distiller eval {literal(run_dir)} --data DIR\n"
+                  f"  python -c \"from runtime import Classifier; print(Classifier.load('{literal(run_dir)}').classify('IMAGE'))\"")
 
 
 SKIPPED_SHOWN = 20
@@ -173,15 +173,24 @@ SKIPPED_SHOWN = 20
 
 def _head_line(label: str, h: dict) -> str:
     if h["source"] == "fresh":
-        return f"{label} fresh (learnt)"
+        return f"{literal(label)} fresh (learnt)"
     shown = ", ".join(h["classes"][:3]) + (f", +{len(h['classes']) - 3}" if len(h["classes"]) > 3 else "")
-    return f"{label} {h['source']} ({shown})"
+    return f"{literal(label)} {h['source']} ({literal(shown)})"
+
+
+def _lock(path: Path) -> None:
+    """This command writes ``path``: it holds the run folder's writer lock until the command ends."""
+    from ..runfolder import writer_lock
+    from . import HELD
+    HELD.enter_context(writer_lock(path))
 
 
 def _run(path: Path, device: Optional[str] = None, offline: bool = False, quiet: bool = False, verbose: bool = False):
     _set_env(offline, verbose)
     from ..ranks import world
     from ..runfolder import Run
+    if world().main:
+        _lock(path)
     return Run(path, RichReporter(quiet or not world().main), device=device, offline=offline)   # one display: rank 0's
 
 
@@ -231,6 +240,7 @@ def report(run: Path = RUN_ARG, open_: bool = typer.Option(False, "--open", help
     """Write a run's report.html again (picks up `distiller eval` results saved since)."""
     from ..runfolder import Run
     from ..stages.html import write_html
+    _lock(run)
     r = Run(run, device="cpu")
     write_html(r)
     console.print(f"report [bold]{r.paths.html}[/bold] ({r.paths.html.stat().st_size / 1e6:.2f} MB)")

@@ -13,7 +13,7 @@ from rich.table import Table
 from runtime.errors import UserError
 
 from . import app
-from .ui import console, err, escape, eval_table, rejection_table
+from .ui import console, err, escape, eval_table, literal, rejection_table
 
 
 def expand_images(items: list[str]) -> list[Path]:
@@ -52,7 +52,7 @@ def predict(
     from runtime import Classifier
     clf = Classifier.load(model, backend=backend, threads=threads, exact=exact)
     paths = expand_images(images)
-    table = Table(title=f"{clf.path} ({clf.backend})", title_justify="left")
+    table = Table(title=f"{literal(clf.path)} ({clf.backend})", title_justify="left")
     for c in ("image", "label", "probability"):
         table.add_column(c)
     failed = 0
@@ -72,9 +72,9 @@ def predict(
                                                                       for lab, pr in result]}) + "\n")
                 sys.stdout.flush()
             else:
-                table.add_row(str(p), result[0][0], f"{result[0][1]:.3f}", end_section=False)
+                table.add_row(literal(p), literal(result[0][0]), f"{result[0][1]:.3f}", end_section=False)
                 for lab, pr in result[1:]:
-                    table.add_row("", f"[dim]{lab}[/dim]", f"[dim]{pr:.3f}[/dim]")
+                    table.add_row("", f"[dim]{literal(lab)}[/dim]", f"[dim]{pr:.3f}[/dim]")
     if not as_json:
         console.print(table)
     if failed:
@@ -203,7 +203,7 @@ def bench_table(result: dict) -> Table:
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     for name, r in result["models"].items():
         lat = r["latency_ms"]
-        t.add_row(name, r["format"], r["precision"], f"{r['size_mb']:.1f}", pct(r["agreement"]), pct(r["teacher_agreement"]),
+        t.add_row(literal(name), r["format"], r["precision"], f"{r['size_mb']:.1f}", pct(r["agreement"]), pct(r["teacher_agreement"]),
                   f"{lat['p50']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['throughput_ips']:.0f} @{r['batch']}")
     tb = result.get("teacher")
     if tb:

@@ -11,6 +11,12 @@ from rich.table import Table
 from runtime.exports import ExportRecord
 
 console = Console()
+
+
+def literal(value) -> str:
+    """Any user-supplied string (a label, a path, a message quoting them) as rich prints it literally: ``[/]`` or
+    ``cat [tabby]`` stay what they are instead of being read as markup. The one helper for it."""
+    return escape(str(value))
 err = Console(stderr=True)
 for _c in (console, err):  # logs and pipes: wide enough for the tables, not rich's 80 columns
     if not _c.is_terminal:
@@ -25,10 +31,10 @@ class RichReporter:
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.out.print(f"[dim]{escape(message)}[/dim]")
+            self.out.print(f"[dim]{literal(message)}[/dim]")
 
     def warn(self, message: str) -> None:
-        self.out.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}")
+        self.out.print(f"[bold yellow]warning:[/bold yellow] {literal(message)}")
 
     @contextmanager
     def task(self, description: str, total: int):
@@ -44,7 +50,7 @@ class RichReporter:
 def error_line(message: str) -> None:
     """The one formatter for errors the user can fix: ``error: ...`` on one line of stderr."""
     text = " ".join(message.split())   # a message never spans lines, whatever a library put in it
-    err.print(f"[bold red]error:[/bold red] {escape(text)}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/bold red] {literal(text)}", highlight=False, soft_wrap=True)
 
 
 def fmt_ms(x: float) -> str:
@@ -52,7 +58,7 @@ def fmt_ms(x: float) -> str:
 
 
 def artifacts_table(report: dict) -> Table:
-    t = Table(title=f"distiller: {', '.join(report['labels'])}", title_justify="left")
+    t = Table(title=f"distiller: {literal(', '.join(report['labels']))}", title_justify="left")
     t.add_column("file", no_wrap=True)
     for col in ("precision", "MB", "vs FP32", "cosine", "vs teacher", "p50 ms"):
         t.add_column(col, justify="right")
@@ -61,33 +67,33 @@ def artifacts_table(report: dict) -> Table:
     for name, r in exp.variants.items():
         mark = "[bold green]deployable[/bold green]" if name == exp.deployable_variant else ""
         vs_teacher = "-" if r.teacher_agreement is None else f"{100 * r.teacher_agreement:.1f}%"
-        t.add_row(r.file, r.precision, f"{r.size_mb:.1f}", f"{100 * r.agreement:.1f}%",
+        t.add_row(literal(r.file), r.precision, f"{r.size_mb:.1f}", f"{100 * r.agreement:.1f}%",
                   f"{r.cosine:.4f}", vs_teacher, fmt_ms(r.latency_ms.p50), mark)
     return t
 
 
 def eval_table(title: str, results: dict[str, dict]) -> Table:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=literal(title), title_justify="left")
     for col in ("model", "domain", "n", "accuracy [95% CI]", "balanced [95% CI]"):
         t.add_column(col, justify="right" if col == "n" else "left")
     for model, res in results.items():
         for r in res["rows"]:
             lo, hi = r["accuracy_ci"]
             blo, bhi = r["balanced_ci"]
-            t.add_row(model, r["domain"], str(r["n"]), f"{100 * r['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
+            t.add_row(literal(model), literal(r["domain"]), str(r["n"]), f"{100 * r['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
                       f"{100 * r['balanced_accuracy']:.1f} [{100 * blo:.1f}, {100 * bhi:.1f}]")
     return t
 
 
 def rejection_table(title: str, results: dict[str, dict]) -> Table:
     """``eval --other-data``: per model, AUROC of known against other and how often "other" is answered."""
-    t = Table(title=title, title_justify="left")
+    t = Table(title=literal(title), title_justify="left")
     for col in ("model", "AUROC [95% CI]", "answers other [95% CI]", "n other"):
         t.add_column(col, justify="right" if col == "n other" else "left")
     for model, res in results.items():
         r = res.get("open_set")
         if r:
             (alo, ahi), (olo, ohi) = r["auroc_ci"], r["other_ci"]
-            t.add_row(model, f"{r['auroc']:.3f} [{alo:.3f}, {ahi:.3f}]",
+            t.add_row(literal(model), f"{r['auroc']:.3f} [{alo:.3f}, {ahi:.3f}]",
                       f"{100 * r['other_accuracy']:.1f} [{100 * olo:.1f}, {100 * ohi:.1f}]", str(r["other_images"]))
     return t

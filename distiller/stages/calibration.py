@@ -25,12 +25,9 @@ def has_real_split(run: Run) -> bool:
 def calibration_source(run: Run) -> str:
     """What the run's INT8 variants calibrate on: the recipe's ``calibration.source``, or for ``auto`` the user's
     real images when there are, else images made from the student's BatchNorm statistics when those are a
-    photo's (a pretrained student whose statistics distillation kept frozen), else the bank; "none" when the
-    recipe exports no INT8 variant."""
+    photo's (a pretrained student whose statistics distillation kept frozen), else the bank."""
     rec = run.recipe
     wanted = rec.calibration.source
-    if not any(VARIANTS.get(v).precision == "int8" for v in rec.export.variants):
-        return "none"   # nothing is quantized: nothing to calibrate
     if wanted != "auto":
         return wanted
     if has_real_split(run):
@@ -38,6 +35,12 @@ def calibration_source(run: Run) -> str:
     if rec.student.init == "pretrained" and rec.distill.freeze_bn:
         return "statistics"
     return "bank"
+
+
+def makes_statistics_images(run: Run) -> bool:
+    """Whether the run needs ``calibration/``: statistics calibration and at least one INT8 variant to calibrate."""
+    quantizes = any(VARIANTS.get(v).precision == "int8" for v in run.recipe.export.variants)
+    return quantizes and calibration_source(run) == "statistics"
 
 
 class CalibrationStage:
@@ -53,13 +56,13 @@ class CalibrationStage:
         return stat_plan(run.recipe, run.recipe.export.calibration_images, DistillStage.spec(run).preprocess.size)
 
     def done(self, run: Run) -> bool:
-        if calibration_source(run) != "statistics" or run.paths.export.exists() or run.paths.report.exists():
+        if not makes_statistics_images(run) or run.paths.export.exists() or run.paths.report.exists():
             return True
         store = self.store(run)   # a set made with other settings is not done: ``start`` says so
         return store.is_complete() and store.plan() == self.plan(run)
 
     def work(self, run: Run) -> int:
-        return self.plan(run).num_shards if calibration_source(run) == "statistics" else 0
+        return self.plan(run).num_shards if makes_statistics_images(run) else 0
 
     def describe(self, run: Run) -> str:
         plan = self.plan(run)

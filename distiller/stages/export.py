@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from exporter import ExportContext, FidelitySet, export_all, open_set_threshold, quantizer_split
-from runtime.atomic import read_json, remove, write_json
+from runtime.atomic import clean_temporaries, read_json, remove, write_json
 from runtime.errors import UserError
-from runtime.exports import ExportRecord, ShipRule
+from runtime.exports import ExportRecord, ShipRule, VariantRecord
 from runtime.metadata import ModelMetadata
 from runtime.preprocess import preprocess
 
@@ -22,7 +22,7 @@ from ..images import real_images
 from ..runfolder import Run
 from ..statimages import to_tensor
 from .base import Progress
-from .calibration import CalibrationStage, calibration_source, has_real_split
+from .calibration import CalibrationStage, calibration_source, has_real_split, makes_statistics_images
 from .distill import DistillStage
 
 FIDELITY_IMAGES = 256   # images on which INT8 variants must agree with FP32
@@ -70,7 +70,7 @@ def _images(run: Run, spec, student) -> tuple[np.ndarray, FidelitySet, str]:
         calib, parts = _split_store(run, real, spec, "real")
         va_img, va_logit, _ = bank.load("val")
         parts.append((_preprocessed(va_img, spec), va_logit, "bank"))
-    elif source == "statistics":
+    elif source == "statistics" and makes_statistics_images(run):
         pre = spec.preprocess
         calib_u8, held = CalibrationStage.store(run).load()
         calib = to_tensor(calib_u8, pre.mean, pre.std)
@@ -78,8 +78,9 @@ def _images(run: Run, spec, student) -> tuple[np.ndarray, FidelitySet, str]:
         k = va_logit.shape[1]
         parts = [(to_tensor(held, pre.mean, pre.std), np.full((len(held), k), np.nan, np.float32), "statistics"),
                  (_preprocessed(va_img, spec), va_logit, "bank")]
-    else:   # the bank (also for "none": FP32 alone, whose fidelity check is a formality, judged as before)
+    else:   # the bank (also when nothing is quantized: FP32 alone is judged on the bank, as before)
         calib, parts = _split_store(run, bank, spec, "bank")
+        source = "bank"
     images = np.concatenate([p[0] for p in parts])
     with torch.no_grad():
         reference = np.concatenate([student(torch.from_numpy(images[i:i + 64])).numpy() for i in range(0, len(images), 64)])
@@ -111,6 +112,31 @@ def _threshold(run: Run, fid: FidelitySet, source: str) -> tuple[float, dict]:
     return open_set_threshold(fid.reference[rows], fid.teacher[rows], name, rec.other_bias)
 
 
+class _Partial:
+    """``export.partial.json``: each variant built and measured so far, written as it finishes, so a killed export
+    resumes with the next variant and picks among the same measurements (gone once export.json is written)."""
+
+    def __init__(self, run: Run):
+        self.path, self.rows = run.paths.root / "export.partial.json", {}
+        clean_temporaries(run.paths.root)          # model files a kill left half-written
+        clean_temporaries(run.paths.root / "openvino")
+
+    def load(self) -> dict[str, VariantRecord]:
+        data = read_json(self.path) or {}
+        try:
+            self.rows = {n: VariantRecord.from_json(r) for n, r in data.items()}
+        except (KeyError, TypeError, ValueError):
+            self.rows = {}   # damaged: every variant is built again
+        return dict(self.rows)
+
+    def add(self, name: str, record: VariantRecord) -> None:
+        self.rows[name] = record
+        write_json(self.path, {n: r.to_json() for n, r in self.rows.items()})
+
+    def remove(self) -> None:
+        remove(self.path)
+
+
 class ExportStage:
     name = "export"
     sharded = False
@@ -140,13 +166,21 @@ class ExportStage:
             other_bias=rec.other_bias if rec.openset else 0.0,
         )
         ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset)
+        partial = _Partial(run)
+        done = partial.load()
+        progress(len(done))
+
+        def on_variant(name, record):
+            partial.add(name, record)
+            progress()
         result = export_all(ctx, rec.export.variants, fid, ship_rule(run, fid, source), rec.export.latency_runs,
-                            rec.export.threads or None, on_variant=lambda n, r: progress())
+                            rec.export.threads or None, on_variant=on_variant, done=done)
         result.calibration_images, result.calibration_source = len(calib), source
         result.threshold = {"value": threshold, **fit}
         for note in result.notes:
             run.warn(note)
         write_json(run.paths.export, result.to_json())
+        partial.remove()
 
     @staticmethod
     def stale(run: Run) -> bool:
@@ -157,7 +191,7 @@ class ExportStage:
     @staticmethod
     def clear(run: Run) -> None:
         """Forget the export and what was made from it (the model files are rewritten in place, atomically)."""
-        for path in (run.paths.export, run.paths.report, run.paths.html):
+        for path in (run.paths.export, run.paths.report, run.paths.html, run.paths.root / "export.partial.json"):
             remove(path)
 
     @staticmethod
