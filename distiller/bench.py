@@ -131,7 +131,7 @@ def select_for_device(run: Path, result: dict) -> dict:
     for name, r in measured.items():
         lat = {**vars(r.latency_ms), **result["models"][name]["latency_ms"]}
         r.latency_ms = Latency(**{k: lat[k] for k in ("p50", "p90", "p99", "mean", "runs")})
-    best, notes = select(measured, exp.rule(), exp.fidelity_sources or
+    best, notes = select(measured, exp.rule, exp.fidelity_sources or
                          ({"all": exp.fidelity_images} if exp.fidelity_images is not None else None))
     for name, r in exp.variants.items():
         if name not in measured:

@@ -35,11 +35,6 @@ class Schedule(Protocol):
     form: str
 
 
-def has_bn_statistics(model: torch.nn.Module) -> bool:
-    """Whether the model has BatchNorm layers with running statistics to match."""
-    return any(isinstance(m, torch.nn.BatchNorm2d) and m.running_var is not None for m in model.modules())
-
-
 def make_batch(model: torch.nn.Module, count: int, size: int, mean, std, cfg: Schedule, seed: int) -> np.ndarray:
     """``count`` images (uint8 [count, size, size, 3]) whose BN statistics in ``model`` match its running ones."""
     gen = torch.Generator().manual_seed(seed)

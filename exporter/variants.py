@@ -119,11 +119,6 @@ def build_order(names) -> list[str]:
     return order
 
 
-def latency_ms(clf: Classifier, sample: np.ndarray, runs: int, warmup: int = 5) -> dict:
-    x = sample[:1]
-    return latency_stats(timed(lambda: clf.logits(x), runs, warmup))
-
-
 def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, runs: int, threads: int | None,
                         block: int = 10) -> dict[str, Latency]:
     """Batch-1 latency of every variant, timed in turns (``block`` calls each, round after round, ``runs`` in all
@@ -175,9 +170,9 @@ def agreement(out: np.ndarray, reference: np.ndarray, concepts: int | None) -> t
     return min(full, inner), {"agreement_open_set": full, "agreement_concepts": inner}
 
 
-def measure(path: Path, fid: FidelitySet, runs: int, threads: int | None, concepts: int | None = None) -> dict:
-    """Fidelity against the FP32 reference (over all the fidelity images, and per source), agreement with the
-    teacher, latency."""
+def measure(path: Path, fid: FidelitySet, threads: int | None, concepts: int | None = None) -> dict:
+    """Fidelity against the FP32 reference (over all the fidelity images, and per source) and agreement with the
+    teacher; latency is timed afterwards for every variant together (``interleaved_latency``)."""
     clf = Classifier.load(path, threads=threads)
     out = np.concatenate([clf.logits(fid.images[i:i + 64]) for i in range(0, len(fid), 64)])
     known = ~np.isnan(fid.teacher).any(-1)   # rows without teacher logits only check fidelity
@@ -226,7 +221,7 @@ def export_all(ctx: ExportContext, names, fid: FidelitySet, rule: ShipRule, runs
         rows[name] = VariantRecord(file=v.file, format=v.format, precision=v.precision, description=v.description,
                                    size_mb=round(model_size_bytes(path) / 2**20, 3),
                                    build_s=round(time.perf_counter() - t0, 2),
-                                   **measure(path, fid, runs, threads,
+                                   **measure(path, fid, threads,
                                              len(ctx.metadata.labels) if ctx.metadata.other_label else None))
         if on_variant:
             on_variant(name, rows[name])
@@ -234,14 +229,15 @@ def export_all(ctx: ExportContext, names, fid: FidelitySet, rule: ShipRule, runs
         rows[name].latency_ms = lat
     deployable, notes = select(rows, rule, fid.counts())
     notes += [f"{n}: failed to build ({why})" for n, why in failed.items()]
-    return ExportRecord(rows, deployable, rule.max_drop, rule.min_speedup, rule.min_fidelity_images, failed, notes,
-                        min_cosine=rule.min_cosine, judged_on=rule.judged_on, cosine_on=rule.cosine_on,
-                        fidelity_sources=fid.counts(),
-                        fidelity_images=len(fid))
+    return ExportRecord(rows, deployable, rule, failed, notes, fidelity_images=len(fid), fidelity_sources=fid.counts())
 
 
-def _ineligible(r: VariantRecord, rule: ShipRule, judged: int | None, speedup: float) -> str:
-    """Why an INT8 row may not ship under ``rule`` ("" when it may); sets its ``drop_points``."""
+# why an INT8 variant may not ship: its fidelity, too few images to judge it, or too little speed
+LOST, FEW, SLOW = "lost", "few", "slow"
+
+
+def _ineligible(r: VariantRecord, rule: ShipRule, judged: int | None, speedup: float) -> tuple[str, str]:
+    """(reason, why in words) an INT8 row may not ship under ``rule``, ("", "") when it may; sets ``drop_points``."""
     agreement = r.agreement if rule.judged_on in (None, "all") else (r.agreement_by_source or {}).get(rule.judged_on, 0.0)
     drop = 100 * (1 - agreement)
     r.drop_points = round(drop, 2) if rule.judged_on is not None else 0.0
@@ -249,15 +245,15 @@ def _ineligible(r: VariantRecord, rule: ShipRule, judged: int | None, speedup: f
     cos = r.cosine if rule.cosine_on == "all" else (r.cosine_by_source or {}).get(rule.cosine_on, 0.0)
     if cos < rule.min_cosine:
         where = "" if rule.cosine_on == "all" else f" on the {rule.cosine_on} images"
-        return f"keeps a logit cosine of {cos:.4f} with FP32{where} (min_cosine {rule.min_cosine})"
+        return LOST, f"keeps a logit cosine of {cos:.4f} with FP32{where} (min_cosine {rule.min_cosine})"
     if rule.judged_on is not None and drop > rule.max_drop:
-        return f"loses {drop:.1f} points of top-1 agreement{on} (max_drop {rule.max_drop})"
+        return LOST, f"loses {drop:.1f} points of top-1 agreement{on} (max_drop {rule.max_drop})"
     if rule.judged_on is not None and judged is not None and judged < rule.min_fidelity_images:
-        return (f"judged on only {judged} images{on} the quantizers did not see "
-                f"(export.min_fidelity_images {rule.min_fidelity_images})")
+        return FEW, (f"judged on only {judged} images{on} the quantizers did not see "
+                     f"(export.min_fidelity_images {rule.min_fidelity_images})")
     if speedup < rule.min_speedup:
-        return f"only {speedup:.2f}x faster than FP32 (min_speedup {rule.min_speedup})"
-    return ""
+        return SLOW, f"only {speedup:.2f}x faster than FP32 (min_speedup {rule.min_speedup})"
+    return "", ""
 
 
 def select(rows: dict[str, VariantRecord], rule: ShipRule, fidelity: dict[str, int] | None = None) -> tuple[str, list[str]]:
@@ -267,12 +263,12 @@ def select(rows: dict[str, VariantRecord], rule: ShipRule, fidelity: dict[str, i
     notes, ok = [], []
     fp32_p50 = min((r.latency_ms.p50 for r in rows.values() if r.precision == "fp32"), default=float("inf"))
     judged = None if fidelity is None else (sum(fidelity.values()) if rule.judged_on == "all" else fidelity.get(rule.judged_on, 0))
+    reasons = {}
     for name, r in rows.items():
-        why = "" if r.precision == "fp32" else _ineligible(r, rule, judged, fp32_p50 / r.latency_ms.p50)
+        reasons[name], r.status = ("", "") if r.precision == "fp32" else _ineligible(r, rule, judged, fp32_p50 / r.latency_ms.p50)
         if r.precision == "fp32" and rule.judged_on is not None:
             r.drop_points = round(100 * (1 - r.agreement), 2)
-        r.status = why
-        if not why:
+        if not reasons[name]:
             ok.append(name)
     best = min(ok, key=lambda n: rows[n].latency_ms.p50)
     p50 = rows[best].latency_ms.p50
@@ -283,16 +279,15 @@ def select(rows: dict[str, VariantRecord], rule: ShipRule, fidelity: dict[str, i
                 f"slower: p50 {r.latency_ms.p50:.2f} ms vs {p50:.2f} ms"
     int8 = [n for n, r in rows.items() if r.precision == "int8"]
     if int8 and rows[best].precision == "fp32":
-        notes.append(f"shipping FP32 ({best}): " + _why_fp32([rows[n].status for n in int8], rule, judged))
-    notes += [f"{n}: {rows[n].status}: not deployable" for n in int8 if not rows[n].eligible
-              and not rows[n].status.startswith(("only", "judged"))]
+        notes.append(f"shipping FP32 ({best}): " + _why_fp32([reasons[n] for n in int8], rule, judged))
+    notes += [f"{n}: {rows[n].status}: not deployable" for n in int8 if reasons[n] == LOST]
     return best, notes
 
 
-def _why_fp32(statuses: list[str], rule: ShipRule, judged: int | None) -> str:
-    if all(s.startswith(("loses", "keeps")) for s in statuses):
+def _why_fp32(reasons: list[str], rule: ShipRule, judged: int | None) -> str:
+    if all(r == LOST for r in reasons):
         return "every INT8 variant lost more than the ship rule allows (max_drop, min_cosine)"
-    if any(s.startswith("judged") for s in statuses):
+    if FEW in reasons:
         return (f"INT8 was judged on only {judged} images the quantizers did not see (export.min_fidelity_images "
                 f"{rule.min_fidelity_images}: make a bigger bank or give --images)")
     return f"no INT8 variant the ship rule allows was {rule.min_speedup}x faster than FP32 on this CPU"

@@ -77,24 +77,15 @@ class ExportRecord:
     """Every variant of a run, the deployable one, the rule that chose it, and how the fidelity was judged."""
     variants: dict[str, VariantRecord]
     deployable_variant: str
-    max_drop: float
-    min_speedup: float
-    min_fidelity_images: int
+    rule: ShipRule                              # in JSON, its fields sit at the top level (max_drop, ...)
     failed: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     fidelity_images: int | None = None
     calibration_images: int | None = None
     calibration_source: str | None = None       # real | statistics | bank (older runs: real | surrogate)
-    min_cosine: float = 0.0
-    judged_on: str | None = "all"
-    cosine_on: str = "all"
     fidelity_sources: dict[str, int] | None = None   # fidelity images per source (None: an export made
                                                      # before per-source fidelity: `distiller export RUN` redoes it)
     threshold: dict | None = None               # open set: {"value": t, "source": ..., ...}
-
-    def rule(self) -> ShipRule:
-        return ShipRule(self.max_drop, self.min_speedup, self.min_fidelity_images, self.min_cosine, self.judged_on,
-                        self.cosine_on)
 
     @property
     def deployable(self) -> str:
@@ -107,9 +98,8 @@ class ExportRecord:
 
     def to_json(self) -> dict:
         out = {"variants": {n: r.to_json() for n, r in self.variants.items()}, "failed": self.failed,
-               "deployable": self.deployable, "deployable_variant": self.deployable_variant, "max_drop": self.max_drop,
-               "min_speedup": self.min_speedup, "min_fidelity_images": self.min_fidelity_images, "notes": self.notes,
-               "min_cosine": self.min_cosine, "judged_on": self.judged_on, "cosine_on": self.cosine_on}
+               "deployable": self.deployable, "deployable_variant": self.deployable_variant, **asdict(self.rule),
+               "notes": self.notes}
         for k in ("fidelity_images", "calibration_images", "calibration_source", "fidelity_sources", "threshold"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
@@ -118,13 +108,12 @@ class ExportRecord:
     @classmethod
     def from_json(cls, d: dict, source: str = "export.json") -> "ExportRecord":
         try:
-            return cls({n: VariantRecord.from_json(r) for n, r in d["variants"].items()}, d["deployable_variant"],
-                       float(d["max_drop"]), float(d.get("min_speedup", 1.0)), int(d.get("min_fidelity_images", 0)),
+            rule = ShipRule(float(d["max_drop"]), float(d.get("min_speedup", 1.0)), int(d.get("min_fidelity_images", 0)),
+                            float(d.get("min_cosine", 0.0)), d.get("judged_on", "all"), d.get("cosine_on", "all"))
+            return cls({n: VariantRecord.from_json(r) for n, r in d["variants"].items()}, d["deployable_variant"], rule,
                        dict(d.get("failed", {})), list(d.get("notes", [])), d.get("fidelity_images"),
-                       d.get("calibration_images"), d.get("calibration_source"),
-                       fidelity_sources=d.get("fidelity_sources"), threshold=d.get("threshold"),
-                       min_cosine=float(d.get("min_cosine", 0.0)), judged_on=d.get("judged_on", "all"),
-                       cosine_on=d.get("cosine_on", "all"))
+                       d.get("calibration_images"), d.get("calibration_source"), d.get("fidelity_sources"),
+                       d.get("threshold"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"{source}: its export record is damaged ({type(exc).__name__}: {exc}): run `distiller export "
                             f"RUN` again") from None

@@ -165,9 +165,9 @@ def test_every_exported_variant_has_the_other_output_and_predict_prints_it(tmp_p
     ref = out.copy()
     ref[:, 2] = out.max(1) + 10.0
     src = np.array(["bank"] * len(batch))
-    m = measure(run / "student.int8.onnx", FidelitySet(batch, ref, np.full_like(ref, np.nan), src), 2, None)
+    m = measure(run / "student.int8.onnx", FidelitySet(batch, ref, np.full_like(ref, np.nan), src), None)
     assert m["agreement"] == pytest.approx(float((out.argmax(1) == 2).mean())) == m["agreement_by_source"]["bank"]
-    assert measure(run / "student.int8.onnx", FidelitySet(batch, out, np.full_like(out, np.nan), src), 2, None)["agreement"] == 1.0
+    assert measure(run / "student.int8.onnx", FidelitySet(batch, out, np.full_like(out, np.nan), src), None)["agreement"] == 1.0
     noise = tmp_path / "noise.png"
     from PIL import Image
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8)).save(noise)

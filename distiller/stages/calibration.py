@@ -13,9 +13,6 @@ from ..statimages import StatImages, StatPlan, stat_plan
 from .base import Progress
 from .distill import DistillStage
 
-SOURCES = ("real", "statistics", "bank")
-
-
 def has_real_split(run: Run) -> bool:
     """Whether the run has real images (--images) in both splits: enough to calibrate on and to judge on."""
     real = real_images(run)
