@@ -48,7 +48,7 @@ def concepts(
     from ..concepts import parse_concepts
     from ..imagenet_concepts import map_concepts, warnings_for
     from ..teachers import resolve_family
-    from .ui import err, escape
+    from .ui import err, literal
     parsed = parse_concepts(classes, minimum=1)
     if resolve_family(teacher).has_text_tower:
         return _bridges(parsed, teacher, pretrained, all_, offline)
@@ -59,10 +59,10 @@ def concepts(
     for c in cov:
         names = c.names()
         shown = ", ".join(names if all_ or len(names) <= 10 else names[:10] + [f"... (+{len(names) - 10}, --all)"])
-        t.add_row(escape(c.label), c.synset, ", ".join(c.lemmas[:3]), shown, str(len(c.classes)))
+        t.add_row(literal(c.label), c.synset, ", ".join(c.lemmas[:3]), shown, str(len(c.classes)))
     console.print(t)
     for w in warnings_for(cov):
-        err.print(f"[bold yellow]warning:[/bold yellow] {escape(w)}")
+        err.print(f"[bold yellow]warning:[/bold yellow] {literal(w)}")
 
 
 def _bridges(parsed, teacher: str, pretrained: str | None, all_: bool, offline: bool) -> None:
@@ -74,7 +74,7 @@ def _bridges(parsed, teacher: str, pretrained: str | None, all_: bool, offline: 
     from ..recipe import load_recipe
     from ..teachers import build_teacher, check_teacher
     from .make import _set_env
-    from .ui import err, escape
+    from .ui import err, literal
     _set_env(offline, False)
     rec = load_recipe("cpu")
     cfg = dataclasses.replace(rec.teacher, model=teacher, pretrained=pretrained or rec.teacher.pretrained)
@@ -97,8 +97,8 @@ def _bridges(parsed, teacher: str, pretrained: str | None, all_: bool, offline: 
         if len(h.classes) > limit:
             shown += f", ... (+{len(h.classes) - limit}, --all)"
         near = ", ".join(f"{names[i]} {float(cos[k, i]):.2f}" for i in cos[k].argsort(descending=True)[:3].tolist())
-        table.add_row(escape(h.label), h.source, shown or "-", str(len(h.classes)), near)
+        table.add_row(literal(h.label), h.source, shown or "-", str(len(h.classes)), near)
     console.print(table)
     for h in heads:
         if h.source == "fresh":
-            err.print(f"[bold yellow]warning:[/bold yellow] {escape(fresh_warning(h, min_sim))}")
+            err.print(f"[bold yellow]warning:[/bold yellow] {literal(fresh_warning(h, min_sim))}")

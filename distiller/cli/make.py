@@ -243,7 +243,7 @@ def report(run: Path = RUN_ARG, open_: bool = typer.Option(False, "--open", help
     _lock(run)
     r = Run(run, device="cpu")
     write_html(r)
-    console.print(f"report [bold]{r.paths.html}[/bold] ({r.paths.html.stat().st_size / 1e6:.2f} MB)")
+    console.print(f"report [bold]{literal(r.paths.html)}[/bold] ({r.paths.html.stat().st_size / 1e6:.2f} MB)")
     if open_:
         import webbrowser
         try:

@@ -13,7 +13,7 @@ from rich.table import Table
 from runtime.errors import UserError
 
 from . import app
-from .ui import console, err, escape, eval_table, literal, rejection_table
+from .ui import console, err, eval_table, literal, rejection_table
 
 
 def expand_images(items: list[str]) -> list[Path]:
@@ -65,7 +65,7 @@ def predict(
                 bar.advance(task)
             if isinstance(result, UserError):
                 failed += 1
-                err.print(f"[yellow]skipped[/yellow] {escape(str(result))}", highlight=False)
+                err.print(f"[yellow]skipped[/yellow] {literal(result)}", highlight=False)
                 continue
             if as_json:
                 sys.stdout.write(json.dumps({"image": str(p), "top": [{"label": lab, "probability": round(pr, 6)}
@@ -102,8 +102,8 @@ def evaluate(
     dataset, results, notes = evaluate_models(Path(model), data, read_labels_map(labels_map), teacher, baseline, offline,
                                               other_data)
     overlap = training_overlap(Path(model), dataset)
-    warning = (f"[bold red]warning: {len(overlap)} of the {len(dataset.samples)} images in {escape(str(data))} are among "
-               f"the run's own --images (same content), e.g. {escape(overlap[0])}: the student and the teacher's labels "
+    warning = (f"[bold red]warning: {len(overlap)} of the {len(dataset.samples)} images in {literal(data)} are among "
+               f"the run's own --images (same content), e.g. {literal(overlap[0])}: the student and the teacher's labels "
                f"were made on them, so a score here is not an accuracy. Evaluate on images the run never saw.[/bold red]"
                ) if overlap else None
     if Path(model).is_dir():   # a run folder keeps its latest eval for `distiller report`
@@ -120,10 +120,10 @@ def evaluate(
     if warning:   # after the table, where it is read
         err.print(warning)
     for note in notes:
-        err.print(f"[dim]{escape(note)}[/dim]")
+        err.print(f"[dim]{literal(note)}[/dim]")
     first = next(iter(results.values()))
     if first["skipped_folders"]:
-        err.print(f"[yellow]skipped folders matching no label:[/yellow] {escape(', '.join(first['skipped_folders']))} (use --labels-map)")
+        err.print(f"[yellow]skipped folders matching no label:[/yellow] {literal(', '.join(first['skipped_folders']))} (use --labels-map)")
     if first["unreadable"]:
         err.print(f"[yellow]unreadable images skipped:[/yellow] {len(first['unreadable'])}")
 
@@ -171,12 +171,12 @@ def bench(
         return
     console.print(bench_table(result))
     for name, why in result.get("skipped", {}).items():
-        err.print(f"[yellow]skipped[/yellow] {escape(name)}: {escape(why)}", highlight=False)
+        err.print(f"[yellow]skipped[/yellow] {literal(name)}: {literal(why)}", highlight=False)
     if result.get("deployable"):
-        console.print(f"deployable on this machine: [bold]{result['deployable']}[/bold] (report.json updated)")
+        console.print(f"deployable on this machine: [bold]{literal(result['deployable'])}[/bold] (report.json updated)")
     if result.get("e2e"):
         e = result["e2e"]
-        console.print(f"end to end on {e['images']} images from {escape(e['folder'])} ({escape(e['model'])}): "
+        console.print(f"end to end on {e['images']} images from {literal(e['folder'])} ({literal(e['model'])}): "
                       f"[bold]{e['e2e_ips']:.1f} img/s[/bold] ({e['ms_per_image']:.2f} ms per image: decode, resize, model; "
                       f"batch {e['batch']}, {e['workers']} decode threads); model only: {e['model_ips']:.1f} img/s"
                       + (f"; {e['skipped']} unreadable skipped" if e["skipped"] else ""))

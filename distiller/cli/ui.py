@@ -11,16 +11,16 @@ from rich.table import Table
 from runtime.exports import ExportRecord
 
 console = Console()
+err = Console(stderr=True)
+for _c in (console, err):  # logs and pipes: wide enough for the tables, not rich's 80 columns
+    if not _c.is_terminal:
+        _c.width = 120
 
 
 def literal(value) -> str:
     """Any user-supplied string (a label, a path, a message quoting them) as rich prints it literally: ``[/]`` or
     ``cat [tabby]`` stay what they are instead of being read as markup. The one helper for it."""
     return escape(str(value))
-err = Console(stderr=True)
-for _c in (console, err):  # logs and pipes: wide enough for the tables, not rich's 80 columns
-    if not _c.is_terminal:
-        _c.width = 120
 
 
 class RichReporter:

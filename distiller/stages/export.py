@@ -113,8 +113,8 @@ def _threshold(run: Run, fid: FidelitySet, source: str) -> tuple[float, dict]:
 
 
 class _Partial:
-    """``export.partial.json``: each variant built and measured so far, written as it finishes, so a killed export
-    resumes with the next variant and picks among the same measurements (gone once export.json is written)."""
+    """``export.partial.json``: each variant built and judged so far, written as it finishes, so a killed export
+    resumes with the next variant and keeps the fidelity it measured (gone once export.json is written)."""
 
     def __init__(self, run: Run):
         self.path, self.rows = run.paths.root / "export.partial.json", {}
