@@ -10,12 +10,20 @@ Three checks, each a ``distiller make`` (ImageNet teachers, offline; open-set by
     pacs      dog,elephant,horse (teacher Lite2 at 128 px): PACS-mini's images of them (every domain) as
               known, its guitar, house and person images as other
 
-Per model (the shipped variant, its FP32 student, the teacher, the free baseline): known-class balanced
-accuracy with its open-set answer (Wilson 95%), the shipped student's closed-set balanced accuracy on the
-same images (``open_set=False``), AUROC of known against other (the best class's probability; bootstrap
-95%), and how often "other" is answered on the other images (Wilson 95%). Then the ``other_bias`` sweep:
-the shipped model and the teacher read with other_bias = 0, 1, ... (the runtime's own decision, from the
-same outputs; no retraining): what a user who sets it gets on known and on other images.
+Per model (the shipped variant, its FP32 student, the teacher, the free baseline), through ``distiller eval``:
+known-class balanced accuracy with its default answer (Wilson 95%), the shipped student's closed-set balanced
+accuracy on the same images (``open_set=False``), AUROC of known against other, and how often "other" is answered.
+Then, per exported variant, what it answers on the photos. Then the operating points (``operating_points``):
+
+- the data-free rules, fixed before any photo was scored (the shipped rule; the other output wins; per score -
+  margin, max_softmax, max_logit, energy - a threshold keeping 95% of the run's surrogate images of the classes,
+  or rejecting 95% of its statistics images): known balanced accuracy with the rule's answer and its ratio to
+  closed-set (bootstrap 95% within classes), known images kept, others answered other (Wilson 95%), the score's
+  AUROC (bootstrap 95%) and FPR95 (others kept at the threshold keeping 95% of these known images: an oracle, the
+  score's quality); PACS also on its photo domain alone;
+- the teacher's own rule on the same photos;
+- ``eval --fit`` on half the photos, scored on the other half, per score, over 100 random halves, against the
+  teacher's own score at the same known recall on the same half (checks with enough known photos: VLCS).
 
     python benchmarks/open_set.py --real .cache/real_images --work runs/open-set [--only foolbox]
 """
@@ -32,7 +40,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.calibration import balanced_accuracy  # noqa: E402
+from distiller.openset import balanced as balanced_accuracy  # noqa: E402
+from distiller.openset import describe_rule  # noqa: E402
+from runtime.openset import OpenSetRule, conformal_threshold  # noqa: E402
 
 FOOLBOX_KNOWN = {"bull mastiff": "dogs", "dalmatian": "dogs", "bald eagle": "birds", "goose": "birds", "spoonbill": "birds"}
 CHECKS = {
@@ -91,39 +101,145 @@ def closed_set_balanced(run: Path, file: str, known: Path) -> float:
     return balanced_accuracy(pred, truth)
 
 
-BIASES = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
+def outputs(clf, paths) -> np.ndarray:
+    """A runtime model's outputs [N, K + 1] as its rule reads them (other_bias applied)."""
+    return clf.scores(np.concatenate([clf.logits(clf.preprocess(paths[i:i + 32])) for i in range(0, len(paths), 32)]))
 
 
-def bias_sweep(run: Path, file: str, known: Path, other: Path) -> list[str]:
-    """Known balanced accuracy and the share answered other, per other_bias, for ``file`` and the teacher."""
-    from distiller.evaluation import Dataset, load_image_folder, teacher_predictor, wilson
+def surrogates(run: Path, clf) -> tuple[np.ndarray, np.ndarray]:
+    """The model's outputs on the run's own data-free images: the bank's images the teacher gives a concept
+    (surrogates of the classes) and the statistics images held out of calibration (neither: textures)."""
+    from distiller.bank import Bank
+    from distiller.runfolder import Run
+    from distiller.stages.calibration import CalibrationStage
+    from distiller.statimages import to_tensor
+    from runtime.preprocess import preprocess
+    bank, k = Bank(run / "bank"), len(clf.labels)
+    imgs, logits = [], []
+    for split in ("train", "val"):
+        im, lo, _ = bank.load(split)
+        imgs.append(im)
+        logits.append(lo)
+    im, lo = np.concatenate(imgs), np.concatenate(logits)
+    concept = lo.argmax(1) < k
+    x = np.stack([preprocess(a, clf.metadata.preprocess) for a in im[concept]])
+    bank_out = clf.scores(np.concatenate([clf.logits(x[i:i + 32]) for i in range(0, len(x), 32)]))
+    _, held = CalibrationStage.store(Run(run, device="cpu", offline=True)).load()
+    pre = clf.metadata.preprocess
+    stats = to_tensor(held, pre.mean, pre.std)
+    return bank_out, clf.scores(np.concatenate([clf.logits(stats[i:i + 32]) for i in range(0, len(stats), 32)]))
+
+
+SCORES = ("margin", "max_softmax", "max_logit", "energy")
+
+
+def data_free_rules(clf, bank: np.ndarray, stats: np.ndarray) -> dict:
+    """The candidate data-free rules, fixed before any photo is scored: the rule the model shipped with, the
+    teacher's own (the other output wins), and per score a threshold keeping 95% of the bank's surrogates of the
+    classes (FPR95's convention, with surrogates for the known images) or rejecting 95% of the statistics images."""
+    k = len(clf.labels)
+    rules = {f"shipped ({clf.rule.score} @ {clf.rule.threshold:.3g})": clf.rule.replace(on=True),
+             "margin @ 0 (the other output wins)": OpenSetRule("margin", 0.0)}
+    for s in SCORES:
+        r = OpenSetRule(s)
+        rules[f"{s}, keeps 95% of bank surrogates"] = r.replace(threshold=conformal_threshold(r.known_score(bank, k), 0.95)[0])
+        rules[f"{s}, rejects 95% of statistics images"] = r.replace(
+            threshold=float(np.quantile(r.known_score(stats, k), 0.95)))
+    return rules
+
+
+def boot(fn, truth: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of ``fn(rows)``, the known images resampled within each class."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(truth == c) for c in np.unique(truth)]
+    draws = [fn(np.concatenate([rng.choice(g, len(g)) for g in groups])) for _ in range(reps)]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def rule_table(title: str, rules: dict, zk: np.ndarray, truth: np.ndarray, zo: np.ndarray, k: int) -> list[str]:
+    """Per rule: known balanced (the rule's answer), its ratio to closed-set, known kept, others answered other,
+    the score's AUROC and FPR95; 95% intervals (bootstrap within classes; Wilson for the others)."""
+    from distiller.openset import balanced, fpr_at, operating_point, score_auroc
+    out = ["", title, "", "| rule | known balanced [95% CI] | / closed-set [95% CI] | known kept | answers other "
+           "[95% CI] | AUROC [95% CI] | FPR95 |", "|---|---|---|---|---|---|---|"]
+    closed = zk[:, :k].argmax(1)
+    for name, rule in rules.items():
+        p = operating_point(rule, zk, truth, zo, k)
+        dk = rule.decide(zk, k)
+        lo, hi = boot(lambda r: balanced(dk[r], truth[r]), truth)
+        rlo, rhi = boot(lambda r: balanced(dk[r], truth[r]) / max(balanced(closed[r], truth[r]), 1e-9), truth)
+        a, (alo, ahi) = score_auroc(rule.score, zk, zo, k)
+        out.append(f"| {name} | {100 * p.known_balanced:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {p.ratio:.3f} "
+                   f"[{rlo:.3f}, {rhi:.3f}] | {100 * p.known_kept:.1f} | {100 * p.other_answered:.1f} "
+                   f"[{100 * p.other_ci[0]:.1f}, {100 * p.other_ci[1]:.1f}] | {a:.3f} [{alo:.3f}, {ahi:.3f}] | "
+                   f"{100 * fpr_at(rule.score, zk, zo, k):.1f} |")
+    return out
+
+
+def fitted_splits(title: str, zk, truth, zo, tk, to, k: int, splits: int = 100) -> list[str]:
+    """``eval --fit`` on half the photos (known by class, others at random), scored on the other half; per score:
+    known kept, known balanced / closed-set, others answered other, and the teacher's own score (the other
+    output against the concepts) at the same known kept on the same half. Mean [2.5th, 97.5th percentile] over
+    ``splits`` random halves."""
+    from distiller.openset import fit_rule, operating_point
+    rng = np.random.default_rng(0)
+    out = ["", title, "", "| score | known kept | share of halves keeping >= 95% | known balanced / closed-set | "
+           "answers other | teacher's score at the same known kept | student - teacher |", "|---|---|---|---|---|---|---|"]
+    for s in SCORES:
+        rows = []
+        for _ in range(splits):
+            a = np.concatenate([rng.permutation(np.flatnonzero(truth == c))[: (truth == c).sum() // 2] for c in np.unique(truth)])
+            b = np.setdiff1d(np.arange(len(truth)), a)
+            oa = rng.permutation(len(zo))[: len(zo) // 2]
+            ob = np.setdiff1d(np.arange(len(zo)), oa)
+            fit = fit_rule(s, zk[a], truth[a], zo[oa], k, 0.95, "split")
+            p = operating_point(fit.rule, zk[b], truth[b], zo[ob], k)
+            teacher = OpenSetRule("margin")
+            tks = np.sort(teacher.known_score(tk[b], k))
+            t = tks[min(len(tks) - 1, int(round((1 - p.known_kept) * len(tks))))]   # keeps the same share
+            rej = float((teacher.known_score(to[ob], k) < t).mean())
+            rows.append((p.known_kept, p.ratio, p.other_answered, rej))
+        r = np.array(rows)
+
+        def cell(col, scale=100.0, fmt=".1f"):
+            lo, hi = np.percentile(r[:, col], [2.5, 97.5])
+            return f"{scale * r[:, col].mean():{fmt}} [{scale * lo:{fmt}}, {scale * hi:{fmt}}]"
+        diff = r[:, 2] - r[:, 3]
+        dlo, dhi = np.percentile(diff, [2.5, 97.5])
+        out.append(f"| {s} | {cell(0)} | {100 * (r[:, 0] >= 0.95).mean():.0f}% | {cell(1, 1.0, '.3f')} | {cell(2)} | "
+                   f"{cell(3)} | {100 * diff.mean():+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}] |")
+    return out
+
+
+def operating_points(run: Path, file: str, known: Path, other: Path) -> list[str]:
+    """The data-free rules on the photos, for the shipped model, and the fitted point on half splits."""
+    from distiller.evaluation import load_image_folder, teacher_predictor
     from distiller.runfolder import Run
     from runtime import Classifier
-    from runtime.classifier import with_other_bias
     from runtime.preprocess import list_images
     clf = Classifier.load(run / file, exact=True)
-    data: Dataset = load_image_folder(known, clf.labels)
+    data = load_image_folder(known, clf.labels)
     k, truth = len(clf.labels), np.array([s.label for s in data.samples])
-    paths = [s.path for s in data.samples]
-    others = list_images(other)
-    raw = {file: (clf.logits(clf.preprocess(paths)), clf.logits(clf.preprocess(others)))}
+    paths, others = [s.path for s in data.samples], list_images(other)
+    zk, zo = outputs(clf, paths), outputs(clf, others)
+    bank, stats = surrogates(run, clf)
+    rules = data_free_rules(clf, bank, stats)
+    out = rule_table(f"data-free rules ({name_of(run)}, {file}): {len(paths)} known, {len(others)} other images; "
+                     f"thresholds from {len(bank)} bank surrogates / {len(stats)} statistics images", rules, zk, truth, zo, k)
+    photo = np.array([p.name.startswith("photo_") for p in paths])
+    if name_of(run) == "pacs" and len(np.unique(truth[photo])) > 1:   # the issue's "PACS-mini photo domain"
+        out += rule_table(f"the same rules on the photo domain alone ({photo.sum()} known; the same others)",
+                          rules, zk[photo], truth[photo], zo, k)
     teach = teacher_predictor(Run(run, device="cpu", offline=True).teacher())
-    raw["teacher"] = (teach(paths), teach(others))
-    out = ["", f"other_bias sweep ({name_of(run)}): known balanced accuracy / answers other [95% CI]", "",
-           "| other_bias | " + " | ".join(raw) + " |", "|---" * (len(raw) + 1) + "|"]
-    for b in BIASES:
-        cells = []
-        for who, (zk, zo) in raw.items():
-            if who == "teacher":
-                dk, do = with_other_bias(zk, k, b).argmax(1), with_other_bias(zo, k, b).argmax(1)
-            else:
-                read = Classifier(clf._run, clf.metadata.replace(other_bias=b), clf.path, clf.backend, exact=True)
-                dk, do = read.decide(zk), read.decide(zo)
-            bal = balanced_accuracy(dk, truth)
-            hit = int((do == k).sum())
-            lo, hi = wilson(hit, len(do))
-            cells.append(f"{100 * bal:.1f} / {100 * hit / len(do):.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
-        out.append(f"| {b:g} | " + " | ".join(cells) + " |")
+    tk, to = teach(paths), teach(others)
+    out += rule_table(f"the teacher's own rule ({name_of(run)})", {"teacher, margin @ 0": OpenSetRule("margin")},
+                      tk, truth, to, k)
+    if min(np.bincount(truth)) >= 2 * 5 and len(paths) >= 4 * 10:
+        out += fitted_splits(f"--fit on half the photos, scored on the other half ({name_of(run)}, {file}; 100 "
+                             "random halves: mean [2.5th, 97.5th percentile])", zk, truth, zo, tk, to, k)
+    else:
+        out += ["", f"--fit on half the photos ({name_of(run)}): not run, {len(paths)} known photos are too few to halve"]
     return out
 
 
@@ -170,8 +286,9 @@ def check(name: str, args) -> list[str]:
             "teacher": results["teacher"]}
     rows.update({k: v for k, v in results.items() if k.startswith("free baseline")})
     n_known = results["student.onnx"]["rows"][-1]["n"]
-    out = [f"\n{name}: {classes} ({teacher}); {n_known} known, {results['student.onnx']['open_set']['other_images']} other; "
-           f"threshold {report['export']['threshold']['value']:.3f} ({report['export']['threshold']['source']})", "",
+    rule = OpenSetRule.from_json(report["export"]["open_set"])
+    out = [f"\n{name}: {classes} ({teacher}); {n_known} known, {results['student.onnx']['open_set']['other_images']} other. "
+           + describe_rule(rule, "other"), "",
            "| model | known balanced [95% CI] | closed-set balanced | AUROC [95% CI] | answers other [95% CI] |",
            "|---|---|---|---|---|"]
     for label, r in rows.items():
@@ -184,7 +301,7 @@ def check(name: str, args) -> list[str]:
         out.append(f"| {label} | {100 * k['balanced_accuracy']:.1f} [{100 * k['balanced_ci'][0]:.1f}, {100 * k['balanced_ci'][1]:.1f}] "
                    f"| {closed} | {o['auroc']:.3f} [{o['auroc_ci'][0]:.3f}, {o['auroc_ci'][1]:.3f}] | "
                    f"{100 * o['other_accuracy']:.1f} [{100 * o['other_ci'][0]:.1f}, {100 * o['other_ci'][1]:.1f}] |")
-    return out + variants_on_photos(run, known, other) + bias_sweep(run, shipped, known, other)
+    return out + variants_on_photos(run, known, other) + operating_points(run, shipped, known, other)
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,9 @@ import numpy as np
 
 from runtime import Classifier
 from runtime.atomic import write_json
-from runtime.classifier import backend_for, installed, read_export, with_other_bias
+from runtime.classifier import backend_for, installed, read_export
 from runtime.errors import UserError
+from runtime.openset import with_other_bias
 from runtime.preprocess import list_images, preprocess
 
 from .images import read_image_set
@@ -246,7 +247,7 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
     clfs = {str(f.relative_to(path) if path.is_dir() else f): Classifier.load(f, exact=True) for f in files}
     dataset = load_image_folder(data, next(iter(clfs.values())).labels, labels_map)
     results = {name: evaluate(runtime_predictor(c), dataset) for name, c in clfs.items()}
-    others = _other_images(other_data)
+    others = other_images(other_data)
     k = len(dataset.labels)
     for name, c in clfs.items():
         if others is not None:
@@ -287,7 +288,7 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
     return dataset, results, notes
 
 
-def _other_images(folder: Path | None) -> list[Path] | None:
+def other_images(folder: Path | None) -> list[Path] | None:
     """``--other-data``: every image under the folder (its folder names are not read)."""
     if folder is None:
         return None
@@ -328,12 +329,13 @@ def content_hash(dataset: Dataset) -> str:
     return h.hexdigest()
 
 
-def save_eval(run: Path, dataset: Dataset, results: dict, notes: list[str], overlap: list[str] = ()) -> Path:
+def save_eval(run: Path, dataset: Dataset, results: dict, notes: list[str], overlap: list[str] = (),
+              fits: dict | None = None) -> Path:
     """``eval.json`` in the run folder (read by ``distiller report``): the data folder, its content hash,
     the labels and every model's per-domain, per-class scores. A later eval on other data replaces it."""
     path = RunPaths(run).eval
     write_json(path, {"data": str(Path(dataset.root).resolve()), "content_hash": content_hash(dataset),
                       "images": len(dataset.samples), "labels": dataset.labels, "domains": dataset.domains,
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results,
-                      "notes": notes, "training_overlap": len(overlap)})
+                      "notes": notes, "training_overlap": len(overlap), "open_set_fit": fits or {}})
     return path

@@ -41,6 +41,7 @@ BnForm = Literal["kl", "l2"]
 StudentInit = Literal["pretrained", "scratch"]
 HeadChoice = Literal["auto", "fresh", "imagenet"]
 CalibrationSource = Literal["auto", "statistics", "bank", "real"]
+OtherDecision = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class Recipe:
     target: str
     openset: bool                               # models have an extra last output, other_label: "none of these"
     other_label: str
+    other_decision: OtherDecision               # whether classify() answers other by default (auto: the teacher family's)
     other_bias: float = num(min=-20.0, max=20.0)   # log-odds taken off the other output before deciding: > 0 answers other less
     teacher: TeacherCfg
     prompts: PromptsCfg

@@ -18,10 +18,12 @@ import numpy as np
 
 from runtime.atomic import read_json
 from runtime.exports import ExportRecord
+from runtime.openset import OpenSetRule
 
 from . import __version__
 from .bank import Bank
 from .images import real_images
+from .openset import describe_rule
 from .runfolder import Run
 
 CSS = """
@@ -332,14 +334,10 @@ def _timings(page: Page) -> str:
 
 
 def _open_set_line(run: Run, exp: ExportRecord) -> str:
-    """What an open-set model answers for none of its classes, and how its threshold was chosen."""
-    t = exp.threshold or {}
-    if not run.recipe.openset or "value" not in t:
+    """What an open-set model answers for none of its classes, and how its rule was set: at export, or by
+    ``eval --fit`` (eval.json keeps the rule it wrote into each file)."""
+    if not run.recipe.openset or not exp.open_set:
         return ""
-    how = (f"fitted on {t['images']} {_e(t['source'])} validation images ({t.get('other_images', 0)} of them other; "
-           f"balanced accuracy {100 * t['balanced_accuracy']:.1f}%)" if t.get("source", "none") != "none"
-           else _e(t.get("note", "not fitted")))
-    bias = run.recipe.other_bias
-    read = f" (its other output read {bias:g} log-odds lower: other_bias)" if bias else ""
-    return (f"<p>Open set: the model answers <b>{_e(run.recipe.other_label)}</b> when its other output{read} wins or its "
-            f"best class's probability is below the threshold {t['value']:.3f}, {how}.</p>")
+    fitted = ((read_json(run.paths.eval) or {}).get("open_set_fit") or {}).get(exp.deployable)
+    rule = OpenSetRule.from_json(fitted["rule"] if fitted else exp.open_set, str(run.paths.export))
+    return f"<p>{_e(describe_rule(rule, run.recipe.other_label, run.recipe.other_bias))}</p>"

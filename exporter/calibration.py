@@ -1,13 +1,13 @@
-"""Which images the quantizers see and which judge them, and the open-set threshold fitted at export.
+"""Which images the quantizers see and which judge them, and the open-set rule set at export.
 
 Calibration (and NNCF's accuracy-control tuning) use train images spread evenly; the INT8 fidelity check uses
 other images, never the same ones, so accuracy-controlled quantization cannot pass by fitting the images it is
-judged on. The open-set threshold is fitted on validation images with the teacher's answers as the truth."""
+judged on. The data-free open-set rule is set on the run's surrogate images of the concepts."""
 from __future__ import annotations
 
 import numpy as np
 
-from runtime.classifier import open_set_decision, softmax, with_other_bias
+from runtime.openset import OpenSetRule, conformal_threshold
 
 
 def quantizer_split(train: int, calibration: int, fidelity: int, reserve: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -22,38 +22,19 @@ def quantizer_split(train: int, calibration: int, fidelity: int, reserve: int = 
     return calib, rest[pick]
 
 
-def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Recall averaged over the classes present in ``truth``, each weighing the same."""
-    classes = np.unique(truth)
-    return float(np.mean([(pred[truth == c] == c).mean() for c in classes])) if len(classes) else 0.0
+SURROGATE_SCORE = "max_logit"   # measured against the other scores: benchmarks/open_set.py, docs/open-set.md
+SURROGATE_KEEP = 0.95           # FPR95's convention, with the class surrogates standing in for the known images
 
 
-def fit_threshold(probs: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """The threshold in [0, 1] that maximises balanced accuracy over the known classes and "other" (index K
-    in ``truth``), and that accuracy; of equals, the smallest (0: the other output alone decides)."""
-    k = probs.shape[1] - 1
-    top = probs[:, :k].max(1)
-    candidates = np.unique(np.concatenate([[0.0], np.nextafter(top, 2.0)]))
-    best, score = 0.0, -1.0
-    for t in candidates:
-        s = balanced_accuracy(open_set_decision(probs, float(t)), truth)
-        if s > score + 1e-12:
-            best, score = float(min(t, 1.0)), s
-    return best, score
-
-
-def open_set_threshold(reference: np.ndarray, teacher_logits: np.ndarray, source: str | None,
-                       other_bias: float = 0.0) -> tuple[float, dict]:
-    """The open-set threshold and how it was chosen: fitted on validation images (the teacher's argmax,
-    "other" included, as the truth) from ``source`` (the real ones, or the bank's with its negatives); with
-    neither (None), 0, so the other output alone decides. Both the student's outputs and the teacher's truth
-    are read with ``other_bias``."""
-    rows = ~np.isnan(teacher_logits).any(1)
-    if source is None or not rows.any():
-        return 0.0, {"source": "none", "images": 0,
-                     "note": "no real validation images and no negatives to fit on: the other output alone decides"}
-    k = teacher_logits.shape[1] - 1
-    truth = with_other_bias(teacher_logits[rows], k, other_bias).argmax(1)
-    t, score = fit_threshold(softmax(with_other_bias(reference[rows], k, other_bias)), truth)
-    return t, {"source": source, "images": int(rows.sum()), "balanced_accuracy": round(score, 4),
-               "other_images": int((truth == teacher_logits.shape[1] - 1).sum())}
+def surrogate_rule(outputs: np.ndarray, k: int, on: bool) -> OpenSetRule:
+    """The data-free open-set rule: the best concept output (``SURROGATE_SCORE``) under the threshold that keeps
+    ``SURROGATE_KEEP`` of the run's own surrogate images of the concepts (``outputs`` [N, K + 1]: the student's
+    outputs, bias applied, on the bank images its teacher gives a concept; split conformal, so a new image like
+    them is kept with that probability). Without any, the other output alone decides (margin 0)."""
+    if not len(outputs):
+        return OpenSetRule("margin", 0.0, on, {"source": "none", "images": 0,
+                                               "note": "no surrogate image of a concept: the other output alone decides"})
+    rule = OpenSetRule(SURROGATE_SCORE)
+    threshold, promised = conformal_threshold(rule.known_score(outputs, k), SURROGATE_KEEP)
+    return rule.replace(threshold=threshold, on=on, fit={"source": "bank surrogates", "images": int(len(outputs)),
+                                                         "keep": SURROGATE_KEEP, "promised": promised})

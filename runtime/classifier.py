@@ -13,6 +13,7 @@ import numpy as np
 from .errors import UserError
 from .exports import ExportRecord
 from .metadata import METADATA_KEY, ModelMetadata
+from .openset import OpenSetRule, softmax, with_other_bias
 from .preprocess import ImageLike, load_image, preprocess
 from .registry import Registry
 
@@ -281,14 +282,17 @@ class Classifier:
         self.metadata = metadata
         self.labels = list(metadata.labels)
         self.other_label = metadata.other_label or None    # open-set models answer it for "none of these"
-        self.threshold = float(metadata.threshold)
+        self.rule: OpenSetRule = metadata.open_set          # when they do (runtime.openset)
         self.other_bias = float(metadata.other_bias)
         self.path = path
         self.backend = backend
         self.exact = exact
 
     @classmethod
-    def load(cls, path, backend: str = "auto", threads: int | None = None, exact: bool = False) -> "Classifier":
+    def load(cls, path, backend: str = "auto", threads: int | None = None, exact: bool = False,
+             other_threshold: float | None = None) -> "Classifier":
+        """``other_threshold``: an open-set model's threshold, set by the app (on the score its rule names,
+        ``clf.rule.score``); it also turns the open-set answer on by default."""
         check_threads(threads)
         p = resolve_model_path(path, backend)
         if backend == "auto":
@@ -302,7 +306,14 @@ class Classifier:
         run, meta = chosen.open(p, threads)
         if meta is None:
             raise UserError(f"{p}: has no distiller metadata (labels, preprocessing): export it with distiller")
-        return cls(run, ModelMetadata.from_json(meta, source=str(p)), p, chosen.name, exact)
+        metadata = ModelMetadata.from_json(meta, source=str(p))
+        if other_threshold is not None:
+            if not metadata.other_label:
+                raise UserError(f"{p}: other_threshold given, but the model is closed-set (no other output): "
+                                "leave it out, or export with openset = true")
+            rule = metadata.open_set.replace(threshold=other_threshold, on=True, fit={"source": "override"})
+            metadata = metadata.replace(open_set=rule)
+        return cls(run, metadata, p, chosen.name, exact)
 
     def prepare(self, image: ImageLike, channels: str = "rgb") -> np.ndarray:
         """One image as the model's CHW float32 input (the fast or the exact path, as loaded)."""
@@ -323,42 +334,49 @@ class Classifier:
     def probabilities(self, images, channels: str = "rgb") -> np.ndarray:
         return softmax(self.scores(self.logits(self.preprocess(images, channels))))
 
-    def decide(self, logits: np.ndarray, open_set: bool = True) -> np.ndarray:
-        """The answer per row of raw outputs [N, outputs], as an index: a concept, or K for ``other_label``
-        (open-set: the other output, less ``other_bias``, wins, or the best concept's probability is under
-        the threshold)."""
-        n = len(self.labels)
-        if not self.other_label or not open_set:
-            return logits[:, :n].argmax(1)
-        return open_set_decision(softmax(self.scores(logits)[:, :n + 1]), self.threshold)
+    def open_set(self, asked: bool | None = None) -> bool:
+        """Whether answers may be ``other_label``: asked (``open_set=True``/``False``), else the model's rule says
+        (``rule.on``); never for a closed-set model."""
+        return bool(self.other_label) and (self.rule.on if asked is None else bool(asked))
 
-    def _ranked(self, logits: np.ndarray, k: int, open_set: bool = True) -> list[tuple[str, float]]:
-        """The ranking for one row of raw outputs. Open-set: softmax over the K concepts and ``other``;
-        ``other`` comes first when its output wins or when the best concept's probability is under the
-        threshold. Closed-set (or ``open_set=False``): softmax over the K concept outputs alone."""
+    def decide(self, logits: np.ndarray, open_set: bool | None = None) -> np.ndarray:
+        """The answer per row of raw outputs [N, outputs], as an index: the best concept, or K for ``other_label``
+        where the open-set answer applies (``open_set``) and the rule's score is under its threshold."""
         n = len(self.labels)
-        if not self.other_label or not open_set:
+        if not self.open_set(open_set):
+            return logits[:, :n].argmax(1)
+        return self.rule.decide(self.scores(logits)[:, :n + 1], n)
+
+    def _ranked(self, logits: np.ndarray, k: int, open_set: bool | None = None) -> list[tuple[str, float]]:
+        """The ranking for one row of raw outputs. Open-set: probabilities from the softmax over the K concepts
+        and ``other``; ``other`` first where the rule answers it, else after the best concept at the highest.
+        Closed-set (or ``open_set=False``): softmax over the K concept outputs alone."""
+        n = len(self.labels)
+        if not self.open_set(open_set):
             p = softmax(logits[:n])
             return [(self.labels[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
-        p = softmax(self.scores(logits)[:n + 1])
-        order = list(np.argsort(-p, kind="stable"))
-        if order[0] != n and p[order[0]] < self.threshold:
-            order.remove(n)
+        z = self.scores(logits)[:n + 1]
+        p = softmax(z)
+        order = [int(i) for i in np.argsort(-p, kind="stable") if i != n]
+        if self.rule.decide(z[None], n)[0] == n:
             order.insert(0, n)
+        else:   # a concept is the answer: other keeps its place by probability, never above the answer
+            order.insert(max(1, int((p[:n] >= p[n]).sum())), n)
         names = self.labels + [self.other_label]
         return [(names[i], float(p[i])) for i in order[:k]]
 
-    def classify(self, images: ImageLike | list, top_k: int = 5, channels: str = "rgb", open_set: bool = True):
+    def classify(self, images: ImageLike | list, top_k: int = 5, channels: str = "rgb", open_set: bool | None = None):
         """(label, probability) pairs, best first; a list of such lists for a list input (decoded on
         threads while the model runs, as ``classify_iter``). An open-set model may answer its
-        ``other_label`` ("none of these"); ``open_set=False`` ranks the concepts alone."""
-        k = _check_top_k(top_k, len(self.labels) + (1 if self.other_label and open_set else 0))
+        ``other_label`` ("none of these") where its rule is on (``clf.rule.on``) or ``open_set=True``;
+        ``open_set=False`` ranks the concepts alone."""
+        k = _check_top_k(top_k, len(self.labels) + int(self.open_set(open_set)))
         if isinstance(images, (list, tuple)):
             return list(self.classify_iter(images, top_k=top_k, channels=channels, open_set=open_set))
         return self._ranked(self.logits(self.preprocess([images], channels))[0], k, open_set)
 
     def classify_iter(self, images: Iterable[ImageLike], top_k: int = 5, batch_size: int = 16, workers: int | None = None,
-                      channels: str = "rgb", errors: str = "raise", open_set: bool = True) -> Iterator:
+                      channels: str = "rgb", errors: str = "raise", open_set: bool | None = None) -> Iterator:
         """Results for ``images`` (any iterable, consumed lazily), in input order. A small thread pool
         decodes and resizes the next images while the model runs the current batch (Pillow releases the
         GIL while it decodes); at most ``batch_size + workers`` images are in flight at any time, so a
@@ -366,7 +384,7 @@ class Classifier:
         image that cannot be read in its place instead of raising it."""
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
-        k = _check_top_k(top_k, len(self.labels) + (1 if self.other_label and open_set else 0))
+        k = _check_top_k(top_k, len(self.labels) + int(self.open_set(open_set)))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size = {batch_size!r}: use a whole number >= 1")
         if errors not in ("raise", "return"):
@@ -413,29 +431,6 @@ def _check_top_k(top_k, labels: int) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UserError(f"top_k = {top_k!r}: use a whole number >= 1")
     return min(top_k, labels)
-
-
-def with_other_bias(logits: np.ndarray, k: int, bias: float) -> np.ndarray:
-    """``logits`` [..., K + 1] with ``bias`` taken off the other output (index K); a copy."""
-    out = np.array(logits, dtype=np.float32, copy=True)
-    if bias and out.shape[-1] > k:
-        out[..., k] -= bias
-    return out
-
-
-def open_set_decision(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Answers for probabilities [N, K + 1] (``other`` last) as indices, K for "other": the other output
-    wins, or the best concept's probability is under ``threshold``."""
-    k = probs.shape[1] - 1
-    pred = probs.argmax(1)
-    reject = (pred != k) & (probs[np.arange(len(probs)), pred] < threshold)
-    return np.where(reject, k, pred)
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 __all__ = ["Classifier", "softmax", "load_image", "physical_cores", "backends", "register_backend"]

@@ -37,6 +37,7 @@ class VariantRecord:
     agreement_concepts: float | None = None     # ... and the concepts' own ranking's (``agreement`` is the lower)
     agreement_by_source: dict[str, float] | None = None   # ``agreement`` on each fidelity source's images alone
     cosine_by_source: dict[str, float] | None = None      # ``cosine`` likewise
+    open_set: dict | None = None                # open-set models: the rule this file carries (runtime.openset)
     drop_points: float = 0.0                    # 100 x (1 - agreement)
     eligible: bool = False                      # within max_drop, judged on enough images and fast enough
     status: str = ""                            # why it was or was not picked, in words
@@ -85,7 +86,8 @@ class ExportRecord:
     calibration_source: str | None = None       # real | statistics | bank (older runs: real | surrogate)
     fidelity_sources: dict[str, int] | None = None   # fidelity images per source (None: an export made
                                                      # before per-source fidelity: `distiller export RUN` redoes it)
-    threshold: dict | None = None               # open set: {"value": t, "source": ..., ...}
+    open_set: dict | None = None                # open set: the rule every variant carries (runtime.openset.OpenSetRule)
+    threshold: dict | None = None               # exports before it: {"value": t, "source": ..., ...} (score "probability")
 
     @property
     def deployable(self) -> str:
@@ -100,7 +102,7 @@ class ExportRecord:
         out = {"variants": {n: r.to_json() for n, r in self.variants.items()}, "failed": self.failed,
                "deployable": self.deployable, "deployable_variant": self.deployable_variant, **asdict(self.rule),
                "notes": self.notes}
-        for k in ("fidelity_images", "calibration_images", "calibration_source", "fidelity_sources", "threshold"):
+        for k in ("fidelity_images", "calibration_images", "calibration_source", "fidelity_sources", "open_set", "threshold"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
         return out
@@ -113,7 +115,7 @@ class ExportRecord:
             return cls({n: VariantRecord.from_json(r) for n, r in d["variants"].items()}, d["deployable_variant"], rule,
                        dict(d.get("failed", {})), list(d.get("notes", [])), d.get("fidelity_images"),
                        d.get("calibration_images"), d.get("calibration_source"), d.get("fidelity_sources"),
-                       d.get("threshold"))
+                       d.get("open_set"), d.get("threshold"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"{source}: its export record is damaged ({type(exc).__name__}: {exc}): run `distiller export "
                             f"RUN` again") from None

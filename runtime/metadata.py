@@ -11,10 +11,12 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
+from .openset import OpenSetRule
 
 METADATA_KEY = "distiller"
-SCHEMA_VERSION = 3   # 2: open-set models (other_label, threshold); 3: other_bias. Version 1 loads as closed-set,
-                     # version 2 with other_bias 0
+SCHEMA_VERSION = 4   # 2: open-set models (other_label, threshold); 3: other_bias; 4: open_set (the rule: score,
+                     # threshold, on). Version 1 loads as closed-set, 2 with other_bias 0, 2 and 3 with the rule they
+                     # applied (score "probability", their threshold, on)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
@@ -57,8 +59,7 @@ class ModelMetadata:
     created: str = ""
     extra: dict = field(default_factory=dict)
     other_label: str = ""        # open-set: the name of the model's extra last output ("" : closed-set, K outputs)
-    threshold: float = 0.0       # open-set: answer other_label when the best concept's probability is below this
-    threshold_fit: dict = field(default_factory=dict)   # how the threshold was chosen (images, source, score)
+    open_set: OpenSetRule = field(default_factory=OpenSetRule)   # open-set: when other_label is answered
     other_bias: float = 0.0      # open-set: log-odds taken off the other output before softmax and decision
     schema_version: int = SCHEMA_VERSION
 
@@ -70,8 +71,8 @@ class ModelMetadata:
             raise UserError(f"the open-set label {self.other_label!r} is also a concept: rename it (make --other-label NAME)")
         if not math.isfinite(float(self.other_bias)):
             raise UserError(f"model metadata other_bias {self.other_bias} is not a finite number: re-export the model")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise UserError(f"model metadata threshold {self.threshold} is outside [0, 1]: re-export the model")
+        if isinstance(self.open_set, dict):
+            object.__setattr__(self, "open_set", OpenSetRule.from_json(self.open_set))
 
     @property
     def outputs(self) -> int:
@@ -84,6 +85,7 @@ class ModelMetadata:
     def replace(self, **changes) -> "ModelMetadata":
         data = asdict(self)
         data.update(changes)
+        data["open_set"] = changes.get("open_set", self.open_set)
         data["preprocess"] = Preprocess(**data["preprocess"]) if isinstance(data["preprocess"], dict) else data["preprocess"]
         return ModelMetadata(**data)
 
@@ -99,6 +101,11 @@ class ModelMetadata:
                 f"{source}: metadata schema version {version!r} is newer than this runtime understands "
                 f"({SCHEMA_VERSION}): upgrade distiller"
             )
+        if version < 4 and data.get("other_label"):   # the rule schema 2 and 3 applied, written as a rule
+            data["open_set"] = {"score": "probability", "threshold": data.pop("threshold", 0.0), "on": True,
+                                "fit": data.pop("threshold_fit", {})}
+        for legacy in ("threshold", "threshold_fit"):   # closed-set models of schema 2 and 3 carried them unused
+            data.pop(legacy, None)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         extra = dict(data.pop("extra", {}) or {})
@@ -106,6 +113,7 @@ class ModelMetadata:
             extra[key] = data.pop(key)
         try:
             pre = Preprocess(**data.pop("preprocess"))
-            return cls(preprocess=pre, extra=extra, **data)
-        except (KeyError, TypeError) as exc:
+            rule = OpenSetRule.from_json(data.pop("open_set"), source) if "open_set" in data else OpenSetRule()
+            return cls(preprocess=pre, extra=extra, open_set=rule, **data)
+        except (KeyError, TypeError, AttributeError) as exc:
             raise UserError(f"{source}: its distiller metadata is incomplete ({exc}): re-export it") from None

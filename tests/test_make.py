@@ -115,7 +115,7 @@ def test_runtime_classifies_without_torch(smoke_run, tmp_path):
         "    sys.modules[m] = None\n"
         "from runtime import Classifier\n"
         f"clf = Classifier.load({str(smoke_run)!r})\n"
-        f"res = clf.classify({str(tmp_path / 'x.png')!r}, top_k=3)\n"
+        f"res = clf.classify({str(tmp_path / 'x.png')!r}, top_k=3, open_set=True)\n"
         "assert [l for l, _ in res] and abs(sum(p for _, p in res) - 1) < 1e-5, res\n"
         "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
         "print(res)\n"

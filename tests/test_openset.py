@@ -12,8 +12,8 @@ from distiller.cli import main
 from distiller.concepts import parse_concepts
 from runtime import Classifier
 from runtime.errors import UserError
-from runtime.classifier import open_set_decision, softmax
 from runtime.metadata import ModelMetadata, Preprocess
+from runtime.openset import OpenSetRule, conformal_threshold, softmax
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +64,10 @@ def test_pretrained_students_k_plus_1_head_is_its_own_pooled_rows(lite0):
     assert closed.num_classes == 3 and len(closed.groups) == 3
 
 
-def _classifier(logits: np.ndarray, threshold: float, other: str = "other", bias: float = 0.0) -> Classifier:
+def _classifier(logits: np.ndarray, threshold: float, other: str = "other", bias: float = 0.0,
+                score: str = "probability", on: bool = True) -> Classifier:
     meta = ModelMetadata(labels=("cat", "dog"), preprocess=Preprocess(size=8, resize=8), other_label=other,
-                         threshold=threshold, other_bias=bias)
+                         open_set=OpenSetRule(score, threshold, on), other_bias=bias)
     return Classifier(lambda batch: logits[: len(batch)], meta, Path("m.onnx"), "onnxruntime")
 
 
@@ -93,7 +94,9 @@ def test_other_bias_moves_the_other_output_alone():
     assert _tops(_classifier(LOGITS, 0.0, bias=-1.0)) == ["cat", "other", "other"]  # 0.1 + 1 > 0.2
     clf = _classifier(LOGITS, 0.5, bias=2.0)
     shifted = LOGITS - np.array([0.0, 0.0, 2.0], np.float32)
-    np.testing.assert_array_equal(clf.decide(LOGITS), open_set_decision(softmax(shifted), 0.5))
+    p = softmax(shifted)
+    legacy = np.where((p.argmax(1) == 2) | (p.max(1) < 0.5), 2, p.argmax(1))   # schema 2-3: other wins, or p < t
+    np.testing.assert_array_equal(clf.decide(LOGITS), legacy)
     ranked = dict(clf._ranked(LOGITS[2], 3))
     assert ranked["other"] == pytest.approx(float(softmax(shifted[2])[2]))
     np.testing.assert_array_equal(LOGITS[2], [0.0, 0.0, 4.0])                        # the outputs are not touched
@@ -123,7 +126,14 @@ def test_an_old_metadata_version_loads_as_closed_set():
     v2 = json.dumps({"labels": ["cat", "dog"], "preprocess": {"size": 8, "resize": 8}, "schema_version": 2,
                      "other_label": "other", "threshold": 0.25})
     meta = ModelMetadata.from_json(v2)                       # version 2: open-set, read without a bias
-    assert (meta.outputs, meta.threshold, meta.other_bias) == (3, 0.25, 0.0)
+    assert (meta.outputs, meta.open_set, meta.other_bias) == (3, OpenSetRule("probability", 0.25, True), 0.0)
+    v3 = json.dumps({"labels": ["cat", "dog"], "preprocess": {"size": 8, "resize": 8}, "schema_version": 3,
+                     "other_label": "other", "threshold": 0.5, "threshold_fit": {"source": "bank"}, "other_bias": 2.0})
+    old = Classifier(lambda b: LOGITS[: len(b)], ModelMetadata.from_json(v3), Path("m.onnx"), "onnxruntime")
+    assert old.rule == OpenSetRule("probability", 0.5, True, {"source": "bank"}) and old.open_set()
+    np.testing.assert_array_equal(old.decide(LOGITS), _classifier(LOGITS, 0.5, bias=2.0).decide(LOGITS))
+    with pytest.raises(UserError, match="newer than this runtime"):
+        ModelMetadata.from_json(v2.replace('"schema_version": 2', '"schema_version": 99'))
     with pytest.raises(UserError, match="also a concept"):
         ModelMetadata(labels=("cat", "other"), preprocess=Preprocess(size=8, resize=8), other_label="other")
 
@@ -142,7 +152,20 @@ def test_every_exported_variant_has_the_other_output_and_predict_prints_it(tmp_p
     assert main(_lite_make(tmp_path, "os", "--other-label", "neither", "--set", "other_bias=2.5")) == 0
     run = tmp_path / "os"
     report = json.loads((run / "report.json").read_text())
-    assert report["export"]["threshold"]["value"] == 0.0 and report["export"]["threshold"]["source"] == "none"
+    # the default rule is recorded in export.json and carried by every variant: the best concept output under the
+    # threshold keeping 95% of the bank's surrogates of the classes (on the variant's own outputs), on by default
+    # for an ImageNet teacher
+    from runtime.preprocess import preprocess
+    rule = OpenSetRule.from_json(report["export"]["open_set"])
+    assert (rule.score, rule.on, rule.fit["source"], rule.fit["keep"]) == ("max_logit", True, "bank surrogates", 0.95)
+    assert rule.to_json() == report["export"]["variants"][report["export"]["deployable_variant"]]["open_set"]
+    bank_imgs, bank_logits, _ = Bank(run / "bank").load()
+    surrogates = bank_imgs[bank_logits.argmax(1) < 2]
+    for v in report["export"]["variants"].values():
+        clf = Classifier.load(run / v["file"])
+        assert clf.rule.to_json() == v["open_set"] and clf.rule.fit["images"] == len(surrogates)
+        z = clf.scores(clf.logits(np.stack([preprocess(im, clf.metadata.preprocess) for im in surrogates])))
+        assert clf.rule.threshold == pytest.approx(conformal_threshold(z[:, :2].max(1), 0.95)[0], abs=1e-5)
     # a pretrained student with frozen BatchNorm calibrates on images made from its own statistics, and its INT8
     # is judged on the held-out ones (cosine) and the bank's validation images
     exp = report["export"]
@@ -182,6 +205,39 @@ def test_every_exported_variant_has_the_other_output_and_predict_prints_it(tmp_p
     assert {t["label"]: t["probability"] for t in line["top"]}["neither"] == pytest.approx(float(softmax(z)[2]), abs=1e-4)
 
 
+def test_every_score_thresholds_the_same_outputs_and_off_means_closed_set_unless_asked():
+    margin = _classifier(LOGITS, 0.0, score="margin")          # best concept - other: 3, 0.1, -4
+    assert _tops(margin) == ["cat", "cat", "other"]
+    assert _tops(_classifier(LOGITS, 0.15, score="margin")) == ["cat", "other", "other"]
+    assert _tops(_classifier(LOGITS, -5.0, score="margin")) == ["cat", "cat", "cat"]   # never other: the closed answer
+    assert _tops(_classifier(LOGITS, 1.0, score="max_logit")) == ["cat", "other", "other"]
+    assert _tops(_classifier(LOGITS, 0.6, score="max_softmax")) == ["cat", "other", "other"]  # p = 0.95, 0.55, 0.5
+    # a concept answer is never ranked below "other", whatever their probabilities
+    ranked = _classifier(LOGITS, -5.0, score="margin")._ranked(LOGITS[2], 3)
+    assert [n for n, _ in ranked][:2] == ["cat", "other"] and ranked[1][1] > ranked[0][1]
+    off = _classifier(LOGITS, 0.0, score="margin", on=False)   # the rule is carried, not applied unless asked
+    assert _tops(off, open_set=None) == ["cat", "cat", "cat"] and _tops(off) == ["cat", "cat", "other"]
+    img = np.zeros((8, 8, 3), np.uint8)
+    assert [n for n, _ in off.classify(img)] == ["cat", "dog"] and off.classify(img, open_set=True)[0][0] == "cat"
+    assert off.decide(LOGITS).tolist() == [0, 0, 0] and off.decide(LOGITS, open_set=True).tolist() == [0, 0, 2]
+    with pytest.raises(UserError, match="unknown to this runtime"):
+        OpenSetRule("nope")
+    with pytest.raises(UserError, match="finite"):
+        OpenSetRule("margin", float("nan"))
+
+
+def test_conformal_threshold_keeps_what_it_promises():
+    rng = np.random.default_rng(0)
+    t, promised = conformal_threshold(np.arange(100.0), 0.95)   # rank floor(101 * 0.05) = 5: the 5th smallest
+    assert (t, promised) == (4.0, True)
+    assert conformal_threshold(np.arange(10.0), 0.95) == (0.0, False)   # under 19 images: the minimum, no promise
+    kept = []
+    for _ in range(200):   # on new draws of the same distribution it keeps >= 95% on average
+        t, _ = conformal_threshold(rng.normal(size=40), 0.95)
+        kept.append((rng.normal(size=400) >= t).mean())
+    assert np.mean(kept) >= 0.95
+
+
 def test_other_label_must_differ_from_the_classes(tmp_path, capsys):
     assert main(_lite_make(tmp_path, "bad", "--other-label", "dogs")) == 2
     assert "is also one of the classes" in capsys.readouterr().err and not (tmp_path / "bad").exists()
@@ -200,8 +256,9 @@ def test_auroc_and_its_interval():
 
 
 def test_eval_other_data_scores_rejection_for_every_model(tmp_path, capsys):
-    from distiller.bank import Bank
     from PIL import Image
+
+    from distiller.bank import Bank
     assert main(_lite_make(tmp_path, "os")) == 0
     run = tmp_path / "os"
     imgs, _, recs = Bank(run / "bank").load()
@@ -233,3 +290,40 @@ def test_eval_other_data_scores_rejection_for_every_model(tmp_path, capsys):
     page = (run / "report.html").read_text()
     assert "Known classes against images of other things" in page and f"{r['auroc']:.3f} [" in page
     assert main(["eval", str(run), "--data", str(data), "--other-data", str(tmp_path / "none")]) == 2
+    # --fit on too few known images: one error line, exit 2, no model rewritten
+    files = sorted(p for p in run.rglob("student*") if p.suffix in (".onnx", ".xml", ".json"))
+    before = {p: p.read_bytes() for p in files}
+    few = tmp_path / "few"
+    for i, p in enumerate(sorted(data.rglob("*.png"))[:6]):
+        (few / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (few / p.parent.name / f"{i}.png").write_bytes(p.read_bytes())
+    eval_before = (run / "eval.json").read_bytes()
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(few), "--other-data", str(other), "--fit"]) == 2
+    assert "at least 10 labelled images" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in files} == before and (run / "eval.json").read_bytes() == eval_before
+    # --fit on the 16 known images: every variant gets a threshold (on its own outputs) that keeps >= 75% of them
+    assert main(["eval", str(run), "--data", str(data), "--other-data", str(other), "--fit", "--keep", "0.75",
+                 "--score", "margin", "--json", "--no-teacher", "--no-baseline"]) == 0
+    fits = json.loads(capsys.readouterr().out)["open_set_fit"]
+    assert set(fits) == {"student.onnx", "student.int8.onnx"}
+    for file, fit in fits.items():
+        clf = Classifier.load(run / file, exact=True)
+        assert clf.rule.to_json() == fit["rule"] and clf.rule.on and clf.rule.score == "margin"
+        assert clf.metadata.schema_version == 4 and fit["rule"]["fit"]["keep"] == 0.75
+        kept = (clf.decide(clf.logits(clf.preprocess(sorted(data.rglob("*.png"))))) != 2).mean()
+        assert kept >= 0.75 and fit["known_kept"] == pytest.approx(kept)
+        assert clf.logits(clf.preprocess([imgs[0]])).tolist() == Classifier.load(run / file).logits(
+            clf.preprocess([imgs[0]])).tolist()   # the weights are untouched
+    assert json.loads((run / "eval.json").read_text())["open_set_fit"] == fits
+    # predict follows the fitted rule; an app's own threshold overrides it
+    capsys.readouterr()
+    assert main(["predict", str(run / "student.onnx"), str(other / "noise0.png"), "--json"]) == 0
+    top = json.loads(capsys.readouterr().out.splitlines()[0])["top"][0]["label"]
+    clf = Classifier.load(run / "student.onnx")
+    z = clf.scores(clf.logits(clf.preprocess([other / "noise0.png"])))
+    assert (top == "other") == bool(z[0, :2].max() - z[0, 2] < clf.rule.threshold)
+    never = Classifier.load(run / "student.onnx", other_threshold=-1e9)
+    assert never.rule.fit == {"source": "override"} and never.classify(other / "noise0.png")[0][0] != "other"
+    assert main(["report", str(run)]) == 0
+    assert "fit on 16 labelled images of data, keeping 75% of them" in (run / "report.html").read_text()

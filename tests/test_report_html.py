@@ -49,9 +49,13 @@ def test_smoke_run_writes_a_self_contained_report(smoke_run, capsys):
         assert f"{label}: a row per style" in page
     assert "resnet10t" in page and "student.int8.onnx" in page
     # the smoke recipe is open-set: the page says what the model answers for none of the classes, and why
-    threshold = json.loads((smoke_run / "export.json").read_text())["threshold"]
-    assert f"answers <b>other</b>" in page and f"threshold {threshold['value']:.3f}" in page
-    assert f"fitted on {threshold['images']} surrogate+negatives validation images" in page
+    import html
+
+    from distiller.openset import describe_rule
+    from runtime.openset import OpenSetRule
+    rule = OpenSetRule.from_json(json.loads((smoke_run / "export.json").read_text())["open_set"])
+    assert f"<p>{html.escape(describe_rule(rule, 'other'))}</p>" in page
+    assert "surrogate images of the classes" in page and f"under {rule.threshold:.4g}" in page
 
 
 def test_report_picks_up_eval_results(smoke_run, tmp_path, capsys):

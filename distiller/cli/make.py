@@ -10,6 +10,11 @@ from typing import List, Optional
 
 import typer
 
+from runtime.openset import OpenSetRule
+
+from ..openset import describe_rule
+from ..recipe import load_recipe
+from ..runfolder import RunPaths
 from . import app
 from .ui import RichReporter, artifacts_table, console, err, literal
 
@@ -162,6 +167,11 @@ def _summary(run_dir: Path, report: dict, seconds: float) -> None:
     console.print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()) + f"; this call {seconds:.0f}s")
     console.print(f"report [bold]{literal(run_dir / 'report.html')}[/bold] (open it in a browser: images, plots, every variant)")
     console.print(f"ship [bold]{literal(run_dir / report['deployable'])}[/bold] (all numbers: {literal(run_dir / 'report.json')})")
+    rule = report.get("export", {}).get("open_set")
+    if rule:
+        rec = load_recipe(str(RunPaths(run_dir).recipe))
+        console.print(literal(describe_rule(OpenSetRule.from_json(rule), rec.other_label, rec.other_bias).replace(
+            "RUN", str(run_dir))), highlight=False)
     console.print("next:\n"
                   f"  distiller predict {literal(run_dir)} IMAGE...\n"
                   f"  distiller eval {literal(run_dir)} --data DIR\n"

@@ -13,7 +13,7 @@ from rich.table import Table
 from runtime.errors import UserError
 
 from . import app
-from .ui import console, err, eval_table, literal, rejection_table
+from .ui import console, err, eval_table, fit_record, fit_table, literal, rejection_table
 
 
 def expand_images(items: list[str]) -> list[Path]:
@@ -43,6 +43,8 @@ def predict(
     threads: Optional[int] = typer.Option(None, min=1, help="Inference threads; default: physical cores."),
     batch: int = typer.Option(16, min=1, help="Images per model call."),
     exact: bool = typer.Option(False, "--exact", help="The exact torchvision-equivalent preprocessing (no JPEG draft decoding)."),
+    open_set: Optional[bool] = typer.Option(None, "--open-set/--closed-set", help="Answer the model's other label by "
+                                            "its rule, or never (default: as the model's rule says; docs/open-set.md)."),
 ):
     """Classify images with an exported model (any number: streamed in bounded memory)."""
     from contextlib import nullcontext
@@ -60,7 +62,8 @@ def predict(
                    transient=True) if err.is_terminal else nullcontext()
     with bar:
         task = bar.add_task("predict", total=len(paths)) if err.is_terminal else None
-        for p, result in zip(paths, clf.classify_iter(paths, top_k=top_k, batch_size=batch, errors="return")):
+        for p, result in zip(paths, clf.classify_iter(paths, top_k=top_k, batch_size=batch, errors="return",
+                                                                 open_set=open_set)):
             if task is not None:
                 bar.advance(task)
             if isinstance(result, UserError):
@@ -95,10 +98,18 @@ def evaluate(
     other_data: Optional[Path] = typer.Option(None, "--other-data", help="A folder of images of none of the classes: "
                                               "scores rejection (AUROC of known against other, and how often "
                                               "'other' is answered)."),
+    fit: bool = typer.Option(False, "--fit", help="Fit the open-set threshold on these photos (a run folder, with "
+                             "--other-data): it keeps --keep of the known images, is written into every variant and "
+                             "turns the open-set answer on."),
+    keep: float = typer.Option(0.95, "--keep", help="With --fit: the share of known images the threshold keeps."),
+    score: Optional[str] = typer.Option(None, "--score", help="With --fit: the open-set score to threshold: "
+                                        "margin (default), max_logit, max_softmax, energy."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Accuracy on real labelled images, per domain, with Wilson 95% intervals (--other-data: rejection too)."""
     from ..evaluation import evaluate_models, read_labels_map, save_eval, training_overlap
+    from ..fitting import fit_run
+    fits = fit_run(Path(model), data, other_data, keep, score, read_labels_map(labels_map)) if fit else {}
     dataset, results, notes = evaluate_models(Path(model), data, read_labels_map(labels_map), teacher, baseline, offline,
                                               other_data)
     overlap = training_overlap(Path(model), dataset)
@@ -107,16 +118,20 @@ def evaluate(
                f"were made on them, so a score here is not an accuracy. Evaluate on images the run never saw.[/bold red]"
                ) if overlap else None
     if Path(model).is_dir():   # a run folder keeps its latest eval for `distiller report`
-        save_eval(Path(model), dataset, results, notes, overlap)
+        save_eval(Path(model), dataset, results, notes, overlap, {f: fit_record(v) for f, v in fits.items()})
     if as_json:
         if warning:
             err.print(warning)
         sys.stdout.write(json.dumps({"data": str(data), "labels": dataset.labels, "results": results,
-                                     "training_overlap": len(overlap)}) + "\n")
+                                     "training_overlap": len(overlap),
+                                     "open_set_fit": {f: fit_record(v) for f, v in fits.items()}}) + "\n")
         return
     console.print(eval_table(f"{data}: {len(dataset.samples)} images, labels {', '.join(dataset.labels)}", results))
     if other_data is not None:
         console.print(rejection_table(f"{other_data}: images of none of the classes", results))
+    if fits:
+        console.print(fit_table(f"open-set threshold fitted on {data} and {other_data} (keep {keep:g}), written into "
+                                "every variant", fits))
     if warning:   # after the table, where it is read
         err.print(warning)
     for note in notes:

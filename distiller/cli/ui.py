@@ -97,3 +97,28 @@ def rejection_table(title: str, results: dict[str, dict]) -> Table:
             t.add_row(literal(model), f"{r['auroc']:.3f} [{alo:.3f}, {ahi:.3f}]",
                       f"{100 * r['other_accuracy']:.1f} [{100 * olo:.1f}, {100 * ohi:.1f}]", str(r["other_images"]))
     return t
+
+
+def fit_record(fit) -> dict:
+    """One variant's ``eval --fit`` as eval.json keeps it: the rule written, and what it did on the fitting images."""
+    out = {"rule": fit.rule.to_json(), "promised": fit.promised}
+    if fit.point is not None:
+        p = fit.point
+        out.update(known_kept=p.known_kept, known_balanced=p.known_balanced, closed_balanced=p.closed_balanced,
+                   other_answered=p.other_answered, other_ci=list(p.other_ci), known_images=p.known_images,
+                   other_images=p.other_images)
+    return out
+
+
+def fit_table(title: str, fits: dict) -> Table:
+    """``eval --fit``: per variant, the threshold written and what it keeps and rejects on the fitting images."""
+    t = Table(title=literal(title), title_justify="left")
+    for col in ("model", "score", "threshold", "known kept", "known balanced (closed-set)", "answers other [95% CI]"):
+        t.add_column(col)
+    for model, f in fits.items():
+        p = f.point
+        lo, hi = p.other_ci
+        t.add_row(literal(model), f.rule.score, f"{f.rule.threshold:.4g}", f"{100 * p.known_kept:.1f}%",
+                  f"{100 * p.known_balanced:.1f} ({100 * p.closed_balanced:.1f})",
+                  f"{100 * p.other_answered:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] of {p.other_images}")
+    return t

@@ -8,11 +8,13 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from exporter import ExportContext, FidelitySet, export_all, open_set_threshold, quantizer_split
+from exporter import ExportContext, FidelitySet, export_all, quantizer_split, surrogate_rule, write_metadata
+from runtime import Classifier
 from runtime.atomic import clean_temporaries, read_json, remove, write_json
 from runtime.errors import UserError
 from runtime.exports import ExportRecord, ShipRule, VariantRecord
 from runtime.metadata import ModelMetadata
+from runtime.openset import OpenSetRule, with_other_bias
 from runtime.preprocess import preprocess
 
 from .. import __version__
@@ -21,6 +23,7 @@ from ..distill import load_student
 from ..images import real_images
 from ..runfolder import Run
 from ..statimages import to_tensor
+from ..teachers import resolve_family
 from .base import Progress
 from .calibration import CalibrationStage, calibration_source, has_real_split, makes_statistics_images
 from .distill import DistillStage
@@ -56,6 +59,13 @@ def _split_store(run: Run, store, spec, name: str) -> tuple[np.ndarray, list[tup
     return _preprocessed(tr_img[calib_rows], spec), [part]
 
 
+def student_outputs(student, x: np.ndarray) -> np.ndarray:
+    """The torch student's raw outputs for a preprocessed batch, 64 images at a time ([0, 0] for none)."""
+    with torch.no_grad():
+        rows = [student(torch.from_numpy(x[i:i + 64])).numpy() for i in range(0, len(x), 64)]
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+
 def _images(run: Run, spec, student) -> tuple[np.ndarray, FidelitySet, str]:
     """(calibration batch, fidelity set, calibration source). The source is ``calibration_source(run)``; the
     fidelity set holds every image no quantizer saw: the statistics images held out, the bank's validation
@@ -82,8 +92,7 @@ def _images(run: Run, spec, student) -> tuple[np.ndarray, FidelitySet, str]:
         calib, parts = _split_store(run, bank, spec, "bank")
         source = "bank"
     images = np.concatenate([p[0] for p in parts])
-    with torch.no_grad():
-        reference = np.concatenate([student(torch.from_numpy(images[i:i + 64])).numpy() for i in range(0, len(images), 64)])
+    reference = student_outputs(student, images)
     sources = np.concatenate([np.full(len(p[0]), p[2], dtype=object) for p in parts]).astype(str)
     return calib, FidelitySet(images, reference, np.concatenate([p[1] for p in parts]), sources), source
 
@@ -101,15 +110,42 @@ def ship_rule(run: Run, fid: FidelitySet, source: str) -> ShipRule:
     return ShipRule(e.max_drop, e.min_speedup, e.min_fidelity_images, e.min_cosine, judged_on, cosine_on)
 
 
-def _threshold(run: Run, fid: FidelitySet, source: str) -> tuple[float, dict]:
-    """The open-set threshold, fitted on the real validation images when calibration uses them, else on the bank's
-    (with negatives; without, 0: the other output alone decides)."""
-    rec = run.recipe
+def answers_other(run: Run) -> bool:
+    """Whether the run's models answer other by default: the recipe's ``other_decision``, or with ``auto`` its
+    teacher family's measured choice (``TeacherFamily.answers_other``)."""
+    choice = run.recipe.other_decision
+    return choice == "on" or (choice == "auto" and resolve_family(run.recipe.teacher.model).answers_other)
+
+
+def surrogate_inputs(run: Run, spec) -> np.ndarray:
+    """The bank images (every split) its teacher gives a concept, as the student's input: the data-free rule's
+    stand-ins for photos of the classes."""
+    images, logits, _ = Bank(run.paths.bank).load()
+    concept = logits.argmax(1) < len(run.labels)
+    return _preprocessed(images[concept], spec) if concept.any() else np.zeros((0, 3, spec.preprocess.size,
+                                                                                spec.preprocess.size), np.float32)
+
+
+def open_set_rule(run: Run, outputs: np.ndarray) -> OpenSetRule:
+    """The data-free rule (``exporter.surrogate_rule``) on one model's raw outputs for ``surrogate_inputs``; with
+    ``openset = false``, a rule nothing reads."""
+    rec, k = run.recipe, len(run.labels)
     if not rec.openset:
-        return 0.0, {}
-    rows = fid.sources == ("real" if source == "real" else "bank")
-    name = "real" if source == "real" else ("surrogate+negatives" if Bank(run.paths.bank).plan().negatives > 0 else None)
-    return open_set_threshold(fid.reference[rows], fid.teacher[rows], name, rec.other_bias)
+        return OpenSetRule(on=False)
+    return surrogate_rule(with_other_bias(outputs, k, rec.other_bias), k, answers_other(run))
+
+
+def rule_per_variant(run: Run, result: ExportRecord, x: np.ndarray) -> None:
+    """Each variant's rule set on its own outputs (an INT8 file's logits differ a little from FP32's, and a threshold
+    on them should keep what it keeps for FP32), written into the file where it differs and into its record."""
+    for rec in result.variants.values():
+        clf = Classifier.load(run.paths.root / rec.file)
+        rows = [clf.logits(x[i:i + 64]) for i in range(0, len(x), 64)]
+        rule = open_set_rule(run, np.concatenate(rows) if rows else np.zeros((0, 0), np.float32))
+        if rule != clf.rule:
+            write_metadata(clf.path, clf.metadata.replace(open_set=rule))
+        rec.open_set = rule.to_json()
+    result.open_set = result.variants[result.deployable_variant].open_set
 
 
 class _Partial:
@@ -157,12 +193,13 @@ class ExportStage:
         rec, spec = run.recipe, DistillStage.spec(run)
         student = load_student(spec, ckpts.best)
         calib, fid, source = _images(run, spec, student)
-        threshold, fit = _threshold(run, fid, source)
+        x = surrogate_inputs(run, spec) if rec.openset else None
+        rule = open_set_rule(run, student_outputs(student, x)) if rec.openset else OpenSetRule(on=False)
         meta = ModelMetadata(
             labels=tuple(run.labels), preprocess=spec.preprocess, student=spec.model,
             teacher=teacher_info(run), recipe=rec.to_dict(),
             package_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            other_label=rec.other_label if rec.openset else "", threshold=threshold, threshold_fit=fit,
+            other_label=rec.other_label if rec.openset else "", open_set=rule,
             other_bias=rec.other_bias if rec.openset else 0.0,
         )
         ctx = ExportContext(run.paths.root, student, meta, calib, rec.export.opset)
@@ -176,7 +213,8 @@ class ExportStage:
         result = export_all(ctx, rec.export.variants, fid, ship_rule(run, fid, source), rec.export.latency_runs,
                             rec.export.threads or None, on_variant=on_variant, done=done)
         result.calibration_images, result.calibration_source = len(calib), source
-        result.threshold = {"value": threshold, **fit}
+        if rec.openset:
+            rule_per_variant(run, result, x)
         for note in result.notes:
             run.warn(note)
         write_json(run.paths.export, result.to_json())
