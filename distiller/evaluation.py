@@ -21,7 +21,7 @@ from runtime import Classifier
 from runtime.atomic import write_json
 from runtime.classifier import backend_for, installed, read_export
 from runtime.errors import UserError
-from runtime.openset import with_other_bias
+from runtime.openset import OpenSetRule, with_other_bias
 from runtime.preprocess import list_images, preprocess
 
 from .images import read_image_set
@@ -252,7 +252,8 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
     for name, c in clfs.items():
         if others is not None:
             logits = batch_predictor(lambda p, c=c: c.preprocess([p])[0], c.logits, c.metadata.outputs)
-            results[name]["open_set"] = _rejection(logits, c.scores, c.decide, dataset, others, k)
+            results[name]["open_set"] = _rejection(logits, c.scores, lambda z, c=c: c.decide(z, open_set=True), dataset,
+                                                   others, k, c.rule)
     if not path.is_dir() or not (teacher or baseline):
         return dataset, results, notes
     try:
@@ -274,7 +275,7 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
         pred = teacher_predictor(run.teacher(), run.device)
         results["teacher"] = evaluate(biased(pred), dataset)
         if others is not None:
-            results["teacher"]["open_set"] = _rejection(pred, read, argmax, dataset, others, k)
+            results["teacher"]["open_set"] = _rejection(pred, read, argmax, dataset, others, k, TEACHER_RULE)
     if baseline:
         try:
             pred = baseline_predictor(run.concepts, openset=run.recipe.openset)
@@ -284,7 +285,7 @@ def evaluate_models(path: Path, data: Path, labels_map: dict[str, str] | None = 
             name = f"free baseline ({FREE_BASELINE[0]} head @ {FREE_BASELINE[1]}px)"
             results[name] = evaluate(biased(pred), dataset)
             if others is not None:
-                results[name]["open_set"] = _rejection(pred, read, argmax, dataset, others, k)
+                results[name]["open_set"] = _rejection(pred, read, argmax, dataset, others, k, TEACHER_RULE)
     return dataset, results, notes
 
 
@@ -300,14 +301,18 @@ def other_images(folder: Path | None) -> list[Path] | None:
     return paths
 
 
-def _rejection(logits_of, read, decide, dataset: Dataset, others: list[Path], k: int) -> dict:
+TEACHER_RULE = OpenSetRule("margin", 0.0)   # the teacher's and the free baseline's own: the other output wins
+
+
+def _rejection(logits_of, read, decide, dataset: Dataset, others: list[Path], k: int, rule: OpenSetRule) -> dict:
     """Known-vs-other scores of one model: ``logits_of`` paths -> raw outputs, ``read`` raw outputs -> the
-    scores its decision reads (other_bias applied), ``decide`` raw outputs -> answers."""
+    outputs its rule reads (other_bias applied), ``decide`` raw outputs -> answers (the open-set answer, on or not
+    by default), ``rule`` the score ranked for the AUROC."""
     def run(paths):
         z = np.concatenate([logits_of(paths[i:i + 32]) for i in range(0, len(paths), 32)])
         return z[~np.isnan(z).any(1)]
     known, other = run([s.path for s in dataset.samples]), run(others)
-    return rejection(read(known), read(other), decide(other) if len(other) else np.zeros(0, int), k)
+    return rejection(read(known), read(other), decide(other) if len(other) else np.zeros(0, int), k, rule)
 
 
 def training_overlap(run: Path, dataset: Dataset) -> list[str]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import UserError
-from runtime.openset import SCORES, OpenSetRule, conformal_threshold, softmax
+from runtime.openset import SCORES, OpenSetRule, conformal_threshold
 
 from .stats import auroc, auroc_interval, wilson
 
@@ -18,20 +18,15 @@ FIT_SCORE = "margin"  # --fit's score: on halves of the VLCS photos it kept 95% 
                       # teacher's own score did; the best concept output alone rejected half as many (docs/open-set.md)
 
 
-def known_score(logits: np.ndarray, k: int) -> np.ndarray:
-    """How much an image looks like one of the K concepts: the best concept's probability (softmax over
-    every output, "other" included for an open-set model; the maximum softmax probability for a closed one)."""
-    return softmax(logits)[:, :k].max(1)
-
-
-def rejection(known_logits, other_logits, other_decisions, k: int) -> dict:
-    """Known images against images of other things: AUROC of ``known_score`` with its interval, and the
-    share of the other images answered "other" (decision K) with a Wilson interval."""
-    pos, neg = known_score(known_logits, k), known_score(other_logits, k)
+def rejection(known: np.ndarray, other: np.ndarray, other_decisions, k: int, rule: OpenSetRule) -> dict:
+    """Known images against images of other things, from outputs [N, K + 1] as the rule reads them: AUROC of the
+    rule's score with its interval, and the share of the other images answered "other" (decision K) with a Wilson
+    interval."""
+    pos, neg = rule.known_score(known, k), rule.known_score(other, k)
     hit = int((np.asarray(other_decisions) == k).sum())
     n = len(other_decisions)
     return {"auroc": auroc(pos, neg), "auroc_ci": auroc_interval(pos, neg), "other_accuracy": hit / max(n, 1),
-            "other_ci": wilson(hit, n), "other_images": n, "known_images": int(len(pos))}
+            "other_ci": wilson(hit, n), "other_images": n, "known_images": int(len(pos)), "score": rule.score}
 
 
 def balanced(pred: np.ndarray, truth: np.ndarray) -> float:

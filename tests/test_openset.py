@@ -244,15 +244,15 @@ def test_other_label_must_differ_from_the_classes(tmp_path, capsys):
 
 
 def test_auroc_and_its_interval():
-    from distiller.openset import auroc, auroc_interval, known_score
+    from distiller.openset import auroc, auroc_interval, rejection
     assert auroc(np.array([0.9, 0.8]), np.array([0.1, 0.2])) == 1.0
     assert auroc(np.array([0.1]), np.array([0.9])) == 0.0
     assert auroc(np.array([0.5, 0.5]), np.array([0.5])) == 0.5          # ties count half
     lo, hi = auroc_interval(np.array([0.9, 0.7, 0.4]), np.array([0.5, 0.2, 0.1]))
     assert 0 <= lo <= auroc(np.array([0.9, 0.7, 0.4]), np.array([0.5, 0.2, 0.1])) <= hi <= 1
-    z = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
-    s = known_score(z, 2)
-    assert s[0] > 0.7 and s[1] < 0.01
+    r = rejection(np.array([[2.0, 0.0, 0.0], [1.0, 0.0, 0.5]]), np.array([[0.0, 0.0, 5.0]]), [2], 2,
+                  OpenSetRule("margin"))
+    assert (r["auroc"], r["other_accuracy"], r["score"]) == (1.0, 1.0, "margin")
 
 
 def test_eval_other_data_scores_rejection_for_every_model(tmp_path, capsys):
@@ -273,7 +273,7 @@ def test_eval_other_data_scores_rejection_for_every_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(data), "--other-data", str(other), "--json", "--no-teacher"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
-    from distiller.openset import auroc, known_score
+    from distiller.openset import auroc
     for name in ("student.onnx", "student.int8.onnx", "free baseline (efficientnet-lite0 head @ 128px)"):
         r = results[name]["open_set"]
         assert r["other_images"] == 6 and r["known_images"] == 16 and 0 <= r["auroc"] <= 1
@@ -283,8 +283,8 @@ def test_eval_other_data_scores_rejection_for_every_model(tmp_path, capsys):
     kz = clf.logits(clf.preprocess(sorted(data.rglob("*.png"))))
     oz = clf.logits(clf.preprocess(sorted(other.glob("*.png"))))
     r = results["student.onnx"]["open_set"]
-    assert r["auroc"] == pytest.approx(auroc(known_score(kz, 2), known_score(oz, 2)))
-    assert r["other_accuracy"] == pytest.approx(float((clf.decide(oz) == 2).mean()))
+    assert r["auroc"] == pytest.approx(auroc(clf.rule.known_score(kz, 2), clf.rule.known_score(oz, 2)))
+    assert r["other_accuracy"] == pytest.approx(float((clf.decide(oz, open_set=True) == 2).mean()))
     assert json.loads((run / "eval.json").read_text())["results"]["student.onnx"]["open_set"]["other_images"] == 6
     assert main(["report", str(run)]) == 0                  # report.html shows the rejection table, every model
     page = (run / "report.html").read_text()

@@ -94,7 +94,7 @@ def rejection_table(title: str, results: dict[str, dict]) -> Table:
         r = res.get("open_set")
         if r:
             (alo, ahi), (olo, ohi) = r["auroc_ci"], r["other_ci"]
-            t.add_row(literal(model), f"{r['auroc']:.3f} [{alo:.3f}, {ahi:.3f}]",
+            t.add_row(literal(model), f"{r['auroc']:.3f} [{alo:.3f}, {ahi:.3f}] ({r.get('score', 'probability')})",
                       f"{100 * r['other_accuracy']:.1f} [{100 * olo:.1f}, {100 * ohi:.1f}]", str(r["other_images"]))
     return t
 
