@@ -44,6 +44,9 @@ class HeadSource:
     similarity: tuple[float, ...] = ()          # ``clip``: the cosine of each pooled class
     nearest: tuple[int, ...] = ()               # CLIP-scored concepts: the nearest classes, whatever their owner
     nearest_similarity: tuple[float, ...] = ()
+    row: tuple[float, ...] = ()                 # ``examples``: the student's row for it, a probe on its own features
+    row_bias: float = 0.0
+    examples: int = 0                           # ``examples``: how many example images define it
 
     def to_json(self) -> dict:
         names = class_names()
@@ -56,6 +59,8 @@ class HeadSource:
             out["similarity"] = None
         if self.nearest:
             out["nearest"] = {names[i]: round(s, 4) for i, s in zip(self.nearest, self.nearest_similarity)}
+        if self.source == "examples":
+            out["examples"] = self.examples
         return out
 
 
@@ -108,10 +113,12 @@ def decide_heads(concepts, head: str = "auto", text_emb=None, class_emb=None, sc
     """Each concept's head source. ``head``: auto (WordNet, else the CLIP bridge when ``text_emb`` and
     ``class_emb`` are given, else fresh), imagenet (the same, a fresh concept is an error), fresh (all)."""
     if head == "fresh":
-        return [HeadSource(c.label, "fresh") for c in concepts]
-    heads = wordnet_heads(concepts)
+        return [HeadSource(c.label, "examples" if c.examples else "fresh", examples=len(c.examples)) for c in concepts]
+    named = [c for c in concepts if not c.examples]
+    found = iter(wordnet_heads(named))
+    heads = [HeadSource(c.label, "examples", examples=len(c.examples)) if c.examples else next(found) for c in concepts]
     if text_emb is not None and any(h is None for h in heads):
-        owned = {i for h in heads if h is not None for i in h.classes}
+        owned = {i for h in heads if h is not None for i in h.classes}   # (concepts by example own none)
         found = bridge(text_emb, class_emb, scale, min_similarity, [h is None for h in heads], owned)
         for k, (h, b) in enumerate(zip(heads, found)):
             if h is None:

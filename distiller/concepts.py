@@ -15,7 +15,9 @@ from runtime.errors import UserError
 @dataclass(frozen=True)
 class Concept:
     label: str   # as the user typed it; what the exported model answers
-    text: str    # what the teacher reads ("a photo of a {text}.")
+    text: str    # what the teacher reads ("a photo of a {text}."); "" for a concept named by its examples alone
+    examples: tuple[str, ...] = ()   # its example images: as parsed, the folder or file given after @; in a run
+                                     # folder, the copies it keeps (distiller.examples)
 
 
 @lru_cache(maxsize=1)
@@ -76,7 +78,15 @@ def parse_concepts(spec: str | None = None, file: str | Path | None = None, mini
         if not item:
             continue
         check_printable(item)
-        if "=" in item:
+        examples: tuple[str, ...] = ()
+        if "=" in item and "@" in item.split("=", 1)[1]:   # label=@DIR or label=teacher text@DIR
+            label, rest = item.split("=", 1)
+            text, where = (_norm(s) for s in rest.split("@", 1))
+            label = _norm(label)
+            if not label or not where:
+                raise UserError(f"class {item!r}: write it as label=@FOLDER (example images) or label=teacher text@FOLDER")
+            examples = (where,)
+        elif "=" in item:
             label, text = (_norm(s) for s in item.split("=", 1))
             if not label or not text:
                 raise UserError(f"class {item!r}: write it as label=teacher text, e.g. cats=a tabby cat")
@@ -89,7 +99,7 @@ def parse_concepts(spec: str | None = None, file: str | Path | None = None, mini
         if key in seen:
             raise UserError(f"classes {seen[key]!r} and {label!r} are the same class: list each class once")
         seen[key] = label
-        concepts.append(Concept(label=label, text=text))
+        concepts.append(Concept(label=label, text=text, examples=examples))
     if len(concepts) < minimum:
         raise UserError(f"need at least {minimum} class{'es' if minimum > 1 else ''}, got {len(concepts)}: e.g. --classes cats,dogs")
     return concepts
@@ -99,8 +109,16 @@ MAX_LABEL = 100   # characters of a label (the teacher's text after = may be lon
 
 
 def save_concepts(concepts: list[Concept], path: Path) -> None:
-    write_text(path, json.dumps([asdict(c) for c in concepts], indent=1) + "\n")
+    """concepts.json; example paths inside the run folder are written relative to it (the folder may move)."""
+    root = Path(path).parent.absolute()
+
+    def rel(p: str) -> str:
+        return str(Path(p).relative_to(root)) if Path(p).is_absolute() and Path(p).is_relative_to(root) else p
+    rows = [{**asdict(c), "examples": [rel(p) for p in c.examples]} for c in concepts]
+    write_text(path, json.dumps(rows, indent=1) + "\n")
 
 
 def load_concepts(path: Path) -> list[Concept]:
-    return [Concept(**c) for c in json.loads(Path(path).read_text())]
+    root = Path(path).parent.absolute()
+    return [Concept(c["label"], c["text"], tuple(str(root / p) for p in c.get("examples", ())))
+            for c in json.loads(Path(path).read_text())]

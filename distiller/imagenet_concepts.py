@@ -105,6 +105,8 @@ def class_names() -> list[str]:
 def warnings_for(coverage: list[Coverage]) -> list[str]:
     out = []
     for c in coverage:
+        if c.synset == "examples":   # a concept by example: its own row, no WordNet coverage to speak of
+            continue
         if len(c.classes) < THIN:
             out.append(f"{c.label}: thin coverage, only {', '.join(c.names())} ({len(c.classes)} ImageNet class"
                        f"{'es' if len(c.classes) > 1 else ''}): the teacher knows little else of it")

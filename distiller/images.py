@@ -91,21 +91,23 @@ def hold_back(files: list[dict], seed: int, val_fraction: float) -> None:
         f["split"] = "val" if i in val else "train"
 
 
-def scan_images(dirs, seed: int, val_fraction: float, known: ImageSet | None = None) -> ImageSet:
-    """Every usable image under ``dirs`` (recursively); ``known``: a run's images so far, whose files are
-    skipped as already in it. Raises UserError, before anything is written, when there is none to add."""
+def scan_images(dirs, seed: int, val_fraction: float, known: ImageSet | None = None, flag: str = "--images",
+                files: bool = False) -> ImageSet:
+    """Every usable image under ``dirs`` (recursively; ``files``: an image file may stand for a folder); ``known``:
+    a run's images so far, whose files are skipped as already in it. ``flag`` names the input in errors. Raises
+    UserError, before anything is written, when there is none to add."""
     roots = []
     for d in dirs:
         p = Path(d).expanduser()
-        if not p.is_dir():
-            raise UserError(f"--images {d}: {'not a folder' if p.exists() else 'no such folder'}: pass a folder of images "
+        if not (p.is_dir() or (files and p.is_file())):
+            raise UserError(f"{flag} {d}: {'not a folder' if p.exists() else 'no such folder'}: pass a folder of images "
                             f"(it is read recursively; folder names are not labels)")
         roots.append(p.absolute())
     out = ImageSet([str(r) for r in roots])
     seen = {f["sha256"]: f["path"] for f in (known.files if known else [])}
     already = set(seen)
     for root in roots:
-        for p in _walk(root):
+        for p in ([root] if root.is_file() else _walk(root)):
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 out.ignored += 1
                 continue
@@ -132,7 +134,7 @@ def scan_images(dirs, seed: int, val_fraction: float, known: ImageSet | None = N
     if not out.files:
         what = f"{len(out.skipped)} skipped" + (f", {out.ignored} other files" if out.ignored else "")
         new = " new" if known and known.files else ""
-        raise UserError(f"--images {', '.join(map(str, dirs))}: no{new} usable image ({what}): pass folders holding "
+        raise UserError(f"{flag} {', '.join(map(str, dirs))}: no{new} usable image ({what}): pass folders holding "
                         f"JPEG, PNG, WebP, BMP, TIFF or GIF images of at least {MIN_SIDE} px")
     if known is None:
         hold_back(out.files, seed, val_fraction)

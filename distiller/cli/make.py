@@ -184,6 +184,8 @@ SKIPPED_SHOWN = 20
 def _head_line(label: str, h: dict) -> str:
     if h["source"] == "fresh":
         return f"{literal(label)} fresh (learnt)"
+    if h["source"] == "examples":
+        return f"{literal(label)} examples ({h.get('examples', 0)} images)"
     shown = ", ".join(h["classes"][:3]) + (f", +{len(h['classes']) - 3}" if len(h["classes"]) > 3 else "")
     return f"{literal(label)} {h['source']} ({literal(shown)})"
 

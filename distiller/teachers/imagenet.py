@@ -20,6 +20,7 @@ from runtime.errors import UserError
 from runtime.metadata import Preprocess
 
 from ..bnstats import BNStats
+from ..examples import example_rows, extend_classifier
 from ..imagenet_concepts import Coverage, map_concepts, warnings_for
 from . import TEACHERS, TeacherFamily
 
@@ -166,9 +167,30 @@ class ImageNetTeacher(torch.nn.Module):
 
 
 def build_imagenet_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None, openset=False) -> ImageNetTeacher:
-    coverage = map_concepts(concepts)
     model, arch, weights = create_classifier(cfg.model)
+    examples = [c.examples for c in concepts if c.examples]
+    if examples:   # a concept by example: one more classifier row, fitted on the network's own features of them
+        pc = model.pretrained_cfg
+        size = int(cfg.input_size or pc["input_size"][-1])
+        pre = Preprocess.from_crop_pct(size, pc.get("crop_pct", 0.875), interpolation=pc.get("interpolation", "bicubic"),
+                                       mean=tuple(pc["mean"]), std=tuple(pc["std"]))
+        extend_classifier(model, *example_rows(model.eval(), pre, examples))
+    coverage = coverage_with_examples(concepts)
     return ImageNetTeacher(model, cfg.model, arch, weights, coverage, cfg.input_size, openset).to(device)
+
+
+def coverage_with_examples(concepts, base: int = 1000) -> list[Coverage]:
+    """Each concept's ImageNet rows: WordNet's for a named concept; for a concept by example its own row, the
+    ``base + j``-th of the classifier ``example_rows`` extended (its name, if any, is for CLIP teachers)."""
+    named = iter(map_concepts([c for c in concepts if not c.examples]))
+    out, j = [], 0
+    for c in concepts:
+        if c.examples:
+            out.append(Coverage(c.label, "examples", (), (base + j,), ()))
+            j += 1
+        else:
+            out.append(next(named))
+    return out
 
 
 def pooled_classifier(name: str, heads, rest: bool = False, input_size: int = 0, device="cpu") -> ImageNetTeacher:
@@ -187,7 +209,7 @@ def check_imagenet(cfg, offline=False, concepts=None) -> None:
     elif not re.fullmatch(r"timm:[\w.\-]+", cfg.model):
         raise UserError(f"teacher {cfg.model!r}: write timm:MODEL_NAME")
     if concepts is not None:
-        map_concepts(concepts)
+        map_concepts([c for c in concepts if not c.examples])
 
 
 def lite_judge(name: str, used=()) -> str | None:

@@ -1,0 +1,184 @@
+"""Concepts by example: a class named by a few pictures (``--classes "person=@photos/person/,car,dog"``).
+
+The run folder keeps a copy of each concept's example images (``examples/<n>/<sha>.<ext>``, ``examples.json``
+records where each came from), so the teacher, the judge and the student read the same files on every resume.
+
+A network with an ImageNet classifier learns the concept as one more classifier row (``probe_rows``): the row is
+fitted with the network's own 1000 rows frozen, by cross-entropy over all of them, to win on the examples' pooled
+features (light augmentation: flips, crops) and to lose on pseudo-features drawn from the network's last
+BatchNorm statistics (what a generic image's features look like to it: no image needed). An L2 penalty on the
+row (``L2``, chosen on the VLCS sun domain, benchmarks/examples.py) keeps it from claiming every image. The
+teacher scores the concept by that row as it scores a named concept by its ImageNet rows ("other" included),
+synthesis targets it as a class index, and the student's head for it starts as the same probe on its own
+features (head source ``examples``)."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from runtime.atomic import read_json, write_json
+from runtime.errors import UserError
+from runtime.metadata import Preprocess
+from runtime.preprocess import preprocess
+
+from .concepts import Concept
+from .images import ImageSet, scan_images
+
+MAX_EXAMPLES = 100
+EXAMPLES_FILE = "examples.json"
+L2 = 0.03                 # the row's L2 penalty (benchmarks/examples.py: chosen on VLCS sun, reported on caltech)
+PSEUDO_IMAGES = 2000      # pseudo-features drawn from the last BatchNorm's statistics
+PSEUDO_POSITIONS = 16     # spatial positions averaged into one pseudo-feature (a 4 x 4 final feature map)
+PROBE_STEPS = 400
+
+
+def scan_examples(concepts: list[Concept]) -> dict[str, ImageSet]:
+    """Each example concept's usable images (the ``--images`` scanner: formats, EXIF, duplicates, bad files skipped
+    with reasons): 1 to ``MAX_EXAMPLES``, else one UserError before anything is written."""
+    sets = {}
+    for c in concepts:
+        if not c.examples:
+            continue
+        found = scan_images(list(c.examples), seed=0, val_fraction=0.0, flag=f"{c.label}=@", files=True)
+        if len(found.files) > MAX_EXAMPLES:
+            raise UserError(f"{c.label}=@{c.examples[0]}: {len(found.files)} example images: give at most {MAX_EXAMPLES} "
+                            "(a few well-chosen ones; a larger unlabelled pool goes to --images DIR)")
+        sets[c.label] = found
+    return sets
+
+
+def scanned_concepts(concepts: list[Concept], sets: dict[str, ImageSet]) -> list[Concept]:
+    """The concepts with each example concept's usable files where they are (before the run folder keeps them)."""
+    return [replace(c, examples=tuple(f["path"] for f in sets[c.label].files)) if c.label in sets else c
+            for c in concepts]
+
+
+def stored_concepts(root: Path, concepts: list[Concept], sets: dict[str, ImageSet]) -> list[Concept]:
+    """The concepts as the run folder keeps them: each example concept's images are its copies there."""
+    out = []
+    for i, c in enumerate(concepts):
+        if c.label in sets:
+            c = replace(c, examples=tuple(str(_copy_path(root, i, f)) for f in sets[c.label].files))
+        out.append(c)
+    return out
+
+
+def _copy_path(root: Path, index: int, f: dict) -> Path:
+    return Path(root).absolute() / "examples" / str(index) / (f["sha256"][:16] + Path(f["path"]).suffix.lower())
+
+
+def store_examples(root: Path, concepts: list[Concept], sets: dict[str, ImageSet]) -> None:
+    """Copy the example images into the run folder (once) and record them in ``examples.json``."""
+    record = {}
+    for i, c in enumerate(concepts):
+        if c.label not in sets:
+            continue
+        for f in sets[c.label].files:
+            dest = _copy_path(root, i, f)
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(dest.name + ".tmp")
+                shutil.copyfile(f["path"], tmp)
+                tmp.replace(dest)
+        record[c.label] = {**sets[c.label].to_json(),
+                           "stored": [str(_copy_path(root, i, f).relative_to(Path(root).absolute())) for f in sets[c.label].files]}
+    if record:
+        write_json(Path(root) / EXAMPLES_FILE, record)
+
+
+def example_hashes(root: Path) -> dict[str, str]:
+    """sha256 -> concept of every example image a run folder holds (empty for a run without)."""
+    data = read_json(Path(root) / EXAMPLES_FILE) or {}
+    return {f["sha256"]: label for label, rec in data.items() for f in rec["files"]}
+
+
+# --- a new classifier row from examples ------------------------------------------------------------------------
+
+def _augmented(paths, pre: Preprocess) -> np.ndarray:
+    """Each example as the network's input, and its mirror image and a centre crop of it: light augmentation."""
+    tighter = Preprocess(pre.size, max(pre.size, int(pre.resize * 1.15)), pre.interpolation, pre.mean, pre.std)
+    x = np.stack([preprocess(str(p), pre) for p in paths])
+    crops = np.stack([preprocess(str(p), tighter) for p in paths])
+    return np.concatenate([x, x[..., ::-1], crops, crops[..., ::-1]]).astype(np.float32)
+
+
+def pooled_features(model, x: np.ndarray) -> np.ndarray:
+    """A timm classifier's pooled pre-logit features of a preprocessed batch."""
+    import torch
+    with torch.no_grad():
+        rows = [model.forward_head(model.forward_features(torch.from_numpy(np.ascontiguousarray(x[i:i + 32]))),
+                                   pre_logits=True).numpy() for i in range(0, len(x), 32)]
+    return np.concatenate(rows)
+
+
+def pseudo_features(model, n: int = PSEUDO_IMAGES, seed: int = 0) -> np.ndarray:
+    """Features a generic image has, to this network: per channel, its last BatchNorm's output N(beta, gamma^2)
+    through the activation after it, averaged over ``PSEUDO_POSITIONS`` positions (global pooling)."""
+    import torch
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if not bns:
+        raise UserError(f"{type(model).__name__} has no BatchNorm layer: a concept by example needs a network with one")
+    bn = bns[-1]
+    act = getattr(bn, "act", None) or torch.nn.ReLU()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pre = bn.bias.detach()[None, None] + bn.weight.detach().abs()[None, None] * torch.randn(
+            n, PSEUDO_POSITIONS, bn.num_features, generator=gen)
+        return act(pre).mean(1).numpy()
+
+
+def probe_rows(positives: list[np.ndarray], weight: np.ndarray, bias: np.ndarray, negatives: np.ndarray,
+               l2: float = L2, steps: int = PROBE_STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """New rows (one per entry of ``positives``, features [n_j, D]) beside a frozen classifier (``weight`` [C, D],
+    ``bias`` [C]): cross-entropy over all C + E rows, each concept's examples to its row and the ``negatives`` to
+    their own argmax among the C, the examples and the negatives weighing the same (each concept's examples too),
+    plus ``l2`` x the new rows' squared norm. Deterministic (full batch, Adam)."""
+    import torch
+    torch.manual_seed(0)
+    w0, b0 = torch.from_numpy(weight).float(), torch.from_numpy(bias).float()
+    c, d, e = w0.shape[0], w0.shape[1], len(positives)
+    pos = [torch.from_numpy(p).float() for p in positives]
+    neg = torch.from_numpy(negatives).float()
+    neg_target = (neg @ w0.T + b0).argmax(1)
+    w = torch.zeros(e, d, requires_grad=True)
+    b = torch.zeros(e, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.01)
+
+    def ce(x, target):
+        return torch.nn.functional.cross_entropy(torch.cat([x @ w0.T + b0, x @ w.T + b], 1), target)
+    with torch.enable_grad():   # callers may build a teacher under no_grad
+        for _ in range(steps):
+            loss = sum(ce(p, torch.full((len(p),), c + j)) for j, p in enumerate(pos)) / e + ce(neg, neg_target) \
+                + l2 * (w ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return w.detach().numpy(), b.detach().numpy()
+
+
+def example_rows(model, pre: Preprocess, examples: list[tuple[str, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows for concepts defined by ``examples`` (paths per concept) on a timm classifier ``model`` whose input is
+    made by ``pre``: ``probe_rows`` on its pooled features."""
+    fc = model.get_classifier()
+    pos = [pooled_features(model, _augmented(paths, pre)) for paths in examples]
+    return probe_rows(pos, fc.weight.detach().numpy(), fc.bias.detach().numpy(), pseudo_features(model))
+
+
+def extend_classifier(model, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Append rows to a timm classifier's final linear layer (its logits gain one column per row)."""
+    import torch
+    fc = model.get_classifier()
+    new = torch.nn.Linear(fc.in_features, fc.out_features + len(weight))
+    with torch.no_grad():
+        new.weight.copy_(torch.cat([fc.weight, torch.from_numpy(weight).to(fc.weight)]))
+        new.bias.copy_(torch.cat([fc.bias, torch.from_numpy(bias).to(fc.bias)]))
+    for name in ("classifier", "fc", "head"):
+        if getattr(model, name, None) is fc:
+            setattr(model, name, new)
+            break
+    else:
+        raise UserError(f"{type(model).__name__}: cannot find its classifier layer to add a concept by example")
+    model.num_classes = new.out_features
