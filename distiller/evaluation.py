@@ -24,6 +24,7 @@ from runtime.errors import UserError
 from runtime.openset import OpenSetRule, with_other_bias
 from runtime.preprocess import list_images, preprocess
 
+from .examples import example_hashes
 from .images import read_image_set
 from .openset import rejection
 from .recipe import default_recipe
@@ -316,12 +317,14 @@ def _rejection(logits_of, read, decide, dataset: Dataset, others: list[Path], k:
 
 
 def training_overlap(run: Path, dataset: Dataset) -> list[str]:
-    """The scored images that the run trained on (its ``--images``, by content hash): a score on them is
-    not an accuracy. Empty for model files and runs without images."""
-    images = read_image_set(RunPaths(run).images) if Path(run).is_dir() else None
-    if images is None:
+    """The scored images that the run trained on (its ``--images`` and its concepts' example images, by content
+    hash): a score on them is not an accuracy. Empty for model files and runs without either."""
+    if not Path(run).is_dir():
         return []
-    seen = images.hashes()
+    images = read_image_set(RunPaths(run).images)
+    seen = (images.hashes() if images is not None else set()) | set(example_hashes(run))
+    if not seen:
+        return []
     return [str(s.path) for s in dataset.samples if hashlib.sha256(s.path.read_bytes()).hexdigest() in seen]
 
 

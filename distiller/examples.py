@@ -139,20 +139,28 @@ def probe_rows(positives: list[np.ndarray], weight: np.ndarray, bias: np.ndarray
     import torch
     torch.manual_seed(0)
     w0, b0 = torch.from_numpy(weight).float(), torch.from_numpy(bias).float()
-    c, d, e = w0.shape[0], w0.shape[1], len(positives)
+    d, e = w0.shape[1], len(positives)
     pos = [torch.from_numpy(p).float() for p in positives]
     neg = torch.from_numpy(negatives).float()
-    neg_target = (neg @ w0.T + b0).argmax(1)
+    # the frozen rows enter the cross-entropy only through their logsumexp (and a negative's own best row, its
+    # target): computed once, so a step costs O(images x new rows)
+    frozen = [x @ w0.T + b0 for x in pos + [neg]]
+    lse = [torch.logsumexp(f, 1, keepdim=True) for f in frozen]
+    neg_target = frozen[-1].max(1).values
+    del frozen
     w = torch.zeros(e, d, requires_grad=True)
     b = torch.zeros(e, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=0.01)
 
-    def ce(x, target):
-        return torch.nn.functional.cross_entropy(torch.cat([x @ w0.T + b0, x @ w.T + b], 1), target)
+    def log_norm(i: int, new) -> "torch.Tensor":
+        return torch.logsumexp(torch.cat([lse[i], new], 1), 1)
     with torch.enable_grad():   # callers may build a teacher under no_grad
         for _ in range(steps):
-            loss = sum(ce(p, torch.full((len(p),), c + j)) for j, p in enumerate(pos)) / e + ce(neg, neg_target) \
-                + l2 * (w ** 2).sum()
+            loss = l2 * (w ** 2).sum()
+            for j, p in enumerate(pos):
+                new = p @ w.T + b
+                loss = loss + (log_norm(j, new) - new[:, j]).mean() / e
+            loss = loss + (log_norm(e, neg @ w.T + b) - neg_target).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -310,7 +310,7 @@ def _accuracy(page: Page) -> str:
                             f"(n {v['n']})" for c, v in r.get("per_class", {}).items())
             table.append([_e(m), _e(r["domain"]), str(r["n"]), f"{100 * r['balanced_accuracy']:.1f} [{100 * lo:.1f}, "
                           f"{100 * hi:.1f}]", _e(per)])
-    overlap = (f"<p class=warn>{ev['training_overlap']} of these images are among the run's own --images: a score on "
+    overlap = (f"<p class=warn>{ev['training_overlap']} of these images are among the run's own --images or example images: a score on "
                "them is not an accuracy.</p>") if ev.get("training_overlap") else ""
     rejection = [[_e(m), f"{res['open_set']['auroc']:.3f} [{res['open_set']['auroc_ci'][0]:.3f}, "
                   f"{res['open_set']['auroc_ci'][1]:.3f}]", f"{100 * res['open_set']['other_accuracy']:.1f} "

@@ -114,7 +114,7 @@ def evaluate(
                                               other_data)
     overlap = training_overlap(Path(model), dataset)
     warning = (f"[bold red]warning: {len(overlap)} of the {len(dataset.samples)} images in {literal(data)} are among "
-               f"the run's own --images (same content), e.g. {literal(overlap[0])}: the student and the teacher's labels "
+               f"the run's own --images or example images (same content), e.g. {literal(overlap[0])}: the student and the teacher's labels "
                f"were made on them, so a score here is not an accuracy. Evaluate on images the run never saw.[/bold red]"
                ) if overlap else None
     if Path(model).is_dir():   # a run folder keeps its latest eval for `distiller report`

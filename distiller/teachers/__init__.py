@@ -72,6 +72,7 @@ class TeacherFamily:
     recipe: str = "cpu"              # what `make --recipe auto` uses with this family's teachers
     network_of: Callable[[str], str | None] = lambda arch: None   # teacher name of a student architecture
     resolve_paths: Callable = lambda cfg: cfg     # the [teacher] slice with its file paths made absolute
+    learns_examples: bool = False    # learns a concept by example (--classes "label=@DIR"; distiller.examples)
     answers_other: bool = False      # other_decision = auto turns the open-set answer on: the data-free rule kept >= 95%
                                      # of the closed-set known accuracy on the benchmark photos (benchmarks/open_set.py)
 

@@ -220,7 +220,9 @@ def lite_judge(name: str, used=()) -> str | None:
 TEACHERS.register("efficientnet-lite", TeacherFamily(matches=_is_lite, build=build_imagenet_teacher,
                                                      names=lambda: list(LITE), check=check_imagenet, has_text_tower=False,
                                                      judge=lite_judge, recipe="cpu-imagenet", scores_imagenet=True,
-                                                     network_of=LITE_BY_ARCH.get, answers_other=True))
+                                                     network_of=LITE_BY_ARCH.get, answers_other=True,
+                                                     learns_examples=True))
 TEACHERS.register("timm", TeacherFamily(matches=_is_timm, build=build_imagenet_teacher, names=lambda: [],
                                                          check=check_imagenet, has_text_tower=False, judge=lite_judge,
-                                                         recipe="cpu-imagenet", scores_imagenet=True, answers_other=True))
+                                                         recipe="cpu-imagenet", scores_imagenet=True, answers_other=True,
+                                                         learns_examples=True))
