@@ -97,7 +97,7 @@ def example_hashes(root: Path) -> dict[str, str]:
 
 # --- a new classifier row from examples ------------------------------------------------------------------------
 
-def _augmented(paths, pre: Preprocess) -> np.ndarray:
+def augmented(paths, pre: Preprocess) -> np.ndarray:
     """Each example as the network's input, and its mirror image and a centre crop of it: light augmentation."""
     tighter = Preprocess(pre.size, max(pre.size, int(pre.resize * 1.15)), pre.interpolation, pre.mean, pre.std)
     x = np.stack([preprocess(str(p), pre) for p in paths])
@@ -171,7 +171,7 @@ def example_rows(model, pre: Preprocess, examples: list[tuple[str, ...]]) -> tup
     """Rows for concepts defined by ``examples`` (paths per concept) on a timm classifier ``model`` whose input is
     made by ``pre``: ``probe_rows`` on its pooled features."""
     fc = model.get_classifier()
-    pos = [pooled_features(model, _augmented(paths, pre)) for paths in examples]
+    pos = [pooled_features(model, augmented(paths, pre)) for paths in examples]
     return probe_rows(pos, fc.weight.detach().numpy(), fc.bias.detach().numpy(), pseudo_features(model))
 
 
