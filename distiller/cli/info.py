@@ -52,7 +52,7 @@ def concepts(
     parsed = parse_concepts(classes, minimum=1)
     if resolve_family(teacher).has_text_tower:
         return _bridges(parsed, teacher, pretrained, all_, offline)
-    cov = map_concepts(parsed)
+    cov = map_concepts([c for c in parsed if not c.examples])
     t = Table(title=f"concepts for {teacher} (WordNet 3.0 -> ImageNet-1k)", title_justify="left")
     for c in ("class", "synset", "WordNet lemmas", "ImageNet classes", "n"):
         t.add_column(c, justify="right" if c == "n" else "left")
@@ -60,6 +60,9 @@ def concepts(
         names = c.names()
         shown = ", ".join(names if all_ or len(names) <= 10 else names[:10] + [f"... (+{len(names) - 10}, --all)"])
         t.add_row(literal(c.label), c.synset, ", ".join(c.lemmas[:3]), shown, str(len(c.classes)))
+    for c in parsed:
+        if c.examples:   # a concept by example: its own row, learnt from the images (docs/examples.md)
+            t.add_row(literal(c.label), "examples", "", f"one new row, learnt from the images in {literal(c.examples[0])}", "1")
     console.print(t)
     for w in warnings_for(cov):
         err.print(f"[bold yellow]warning:[/bold yellow] {literal(w)}")
