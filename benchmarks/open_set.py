@@ -19,7 +19,7 @@ Then, per exported variant, what it answers on the photos. Then the operating po
   margin, max_softmax, max_logit, energy - a threshold keeping 95% of the run's surrogate images of the classes,
   or rejecting 95% of its statistics images): known balanced accuracy with the rule's answer and its ratio to
   closed-set (bootstrap 95% within classes), known images kept, others answered other (Wilson 95%), the score's
-  AUROC (bootstrap 95%) and FPR95 (others kept at the threshold keeping 95% of these known images: an oracle, the
+  AUROC and FPR95 (bootstrap 95%; FPR95: others kept at the threshold keeping 95% of these known images: an oracle, the
   score's quality); PACS also on its photo domain alone;
 - the teacher's own rule on the same photos;
 - ``eval --fit`` on half the photos, scored on the other half, per score, over 100 random halves, against the
@@ -157,12 +157,23 @@ def boot(fn, truth: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[float,
     return float(lo), float(hi)
 
 
+def fpr_interval(score: str, zk, truth, zo, k: int, reps: int = 500, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of FPR95: the known images resampled within classes, the others on their own."""
+    from distiller.openset import fpr_at
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(truth == c) for c in np.unique(truth)]
+    draws = [fpr_at(score, zk[np.concatenate([rng.choice(g, len(g)) for g in groups])],
+                    zo[rng.choice(len(zo), len(zo))], k) for _ in range(reps)]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def rule_table(title: str, rules: dict, zk: np.ndarray, truth: np.ndarray, zo: np.ndarray, k: int) -> list[str]:
     """Per rule: known balanced (the rule's answer), its ratio to closed-set, known kept, others answered other,
     the score's AUROC and FPR95; 95% intervals (bootstrap within classes; Wilson for the others)."""
     from distiller.openset import balanced, fpr_at, operating_point, score_auroc
     out = ["", title, "", "| rule | known balanced [95% CI] | / closed-set [95% CI] | known kept | answers other "
-           "[95% CI] | AUROC [95% CI] | FPR95 |", "|---|---|---|---|---|---|---|"]
+           "[95% CI] | AUROC [95% CI] | FPR95 [95% CI] |", "|---|---|---|---|---|---|---|"]
     closed = zk[:, :k].argmax(1)
     for name, rule in rules.items():
         p = operating_point(rule, zk, truth, zo, k)
@@ -170,10 +181,11 @@ def rule_table(title: str, rules: dict, zk: np.ndarray, truth: np.ndarray, zo: n
         lo, hi = boot(lambda r: balanced(dk[r], truth[r]), truth)
         rlo, rhi = boot(lambda r: balanced(dk[r], truth[r]) / max(balanced(closed[r], truth[r]), 1e-9), truth)
         a, (alo, ahi) = score_auroc(rule.score, zk, zo, k)
+        flo, fhi = fpr_interval(rule.score, zk, truth, zo, k)
         out.append(f"| {name} | {100 * p.known_balanced:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {p.ratio:.3f} "
                    f"[{rlo:.3f}, {rhi:.3f}] | {100 * p.known_kept:.1f} | {100 * p.other_answered:.1f} "
                    f"[{100 * p.other_ci[0]:.1f}, {100 * p.other_ci[1]:.1f}] | {a:.3f} [{alo:.3f}, {ahi:.3f}] | "
-                   f"{100 * fpr_at(rule.score, zk, zo, k):.1f} |")
+                   f"{100 * fpr_at(rule.score, zk, zo, k):.1f} [{100 * flo:.1f}, {100 * fhi:.1f}] |")
     return out
 
 
