@@ -56,6 +56,8 @@ def test_unknown_word_exits_2_with_near_names(capsys):
     assert main(["concepts", "cats,car,truck", "--all"]) == 0
     out = capsys.readouterr()
     assert "cougar" in out.out and "minivan also under another class" in out.err
+    assert main(["concepts", "cats,person=@photos/person"]) == 0          # a concept by example: no WordNet lookup
+    assert "one new row, learnt from the images in" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name,size", [("efficientnet-lite0", 224), ("efficientnet-lite1", 240), ("efficientnet-lite2", 260)])
