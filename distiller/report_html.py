@@ -13,6 +13,7 @@ import io
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from runtime.openset import OpenSetRule
 
 from . import __version__
 from .bank import Bank
-from .images import real_images
+from .images import real_images, square
 from .openset import describe_rule
 from .runfolder import Run
 
@@ -224,11 +225,26 @@ def _concepts(page: Page) -> str:
         rows.append([_e(c.label), _e(c.text), _e(m[0]) if m else "-", str(len(m[1])) if m else "-",
                      _e(h["source"]) if h else "-", pooled])
     return ("<section><h2>Concepts</h2>" + _table(["label", "teacher reads", "WordNet synset", "ImageNet classes",
-                                                   "student head", "its ImageNet rows"], rows)
+                                                   "student head", "its ImageNet rows"], rows) + _examples(run)
             + "<p class=meta>A CLIP teacher reads the text through its prompt templates; an ImageNet teacher scores a "
             "concept as the logsumexp of the classes beneath it. The student's head per concept: wordnet (its own "
             "rows for the WordNet classes), clip (rows of the ImageNet classes the CLIP text tower found near it, "
-            "weighted) or fresh (a new row, learnt).</p></section>")
+            "weighted), examples (a probe on its own features of the example images) or fresh (a new row, "
+            "learnt).</p></section>")
+
+
+def _examples(run: Run) -> str:
+    """Thumbnails of each concept by example's images (six a row), as the run folder keeps them."""
+    figs = []
+    for c in run.concepts:
+        paths = [p for p in c.examples if Path(p).is_file()][:48]
+        if paths:
+            recs = [{"class": 0, "style": i // 6, "style_name": "examples" if i < 6 else ""} for i in range(len(paths))]
+            grid = class_grid(np.stack([square(p, 72) for p in paths]), recs, 0)
+            figs.append(f"<figure>{_img(grid, 'image/jpeg', f'example images of {c.label}')}<figcaption>{_e(c.label)}: "
+                        f"defined by {len(c.examples)} example image{'s' if len(c.examples) > 1 else ''}</figcaption>"
+                        "</figure>")
+    return "".join(figs)
 
 
 def _surrogates(page: Page) -> str:

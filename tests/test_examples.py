@@ -76,6 +76,8 @@ def test_a_concept_by_example_is_learnt_by_the_teacher_and_the_exported_student(
     report = json.loads((run / "report.json").read_text())
     assert report["student"]["head"]["stripes"]["source"] == "examples"
     assert report["student"]["head"]["stripes"]["examples"] == 6
+    page = (run / "report.html").read_text()
+    assert "stripes: defined by 6 example images" in page and 'alt="example images of stripes"' in page
     # the teacher scores the concept by its new row: held-out stripes are stripes, not dogs
     import torch
 
