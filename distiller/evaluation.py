@@ -302,6 +302,14 @@ def other_images(folder: Path | None) -> list[Path] | None:
     return paths
 
 
+def readable_outputs(logits_of, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """``logits_of`` (paths -> raw outputs, a NaN row for an image that cannot be read) over ``paths``, 32 at a
+    time: the readable images' outputs, and which images those are."""
+    z = np.concatenate([logits_of(paths[i:i + 32]) for i in range(0, len(paths), 32)])
+    readable = ~np.isnan(z).any(1)
+    return z[readable], readable
+
+
 TEACHER_RULE = OpenSetRule("margin", 0.0)   # the teacher's and the free baseline's own: the other output wins
 
 
@@ -309,10 +317,8 @@ def _rejection(logits_of, read, decide, dataset: Dataset, others: list[Path], k:
     """Known-vs-other scores of one model: ``logits_of`` paths -> raw outputs, ``read`` raw outputs -> the
     outputs its rule reads (other_bias applied), ``decide`` raw outputs -> answers (the open-set answer, on or not
     by default), ``rule`` the score ranked for the AUROC."""
-    def run(paths):
-        z = np.concatenate([logits_of(paths[i:i + 32]) for i in range(0, len(paths), 32)])
-        return z[~np.isnan(z).any(1)]
-    known, other = run([s.path for s in dataset.samples]), run(others)
+    known = readable_outputs(logits_of, [s.path for s in dataset.samples])[0]
+    other = readable_outputs(logits_of, others)[0]
     return rejection(read(known), read(other), decide(other) if len(other) else np.zeros(0, int), k, rule)
 
 

@@ -16,16 +16,15 @@ from runtime import Classifier
 from runtime.errors import UserError
 from runtime.metadata import SCHEMA_VERSION
 
-from .evaluation import Dataset, batch_predictor, load_image_folder, other_images, run_variants
+from .evaluation import Dataset, batch_predictor, load_image_folder, other_images, readable_outputs, run_variants
 from .openset import FIT_SCORE, Fit, fit_rule
 
 
 def _outputs(clf: Classifier, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Outputs [M, K + 1] as the rule reads them (other_bias applied) of the M readable images, and which those are."""
-    logits = batch_predictor(lambda p: clf.preprocess([p])[0], clf.logits, clf.metadata.outputs)
-    z = np.concatenate([logits(paths[i:i + 32]) for i in range(0, len(paths), 32)])
-    readable = ~np.isnan(z).any(1)
-    return clf.scores(z[readable]), readable
+    z, readable = readable_outputs(batch_predictor(lambda p: clf.preprocess([p])[0], clf.logits, clf.metadata.outputs),
+                                   paths)
+    return clf.scores(z), readable
 
 
 def fit_run(run: Path, data: Path, other_data: Path | None, keep: float, score: str | None,

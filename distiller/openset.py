@@ -4,7 +4,7 @@ buys on the others, and the rule fitted on a user's own labelled photos (``disti
 decides (``runtime.openset``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -22,11 +22,11 @@ def rejection(known: np.ndarray, other: np.ndarray, other_decisions, k: int, rul
     """Known images against images of other things, from outputs [N, K + 1] as the rule reads them: AUROC of the
     rule's score with its interval, and the share of the other images answered "other" (decision K) with a Wilson
     interval."""
-    pos, neg = rule.known_score(known, k), rule.known_score(other, k)
+    area, interval = score_auroc(rule.score, known, other, k)
     hit = int((np.asarray(other_decisions) == k).sum())
     n = len(other_decisions)
-    return {"auroc": auroc(pos, neg), "auroc_ci": auroc_interval(pos, neg), "other_accuracy": hit / max(n, 1),
-            "other_ci": wilson(hit, n), "other_images": n, "known_images": int(len(pos)), "score": rule.score}
+    return {"auroc": area, "auroc_ci": interval, "other_accuracy": hit / max(n, 1),
+            "other_ci": wilson(hit, n), "other_images": n, "known_images": int(len(known)), "score": rule.score}
 
 
 def balanced(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -82,6 +82,11 @@ class Fit:
     promised: bool                # enough images for the conformal promise (keep >= asked on new images)
     point: OperatingPoint | None  # on the fitting images (None without other images)
 
+    def to_json(self) -> dict:
+        """As eval.json keeps it: the rule written, and what it did on the fitting images."""
+        return {"rule": self.rule.to_json(), "promised": self.promised,
+                **(asdict(self.point) if self.point is not None else {})}
+
 
 def fit_rule(score: str, known: np.ndarray, truth: np.ndarray, other: np.ndarray | None, k: int, keep: float,
              source: str) -> Fit:
@@ -102,8 +107,9 @@ def fit_rule(score: str, known: np.ndarray, truth: np.ndarray, other: np.ndarray
     return Fit(rule, promised, point)
 
 
-def describe_rule(rule: OpenSetRule, other_label: str, bias: float = 0.0) -> str:
-    """An open-set model's rule in one sentence (the make summary, report.html)."""
+def describe_rule(rule: OpenSetRule, other_label: str, bias: float = 0.0, run: str = "RUN") -> str:
+    """An open-set model's rule in one sentence (the make summary, report.html); ``run``: the run folder named in
+    the fitting hint."""
     fit = rule.fit or {}
     read = f" (its other output read {bias:g} log-odds lower: other_bias)" if bias else ""
     what = SCORES.get(rule.score).description
@@ -118,4 +124,4 @@ def describe_rule(rule: OpenSetRule, other_label: str, bias: float = 0.0) -> str
         return f"Open set: {rule_text}."
     return (f"Open set is off by default: answers are always one of the classes; with it on, {rule_text}. "
             f"Turn it on with classify(open_set=True) or --set other_decision=on, or fit it on your own photos: "
-            f"distiller eval RUN --data DIR --other-data DIR2 --fit")
+            f"distiller eval {run} --data DIR --other-data DIR2 --fit")

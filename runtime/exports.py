@@ -86,8 +86,13 @@ class ExportRecord:
     calibration_source: str | None = None       # real | statistics | bank (older runs: real | surrogate)
     fidelity_sources: dict[str, int] | None = None   # fidelity images per source (None: an export made
                                                      # before per-source fidelity: `distiller export RUN` redoes it)
-    open_set: dict | None = None                # open set: the rule every variant carries (runtime.openset.OpenSetRule)
     threshold: dict | None = None               # exports before it: {"value": t, "source": ..., ...} (score "probability")
+
+    @property
+    def open_set(self) -> dict | None:
+        """The open-set rule the deployable file carries (runtime.openset.OpenSetRule as JSON; None: closed-set, or
+        an export made before the rule was recorded)."""
+        return self.variants[self.deployable_variant].open_set
 
     @property
     def deployable(self) -> str:
@@ -115,7 +120,7 @@ class ExportRecord:
             return cls({n: VariantRecord.from_json(r) for n, r in d["variants"].items()}, d["deployable_variant"], rule,
                        dict(d.get("failed", {})), list(d.get("notes", [])), d.get("fidelity_images"),
                        d.get("calibration_images"), d.get("calibration_source"), d.get("fidelity_sources"),
-                       d.get("open_set"), d.get("threshold"))
+                       d.get("threshold"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"{source}: its export record is damaged ({type(exc).__name__}: {exc}): run `distiller export "
                             f"RUN` again") from None

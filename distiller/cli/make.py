@@ -170,8 +170,8 @@ def _summary(run_dir: Path, report: dict, seconds: float) -> None:
     rule = report.get("export", {}).get("open_set")
     if rule:
         rec = load_recipe(str(RunPaths(run_dir).recipe))
-        console.print(literal(describe_rule(OpenSetRule.from_json(rule), rec.other_label, rec.other_bias).replace(
-            "RUN", str(run_dir))), highlight=False)
+        console.print(literal(describe_rule(OpenSetRule.from_json(rule), rec.other_label, rec.other_bias, str(run_dir))),
+                      highlight=False)
     console.print("next:\n"
                   f"  distiller predict {literal(run_dir)} IMAGE...\n"
                   f"  distiller eval {literal(run_dir)} --data DIR\n"

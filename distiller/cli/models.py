@@ -13,7 +13,7 @@ from rich.table import Table
 from runtime.errors import UserError
 
 from . import app
-from .ui import console, err, eval_table, fit_record, fit_table, literal, rejection_table
+from .ui import console, err, eval_table, fit_table, literal, rejection_table
 
 
 def expand_images(items: list[str]) -> list[Path]:
@@ -110,6 +110,7 @@ def evaluate(
     from ..evaluation import evaluate_models, read_labels_map, save_eval, training_overlap
     from ..fitting import fit_run
     fits = fit_run(Path(model), data, other_data, keep, score, read_labels_map(labels_map)) if fit else {}
+    fitted = {f: v.to_json() for f, v in fits.items()}
     dataset, results, notes = evaluate_models(Path(model), data, read_labels_map(labels_map), teacher, baseline, offline,
                                               other_data)
     overlap = training_overlap(Path(model), dataset)
@@ -118,13 +119,13 @@ def evaluate(
                f"were made on them, so a score here is not an accuracy. Evaluate on images the run never saw.[/bold red]"
                ) if overlap else None
     if Path(model).is_dir():   # a run folder keeps its latest eval for `distiller report`
-        save_eval(Path(model), dataset, results, notes, overlap, {f: fit_record(v) for f, v in fits.items()})
+        save_eval(Path(model), dataset, results, notes, overlap, fitted)
     if as_json:
         if warning:
             err.print(warning)
         sys.stdout.write(json.dumps({"data": str(data), "labels": dataset.labels, "results": results,
                                      "training_overlap": len(overlap),
-                                     "open_set_fit": {f: fit_record(v) for f, v in fits.items()}}) + "\n")
+                                     "open_set_fit": fitted}) + "\n")
         return
     console.print(eval_table(f"{data}: {len(dataset.samples)} images, labels {', '.join(dataset.labels)}", results))
     if other_data is not None:

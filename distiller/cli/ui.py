@@ -99,17 +99,6 @@ def rejection_table(title: str, results: dict[str, dict]) -> Table:
     return t
 
 
-def fit_record(fit) -> dict:
-    """One variant's ``eval --fit`` as eval.json keeps it: the rule written, and what it did on the fitting images."""
-    out = {"rule": fit.rule.to_json(), "promised": fit.promised}
-    if fit.point is not None:
-        p = fit.point
-        out.update(known_kept=p.known_kept, known_balanced=p.known_balanced, closed_balanced=p.closed_balanced,
-                   other_answered=p.other_answered, other_ci=list(p.other_ci), known_images=p.known_images,
-                   other_images=p.other_images)
-    return out
-
-
 def fit_table(title: str, fits: dict) -> Table:
     """``eval --fit``: per variant, the threshold written and what it keeps and rejects on the fitting images."""
     t = Table(title=literal(title), title_justify="left")

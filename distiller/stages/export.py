@@ -29,6 +29,7 @@ from .calibration import CalibrationStage, calibration_source, has_real_split, m
 from .distill import DistillStage
 
 FIDELITY_IMAGES = 256   # images on which INT8 variants must agree with FP32
+PARTIAL_FILE = "export.partial.json"
 
 
 def teacher_info(run: Run) -> dict:
@@ -127,12 +128,9 @@ def surrogate_inputs(run: Run, spec) -> np.ndarray:
 
 
 def open_set_rule(run: Run, outputs: np.ndarray) -> OpenSetRule:
-    """The data-free rule (``exporter.surrogate_rule``) on one model's raw outputs for ``surrogate_inputs``; with
-    ``openset = false``, a rule nothing reads."""
-    rec, k = run.recipe, len(run.labels)
-    if not rec.openset:
-        return OpenSetRule(on=False)
-    return surrogate_rule(with_other_bias(outputs, k, rec.other_bias), k, answers_other(run))
+    """The data-free rule (``exporter.surrogate_rule``) on one model's raw outputs for ``surrogate_inputs``."""
+    k = len(run.labels)
+    return surrogate_rule(with_other_bias(outputs, k, run.recipe.other_bias), k, answers_other(run))
 
 
 def rule_per_variant(run: Run, result: ExportRecord, x: np.ndarray) -> None:
@@ -145,7 +143,6 @@ def rule_per_variant(run: Run, result: ExportRecord, x: np.ndarray) -> None:
         if rule != clf.rule:
             write_metadata(clf.path, clf.metadata.replace(open_set=rule))
         rec.open_set = rule.to_json()
-    result.open_set = result.variants[result.deployable_variant].open_set
 
 
 class _Partial:
@@ -153,7 +150,7 @@ class _Partial:
     resumes with the next variant and keeps the fidelity it measured (gone once export.json is written)."""
 
     def __init__(self, run: Run):
-        self.path, self.rows = run.paths.root / "export.partial.json", {}
+        self.path, self.rows = run.paths.root / PARTIAL_FILE, {}
         clean_temporaries(run.paths.root)          # model files a kill left half-written
         clean_temporaries(run.paths.root / "openvino")
 
@@ -194,7 +191,7 @@ class ExportStage:
         student = load_student(spec, ckpts.best)
         calib, fid, source = _images(run, spec, student)
         x = surrogate_inputs(run, spec) if rec.openset else None
-        rule = open_set_rule(run, student_outputs(student, x)) if rec.openset else OpenSetRule(on=False)
+        rule = open_set_rule(run, student_outputs(student, x)) if rec.openset else OpenSetRule(on=False)   # unread
         meta = ModelMetadata(
             labels=tuple(run.labels), preprocess=spec.preprocess, student=spec.model,
             teacher=teacher_info(run), recipe=rec.to_dict(),
@@ -229,7 +226,7 @@ class ExportStage:
     @staticmethod
     def clear(run: Run) -> None:
         """Forget the export and what was made from it (the model files are rewritten in place, atomically)."""
-        for path in (run.paths.export, run.paths.report, run.paths.html, run.paths.root / "export.partial.json"):
+        for path in (run.paths.export, run.paths.report, run.paths.html, run.paths.root / PARTIAL_FILE):
             remove(path)
 
     @staticmethod
