@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.atomic import read_json, write_json
+from runtime.atomic import atomic_path, read_json, write_json
 from runtime.errors import UserError
 from runtime.metadata import Preprocess
 from runtime.preprocess import preprocess
@@ -79,10 +79,8 @@ def store_examples(root: Path, concepts: list[Concept], sets: dict[str, ImageSet
         for f in sets[c.label].files:
             dest = _copy_path(root, i, f)
             if not dest.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(dest.name + ".tmp")
-                shutil.copyfile(f["path"], tmp)
-                tmp.replace(dest)
+                with atomic_path(dest) as tmp:
+                    shutil.copyfile(f["path"], tmp)
         record[c.label] = {**sets[c.label].to_json(),
                            "stored": [str(_copy_path(root, i, f).relative_to(Path(root).absolute())) for f in sets[c.label].files]}
     if record:
