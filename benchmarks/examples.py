@@ -195,7 +195,7 @@ def pacs_table(args, st: Student) -> None:
     base = closed_answers(x, st.weight, st.bias, named)
     keep = truth < len(PACS_NAMED)
     named_base = np.mean([(base[keep][truth[keep] == i] == i).mean() for i in range(len(PACS_NAMED))])
-    print(f"| without the three | " + " | ".join("-" for _ in PACS_EXAMPLES) + f" | {100 * named_base:.1f} | - | - |")
+    print("| without the three | " + " | ".join("-" for _ in PACS_EXAMPLES) + f" | {100 * named_base:.1f} | - | - |")
 
 
 def wilson(k: int, n: int) -> str:

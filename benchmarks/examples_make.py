@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from examples import CLASSES, closed_answers   # noqa: E402  (benchmarks/ is on sys.path)
-from transfer import balanced                  # noqa: E402
+from examples import CLASSES, closed_answers  # noqa: E402  (benchmarks/ is on sys.path)
+from transfer import balanced  # noqa: E402
 
 K = 5
-FAST = ["--set", "synthesis.images_per_class=2", "--set", 'export.variants=["onnx-fp32"]']
+FAST = ["--set", "synthesis.images_per_class=2", "--set", "synthesis.shard_size=4", "--set", 'export.variants=["onnx-fp32"]']
 ROWS = {"make": [], "make + --images": ["--set", 'student.head="fresh"']}   # + --images POOL for the second
 
 
