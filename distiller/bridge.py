@@ -110,10 +110,12 @@ def bridge(concept_emb, class_emb, scale: float, min_similarity: float, candidat
 
 def decide_heads(concepts, head: str = "auto", text_emb=None, class_emb=None, scale: float = 100.0,
                min_similarity: float = 0.0) -> list[HeadSource]:
-    """Each concept's head source. ``head``: auto (WordNet, else the CLIP bridge when ``text_emb`` and
-    ``class_emb`` are given, else fresh), imagenet (the same, a fresh concept is an error), fresh (all)."""
+    """Each concept's head source. ``head``: auto (a concept by example's probe row; WordNet, else the CLIP bridge
+    when ``text_emb`` and ``class_emb`` are given, else fresh), imagenet (the same, a fresh concept is an error),
+    fresh (all, concepts by example too: every row is learnt from the teacher's labels of the transfer set, e.g. an
+    ``--images`` pool the teacher labels with what it learnt from the examples)."""
     if head == "fresh":
-        return [HeadSource(c.label, "examples" if c.examples else "fresh", examples=len(c.examples)) for c in concepts]
+        return [HeadSource(c.label, "fresh") for c in concepts]
     named = [c for c in concepts if not c.examples]
     found = iter(wordnet_heads(named))
     heads = [HeadSource(c.label, "examples", examples=len(c.examples)) if c.examples else next(found) for c in concepts]

@@ -131,30 +131,39 @@ def pseudo_features(model, n: int = PSEUDO_IMAGES, seed: int = 0) -> np.ndarray:
 def probe_rows(positives: list[np.ndarray], weight: np.ndarray, bias: np.ndarray, negatives: np.ndarray,
                l2: float = L2, steps: int = PROBE_STEPS) -> tuple[np.ndarray, np.ndarray]:
     """New rows (one per entry of ``positives``, features [n_j, D]) beside a frozen classifier (``weight`` [C, D],
-    ``bias`` [C]): cross-entropy over all C + E rows, each concept's examples to its row and the ``negatives`` to
-    their own argmax among the C, the examples and the negatives weighing the same (each concept's examples too),
-    plus ``l2`` x the new rows' squared norm. Deterministic (full batch, Adam)."""
+    ``bias`` [C]): ``fit_rows`` from zero rows, the frozen logits of each image being its features through the
+    classifier."""
     import torch
-    torch.manual_seed(0)
     w0, b0 = torch.from_numpy(weight).float(), torch.from_numpy(bias).float()
-    d, e = w0.shape[1], len(positives)
     pos = [torch.from_numpy(p).float() for p in positives]
     neg = torch.from_numpy(negatives).float()
+    frozen = [x @ w0.T + b0 for x in pos + [neg]]
+    w, b = fit_rows(pos, neg, frozen, torch.zeros(len(pos), w0.shape[1]), torch.zeros(len(pos)), l2, steps)
+    return w.numpy(), b.numpy()
+
+
+def fit_rows(pos: list, neg, frozen: list, w_init, b_init, l2: float = L2, steps: int = PROBE_STEPS):
+    """New linear rows on features (``pos``: each new concept's examples [n_j, F]; ``neg``: generic images [m, F])
+    beside frozen rows whose logits on the same images are ``frozen`` (one [n, C] per entry of ``pos``, then the
+    negatives'): cross-entropy over all C + E rows, each concept's examples to its row and each negative to its own
+    best frozen row, the examples and the negatives weighing the same (each concept's examples too), plus ``l2`` x
+    the squared distance of the rows from ``w_init``. Deterministic (full batch, Adam). Returns (w [E, F], b [E])."""
+    import torch
+    torch.manual_seed(0)
+    e = len(pos)
     # the frozen rows enter the cross-entropy only through their logsumexp (and a negative's own best row, its
     # target): computed once, so a step costs O(images x new rows)
-    frozen = [x @ w0.T + b0 for x in pos + [neg]]
     lse = [torch.logsumexp(f, 1, keepdim=True) for f in frozen]
     neg_target = frozen[-1].max(1).values
-    del frozen
-    w = torch.zeros(e, d, requires_grad=True)
-    b = torch.zeros(e, requires_grad=True)
+    w = w_init.clone().float().requires_grad_(True)
+    b = b_init.clone().float().requires_grad_(True)
     opt = torch.optim.Adam([w, b], lr=0.01)
 
     def log_norm(i: int, new) -> "torch.Tensor":
         return torch.logsumexp(torch.cat([lse[i], new], 1), 1)
     with torch.enable_grad():   # callers may build a teacher under no_grad
         for _ in range(steps):
-            loss = l2 * (w ** 2).sum()
+            loss = l2 * ((w - w_init) ** 2).sum()
             for j, p in enumerate(pos):
                 new = p @ w.T + b
                 loss = loss + (log_norm(j, new) - new[:, j]).mean() / e
@@ -162,7 +171,24 @@ def probe_rows(positives: list[np.ndarray], weight: np.ndarray, bias: np.ndarray
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return w.detach().numpy(), b.detach().numpy()
+    return w.detach(), b.detach()
+
+
+def generic_images(n: int, size: int, seed: int = 0):
+    """``n`` images [n, 3, size, size] in [0, 1] with a natural image's falling spectrum (amplitude ~ 1/f^1.5: blobs
+    and edges at every scale), random phases, mostly luminance with some colour: what a network without BatchNorm
+    statistics (a CLIP) is shown as generic images, the negatives of a concept by example."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    fy = torch.fft.fftfreq(size)[:, None]
+    fx = torch.fft.rfftfreq(size)[None, :]
+    amp = torch.sqrt(fx ** 2 + fy ** 2).clamp(min=1.0 / size) ** -1.5
+    phase = torch.rand(n, 3, size, size // 2 + 1, generator=g) * 2 * torch.pi
+    x = torch.fft.irfft2(amp * torch.exp(1j * phase), s=(size, size))
+    x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
+    luma, chroma = x[:, :1], x[:, 1:] * 0.35
+    rgb = torch.cat([luma + chroma[:, :1], luma - chroma[:, :1] - chroma[:, 1:], luma + chroma[:, 1:]], 1)
+    return (rgb * 0.18 + torch.rand(n, 3, 1, 1, generator=g) * 0.4 + 0.3).clamp(0, 1)
 
 
 def example_rows(model, pre: Preprocess, examples: list[tuple[str, ...]]) -> tuple[np.ndarray, np.ndarray]:

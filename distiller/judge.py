@@ -3,11 +3,14 @@
 Surrogate images that only convince the network that made them are adversarial textures, not data; a
 judge that never took part in synthesis is a cheap proxy for whether they transfer. Who judges a concept:
 
-- ImageNet teachers: another EfficientNet-Lite (``teachers.judge_cfg``), every concept, K-way.
+- ImageNet teachers: another EfficientNet-Lite (``teachers.judge_cfg``), every concept, K-way (a concept by
+  example by the row it learns from the same examples, as the teacher does).
 - CLIP teachers, concepts whose student head is ImageNet rows (``wordnet`` or ``clip`` in ``bridge``): an
   EfficientNet-Lite that is neither the student's network nor in synthesis (Lite1 for the Lite0 student),
   scoring each concept by the same pooled rows as the student's head. With a single such concept, the
   judge's other choice is every remaining ImageNet class (pooled), so "sees it" is never trivially true.
+- CLIP teachers, concepts by example (head ``examples``): the same EfficientNet-Lite, scoring each by a row it
+  learns from the concept's example images itself (``teachers.imagenet.learn_examples``), beside the pooled rows.
 - CLIP teachers, ``fresh`` concepts: no offline network knows them, so the CLIP teacher itself judges,
   with templates it did not synthesise with. Weaker: the teacher grades its own images.
 
@@ -80,7 +83,8 @@ def _predict(a: Assignment, recipe, concepts, heads, images, device, offline):
     cfg = recipe.teacher
     if a.kind == "pooled":
         picked = [heads[k] for k in a.concepts]
-        judge = pooled_classifier(a.name, picked, rest=len(picked) < 2, device=device)
+        judge = pooled_classifier(a.name, picked, rest=len(picked) < 2, device=device,
+                                  examples=[concepts[k].examples for k in a.concepts])
         pred = teacher_logits(judge, images, device=device).argmax(1)
         idx = torch.tensor(a.concepts + (-1,))
         return idx[pred]

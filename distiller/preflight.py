@@ -26,8 +26,8 @@ def preflight(recipe: Recipe, concepts: list[Concept], offline: bool = False, im
     resolve_device(recipe.device)
     by_example = [c.label for c in concepts if c.examples]
     if by_example and not resolve_family(recipe.teacher.model).learns_examples:
-        raise UserError(f"{', '.join(by_example)}: concepts by example need an ImageNet teacher for now (--teacher "
-                        f"efficientnet-lite0|1|2 or timm:NAME); teacher {recipe.teacher.model} reads class names only")
+        raise UserError(f"{', '.join(by_example)}: teacher {recipe.teacher.model} cannot learn a concept by example: use "
+                        "an ImageNet teacher (--teacher efficientnet-lite0|1|2 or timm:NAME) or a CLIP teacher")
     bank_plan(recipe, [c.label for c in concepts], resolution=recipe.synthesis.resolution).validate()
     bridged = resolve_family(recipe.teacher.model).has_text_tower and recipe.student.head == "imagenet"
     if bridged:   # head = imagenet with a CLIP teacher: the text bridge may yet find rows WordNet has not

@@ -90,6 +90,7 @@ class StyledPrompts(PromptSource):
     def __init__(self, name, teacher, cfg, pseudo: torch.Tensor | None, style_names: list[str]):
         self.splice = _splice(teacher, name)
         self.cfg, self.scale = cfg, teacher.text_tower.scale
+        self.mix_examples = teacher.text_tower.mix_examples
         self.class_texts = list(teacher.text_tower.class_texts)
         self.class_tokens = self.splice.tokens([cfg.template.format(style="*", cls=t) for t in self.class_texts])
         self.style_tokens = self.splice.tokens([cfg.style_template.format(style="*")])
@@ -98,11 +99,13 @@ class StyledPrompts(PromptSource):
         self.table = self.encode_pairs(pseudo) if pseudo is not None else None
 
     def encode_pairs(self, pseudo: torch.Tensor) -> torch.Tensor:
-        """Normalised features of every (style, class) prompt: [S, K, D]."""
+        """Normalised features of every (style, class) prompt: [S, K, D]; a concept by example's are its image
+        prototype (mixed with its styled text when it has a name: ``TextTower.mix_examples``)."""
         s, k = pseudo.shape[0], len(self.class_texts)
         with torch.no_grad():
             f = self.splice.encode(self.class_tokens.repeat(s, 1), pseudo.repeat_interleave(k, 0))
-        return F.normalize(f.float(), dim=-1).view(s, k, -1)
+        f = F.normalize(f.float(), dim=-1).view(s, k, -1)
+        return f if self.mix_examples is None else self.mix_examples(f)
 
     def style_features(self, pseudo: torch.Tensor) -> torch.Tensor:
         """Normalised features of "a [S] style of a" for each pseudo-word: [S, D]."""
@@ -194,7 +197,8 @@ class ContrastivePrompts(StyledPrompts):
         table = self.splice.table.float()
         mean, std = table.mean(0), table.std(0)
         k = len(self.class_texts)
-        labels = torch.arange(k, device=mean.device)
+        # class consistency over the concepts with a text (a concept by example alone has no styled text to keep on-class)
+        named = torch.tensor([i for i, t in enumerate(self.class_texts) if t], dtype=torch.long, device=mean.device)
         learned, feats, history = [], [], []
         for s in range(n):
             w = (mean + std * torch.randn(self.splice.dim, generator=generator).to(mean.device)).requires_grad_(True)
@@ -207,7 +211,8 @@ class ContrastivePrompts(StyledPrompts):
                     sims = torch.cat([torch.ones(1, device=w.device), (f @ torch.cat(feats).t())[0]])
                     div = torch.logsumexp(sims / cfg.diversity_temperature, 0) - 1 / cfg.diversity_temperature
                 g = F.normalize(self.splice.encode(self.class_tokens, w[None].expand(k, -1)).float(), dim=-1)
-                cons = F.cross_entropy(self.scale * g @ self.class_targets.float().t(), labels)
+                cons = F.cross_entropy(self.scale * g[named] @ self.class_targets.float().t(), named) if len(named) \
+                    else torch.zeros((), device=w.device)
                 loss = cfg.diversity_weight * div + cfg.consistency_weight * cons
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

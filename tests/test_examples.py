@@ -98,3 +98,59 @@ def test_a_concept_by_example_is_learnt_by_the_teacher_and_the_exported_student(
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(data), "--no-teacher", "--no-baseline"]) == 0
     assert "example images" in capsys.readouterr().err
+
+
+def _clip_teacher(tiny_clip, classes: str, openset: bool = True, text_embeddings=None):
+    import dataclasses
+
+    from distiller.examples import scan_examples, scanned_concepts
+    from distiller.recipe import load_recipe
+    from distiller.teachers import build_teacher
+    cfg, weights = tiny_clip
+    teacher_cfg = dataclasses.replace(load_recipe("smoke").teacher, model=str(cfg), pretrained=str(weights))
+    concepts = parse_concepts(classes)
+    concepts = scanned_concepts(concepts, scan_examples(concepts))
+    return build_teacher(teacher_cfg, concepts, openset=openset, text_embeddings=text_embeddings), concepts
+
+
+def test_a_clip_teacher_learns_a_concept_by_example_and_synthesis_aims_at_its_images(tiny_clip, tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from distiller.examples import generic_images
+    from distiller.preflight import preflight
+    from distiller.prompts import build_prompt_source
+    from distiller.recipe import load_recipe
+    examples = tmp_path / "stripes"
+    examples.mkdir()
+    for i in range(6):
+        stripes(i).save(examples / f"{i}.png")
+    teacher, concepts = _clip_teacher(tiny_clip, f"cat,dog,stripes=@{examples}")
+    cfg, weights = tiny_clip
+    rec = load_recipe("smoke", {"teacher.model": str(cfg), "teacher.pretrained": str(weights)})
+    preflight(rec, concepts)   # a CLIP teacher takes concepts by example (it refused them before)
+    held = torch.from_numpy(np.stack([np.asarray(stripes(i)) for i in range(100, 108)])).permute(0, 3, 1, 2) / 255
+    with torch.no_grad():
+        on_held = teacher.logits(held.float()).argmax(1)
+        on_generic = teacher.logits(generic_images(16, 96, seed=5)).argmax(1)
+    assert (on_held == 2).float().mean() >= 0.875, on_held
+    # the row is calibrated: an uncalibrated prototype (image-image cosines beside image-text ones) claims every image
+    assert (on_generic == 2).float().mean() <= 0.6, on_generic
+    # synthesis aims at the examples' prototype in image space, for every style; the named concepts keep their text
+    proto = teacher.examples.protos[0]
+    assert torch.allclose(teacher.text[2], proto, atol=1e-6)
+    styled = build_prompt_source(teacher, load_recipe("smoke", {"prompts.source": "mix", "prompts.styles": 3}).prompts)
+    table = styled.encode_pairs(styled.pseudo)
+    assert torch.allclose(table[:, 2], proto.expand(3, -1), atol=1e-6)
+    assert not torch.allclose(table[0, 0], table[1, 0])   # a named concept's targets still differ by style
+    # resuming from the run folder's cached class targets gives the same teacher
+    again, _ = _clip_teacher(tiny_clip, f"cat,dog,stripes=@{examples}", text_embeddings=teacher.text)
+    with torch.no_grad():
+        assert torch.allclose(again.logits(held.float()), teacher.logits(held.float()), atol=1e-4)
+    # a name and examples: the target mixes both, and the logit pools the text's with the row's
+    named, _ = _clip_teacher(tiny_clip, f"cat,stripes=striped cloth@{examples}", openset=False)
+    text_only, _ = _clip_teacher(tiny_clip, "cat,striped cloth", openset=False)
+    assert torch.allclose(named.text[1], F.normalize(text_only.text[1] + named.examples.protos[0], dim=-1), atol=1e-5)
+    with torch.no_grad():
+        z, z_text = named.logits(held.float()), text_only.logits(held.float())
+    assert (z[:, 1] >= z_text[:, 1]).all() and torch.allclose(z[:, 0], z_text[:, 0])

@@ -48,7 +48,7 @@ def _set_env(offline: bool, verbose: bool = False) -> None:
 
 @app.command()
 def make(
-    classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Comma-separated class names; label=teacher text allowed."),
+    classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Comma-separated class names; label=teacher text, and label=@DIR (a class by example images) allowed."),
     classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="A file with one class per line."),
     target: Optional[str] = typer.Option(None, help="Deployment target: picks the student (cpu, cpu-large, tiny)."),
     recipe: str = typer.Option("auto", "--recipe", "-r", help="Recipe name (see `distiller recipes`) or .toml path; "

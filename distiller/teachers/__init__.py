@@ -22,11 +22,14 @@ if TYPE_CHECKING:
 
 class TextTower(NamedTuple):
     """A CLIP teacher's text side, for prompt styles: the open_clip model, its tokenizer, the class
-    texts the teacher reads, and the zero-shot logit scale."""
+    texts the teacher reads ("" for a concept named by its examples alone), the zero-shot logit scale, and
+    ``mix_examples``: per-class targets [..., K, D] -> the same with each concept by example's image prototype
+    mixed in (its prototype alone without a name), or None without such concepts."""
     model: Any
     tokenizer: Any
     class_texts: tuple[str, ...]
     scale: float
+    mix_examples: Callable | None = None
 
 
 class Teacher(Protocol):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from runtime.errors import UserError
 from runtime.metadata import Preprocess
 
+from ..examples import augmented, fit_rows, generic_images
 from ..hub import hub_reachable
 from . import TEACHERS, TeacherFamily, TextTower
 
@@ -44,8 +45,10 @@ class ClipTeacher(torch.nn.Module):
     members = None   # no ImageNet classes: CLIP reads the class text
 
     def __init__(self, model, model_name: str, weights: str, text_embeddings: torch.Tensor, templates, tokenizer,
-                 class_texts, other_embedding: torch.Tensor | None = None, other_prompts: torch.Tensor | None = None):
+                 class_texts, other_embedding: torch.Tensor | None = None, other_prompts: torch.Tensor | None = None,
+                 examples: "ExampleRows | None" = None):
         super().__init__()
+        self.examples = examples
         self.openset = other_embedding is not None
         self.model = model.eval().requires_grad_(False)
         self.model_name, self.weights, self.templates = model_name, weights, tuple(templates)
@@ -64,7 +67,8 @@ class ClipTeacher(torch.nn.Module):
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1))
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1))
         self.scale = float(model.logit_scale.exp().clamp(max=100))
-        self.text_tower = TextTower(self.model, tokenizer, tuple(class_texts), self.scale)
+        self.text_tower = TextTower(self.model, tokenizer, tuple(class_texts), self.scale,
+                                    None if examples is None else examples.mix)
 
     @property
     def num_classes(self) -> int:
@@ -81,14 +85,20 @@ class ClipTeacher(torch.nn.Module):
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.image_features(images) @ self.head.t()
+        return self.head_logits(self.image_features(images))
+
+    def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """The zero-shot logits of normalised image features; a concept by example scored by its calibrated row
+        (pooled with its text's logit when it has a name too)."""
+        z = self.scale * feats @ self.head.t()
+        return z if self.examples is None else self.examples.apply(z, self.scale * feats)
 
     def synthesis_loss_and_logits(self, images, targets, classes, cfg):
         """Per image: 1 - cosine to its target (prompt) embedding, plus ``cfg.class_weight`` x the
         cross-entropy of the zero-shot head against its class (keeps styled images on-class); and
         the zero-shot logits of the same forward pass."""
         feats = self.image_features(images)
-        logits = self.scale * feats @ self.head.t()
+        logits = self.head_logits(feats)
         loss = 1 - (feats * F.normalize(targets.float(), dim=-1)).sum(-1)
         if cfg.class_weight:
             loss = loss + cfg.class_weight * F.cross_entropy(logits, classes, reduction="none")
@@ -121,12 +131,13 @@ def encode_each(model, tokenizer, prompts, device="cpu") -> torch.Tensor:
 
 @torch.no_grad()
 def encode_class_texts(model, tokenizer, concepts, templates, device="cpu") -> torch.Tensor:
-    """Per concept, the normalised mean of its template embeddings: [K, D]."""
+    """Per concept, the normalised mean of its template embeddings: [K, D] (zeros for a concept without text, named
+    by its examples alone)."""
     out = []
     for c in concepts:
         tokens = tokenizer([t.format(c.text) for t in templates]).to(device)
         emb = F.normalize(model.encode_text(tokens).float(), dim=-1).mean(0)
-        out.append(F.normalize(emb, dim=-1))
+        out.append(F.normalize(emb, dim=-1) if c.text else torch.zeros_like(emb))
     return torch.stack(out)
 
 
@@ -241,7 +252,8 @@ def load_open_clip(name: str, pretrained: str, device="cpu", offline: bool = Fal
 def build_clip_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None, openset=False) -> ClipTeacher:
     model, tokenizer, name = load_open_clip(cfg.model, cfg.pretrained, device=device, offline=offline)
     model.eval()
-    if text_embeddings is None:
+    fresh = text_embeddings is None
+    if fresh:
         text_embeddings = encode_class_texts(model, tokenizer, concepts, cfg.templates, device)
     other = each = None
     if openset:
@@ -250,16 +262,87 @@ def build_clip_teacher(cfg, concepts, device="cpu", offline=False, text_embeddin
                             "'none of these'): list some, or set openset = false")
         each = encode_each(model, tokenizer, cfg.other_prompts, device)
         other = F.normalize(each.mean(0), dim=-1)
-    return ClipTeacher(model, name, cfg.pretrained, text_embeddings.to(device), cfg.templates, tokenizer,
-                       [c.text for c in concepts], other, each if openset else None).to(device)
+    args = (model, name, cfg.pretrained, text_embeddings.to(device), cfg.templates, tokenizer, [c.text for c in concepts],
+            other, each if openset else None)
+    teacher = ClipTeacher(*args).to(device)
+    if not any(c.examples for c in concepts):
+        return teacher
+    rows = fit_example_rows(teacher, concepts)
+    if fresh:   # the class targets: a concept by example's prototype, mixed with its text's embedding if it has one
+        text_embeddings = rows.mix(text_embeddings.to(device))
+    return ClipTeacher(*args[:3], text_embeddings, *args[4:], examples=rows).to(device)
+
+
+class ExampleRows(torch.nn.Module):
+    """Concepts by example on a CLIP teacher. Each is the normalised mean of its examples' image embeddings (flips and
+    crops included): a prototype. Image embeddings sit in another cone than text embeddings (the modality gap), so a
+    prototype's cosine cannot be read on the text rows' scale: each concept's logit is a calibrated linear map of the
+    scaled cosines to the prototypes, ``weight @ (scale * cos) + bias``, fitted (``examples.fit_rows``) to win on its
+    examples and to lose on generic images (``examples.generic_images``) against the frozen text rows. A concept with
+    a name too is the logsumexp of its text's logit and that row (either may fire), and its synthesis target is the
+    normalised sum of its text and image embeddings."""
+
+    def __init__(self, index, named, protos: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("index", torch.as_tensor(index, dtype=torch.long))
+        self.register_buffer("named", torch.as_tensor(named, dtype=torch.bool))
+        self.register_buffer("protos", protos.float())
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("bias", bias.float())
+
+    def rows(self, scaled: torch.Tensor) -> torch.Tensor:
+        """Each concept by example's logit [B, E] from scaled normalised image features [B, D]."""
+        return (scaled @ self.protos.t()) @ self.weight.t() + self.bias
+
+    def apply(self, logits: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits [B, K(+1)] with each concept by example's column replaced by (or pooled with) its row
+        (matrix products and ``where`` only: the teacher exports to ONNX for its latency baseline)."""
+        place = F.one_hot(self.index, logits.shape[1]).to(logits)               # [E, K(+1)]: row e -> its column
+        new = self.rows(scaled) @ place                                          # [B, K(+1)], zero elsewhere
+        pooled = torch.logsumexp(torch.stack([logits, new]), 0)
+        named = (self.named.to(logits) @ place).bool()
+        return torch.where(place.sum(0).bool(), torch.where(named, pooled, new), logits)
+
+    def mix(self, targets: torch.Tensor) -> torch.Tensor:
+        """Per-class targets [..., K, D] with each concept by example's mixed in: its prototype alone, or the
+        normalised sum with its (text) target when it has a name."""
+        sel = targets[..., self.index, :]
+        mixed = torch.where(self.named[:, None], F.normalize(sel + self.protos, dim=-1), self.protos.expand_as(sel))
+        return targets.index_copy(targets.dim() - 2, self.index, mixed)
+
+
+GENERIC_IMAGES = 64   # generic images (1/f noise) a concept by example must lose on
+
+
+@torch.no_grad()
+def fit_example_rows(teacher: ClipTeacher, concepts) -> ExampleRows:
+    """The ``ExampleRows`` of a teacher's concepts by example, fitted on its own embeddings of them."""
+    pre = teacher.eval_preprocess()
+    index = [k for k, c in enumerate(concepts) if c.examples]
+    feats = [teacher.image_features(torch.from_numpy(augmented(concepts[k].examples, pre)).to(teacher.text.device))
+             for k in index]
+    protos = torch.stack([F.normalize(f.mean(0), dim=-1) for f in feats])
+    negatives = teacher.image_features(generic_images(GENERIC_IMAGES, teacher.input_size).to(protos.device))
+    frozen_cols = [k for k in range(teacher.outputs) if k not in index]   # the other concepts' texts, "other"
+
+    def frozen(f: torch.Tensor) -> torch.Tensor:
+        z = teacher.scale * f @ teacher.head.t()
+        return z[:, frozen_cols] if frozen_cols else torch.zeros(len(f), 1, device=f.device)
+    scaled = [teacher.scale * f @ protos.t() for f in feats + [negatives]]
+    neg_best = frozen(negatives).max(1).values
+    bias0 = neg_best.mean() - scaled[-1].mean(0)   # a generic image scores each row as it scores its best frozen one
+    weight, bias = fit_rows([x.cpu() for x in scaled[:-1]], scaled[-1].cpu(), [frozen(f).cpu() for f in feats + [negatives]],
+                            torch.eye(len(index)), bias0.cpu())
+    return ExampleRows(index, [bool(concepts[k].text) for k in index], protos, weight, bias).to(protos.device)
 
 
 TEACHERS.register("open_clip-config", TeacherFamily(matches=_is_config, build=build_clip_teacher, names=lambda: [],
-                                                   check=check_clip, resolve_paths=resolve_clip_paths))
+                                                   check=check_clip, resolve_paths=resolve_clip_paths,
+                                                   learns_examples=True))
 
 
 def register_name_family() -> None:
     """open_clip model names come last in the lookup (after efficientnet-lite* and timm:)."""
     TEACHERS.register("open_clip", TeacherFamily(matches=_is_model_name, build=build_clip_teacher,
                                                  names=lambda: list(_model_names()), check=check_clip,
-                                                 resolve_paths=resolve_clip_paths))
+                                                 resolve_paths=resolve_clip_paths, learns_examples=True))

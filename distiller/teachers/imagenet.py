@@ -168,15 +168,21 @@ class ImageNetTeacher(torch.nn.Module):
 
 def build_imagenet_teacher(cfg, concepts, device="cpu", offline=False, text_embeddings=None, openset=False) -> ImageNetTeacher:
     model, arch, weights = create_classifier(cfg.model)
-    examples = [c.examples for c in concepts if c.examples]
-    if examples:   # a concept by example: one more classifier row, fitted on the network's own features of them
-        pc = model.pretrained_cfg
-        size = int(cfg.input_size or pc["input_size"][-1])
-        pre = Preprocess.from_crop_pct(size, pc.get("crop_pct", 0.875), interpolation=pc.get("interpolation", "bicubic"),
-                                       mean=tuple(pc["mean"]), std=tuple(pc["std"]))
-        extend_classifier(model, *example_rows(model.eval(), pre, examples))
+    learn_examples(model, [c.examples for c in concepts if c.examples], cfg.input_size)
     coverage = coverage_with_examples(concepts)
     return ImageNetTeacher(model, cfg.model, arch, weights, coverage, cfg.input_size, openset).to(device)
+
+
+def learn_examples(model, examples: list[tuple[str, ...]], input_size: int = 0) -> None:
+    """Concepts by example (their image paths) as more classifier rows, ``1000 + j``: fitted on the network's own
+    features of them at its eval transform (``examples.example_rows``)."""
+    if not examples:
+        return
+    pc = model.pretrained_cfg
+    size = int(input_size or pc["input_size"][-1])
+    pre = Preprocess.from_crop_pct(size, pc.get("crop_pct", 0.875), interpolation=pc.get("interpolation", "bicubic"),
+                                   mean=tuple(pc["mean"]), std=tuple(pc["std"]))
+    extend_classifier(model, *example_rows(model.eval(), pre, examples))
 
 
 def coverage_with_examples(concepts, base: int = 1000) -> list[Coverage]:
@@ -193,13 +199,19 @@ def coverage_with_examples(concepts, base: int = 1000) -> list[Coverage]:
     return out
 
 
-def pooled_classifier(name: str, heads, rest: bool = False, input_size: int = 0, device="cpu") -> ImageNetTeacher:
+def pooled_classifier(name: str, heads, rest: bool = False, input_size: int = 0, device="cpu",
+                      examples=()) -> ImageNetTeacher:
     """ImageNet classifier ``name`` scoring each of ``heads`` (``bridge.HeadSource``) by its pooled rows and log
-    weights, as the student's concept head does; ``rest``: one more output, every other ImageNet class."""
-    coverage = [Coverage(h.label, "", (), tuple(h.classes), ()) for h in heads]
+    weights, as the student's concept head does; ``rest``: one more output, every other ImageNet class. A head of
+    source ``examples`` is scored by a row the network learns from its concept's example images (``examples``: the
+    paths per head, empty for the others)."""
     model, arch, weights = create_classifier(name)
+    by_example = [h.source == "examples" for h in heads]
+    learn_examples(model, [tuple(e) for e, b in zip(examples, by_example) if b], input_size)
+    rows = iter(range(1000, 1000 + sum(by_example)))
+    coverage = [Coverage(h.label, "", (), (next(rows),) if b else tuple(h.classes), ()) for h, b in zip(heads, by_example)]
     return ImageNetTeacher(model, name, arch, weights, coverage, input_size, openset=rest,
-                           offsets=[h.log_weights for h in heads]).to(device)
+                           offsets=[(0.0,) if b else h.log_weights for h, b in zip(heads, by_example)]).to(device)
 
 
 def check_imagenet(cfg, offline=False, concepts=None) -> None:
