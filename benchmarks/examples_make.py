@@ -105,7 +105,8 @@ def make_table(args, st, root: Path, domains: list[str], feats: dict) -> None:
             if name == "examples row":
                 vs, mins = "-", "-"
             else:
-                d, lo, hi = paired_interval(got, answers["examples row"][:len(got)], truth)
+                d, lo, hi = paired_interval([a == truth for a in got],
+                                            [a == truth for a in answers["examples row"][:len(got)]], truth)
                 vs, mins = f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", f"{np.mean(minutes[name]):.1f}"
             print(f"| {held} | {name} ({len(got)} draw{'s' if len(got) > 1 else ''}) | {100 * recall[3]:.1f} | "
                   f"{100 * np.mean(recall[:3]):.1f} | {100 * np.mean(recall):.1f} | {vs} | {mins} |")
