@@ -14,8 +14,10 @@ from examples import CLASSES, closed_answers  # noqa: E402  (benchmarks/ is on s
 from transfer import balanced  # noqa: E402
 
 K = 5
+RUN_NAMES = {"make": "make", "make + --images": "make-images-auto", "make + --images, fresh head": "make-images"}
 FAST = ["--set", "synthesis.images_per_class=2", "--set", "synthesis.shard_size=4", "--set", 'export.variants=["onnx-fp32"]']
-ROWS = {"make": [], "make + --images": ["--set", 'student.head="fresh"']}   # + --images POOL for the second
+ROWS = {"make": [], "make + --images": [],                                # + --images POOL (the last two)
+        "make + --images, fresh head": ["--set", 'student.head="fresh"']}
 
 
 def run_make(out: Path, name: str, examples: Path, extra: list[str]) -> tuple[Path, float]:
@@ -96,7 +98,7 @@ def make_table(args, st, root: Path, domains: list[str], feats: dict) -> None:
             for name, extra in ROWS.items():
                 if name == "make" and draw:   # data-free make: one draw shows it ships the examples row's answers
                     continue
-                run, m = run_make(out, name.replace(" + --images", "-images"), examples,
+                run, m = run_make(out, RUN_NAMES[name], examples,
                                   extra + (["--images", str(pool)] if "--images" in name else []))
                 answers[name].append(shipped_answers(run, paths))
                 minutes[name].append(m)
