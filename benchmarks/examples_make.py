@@ -14,10 +14,9 @@ from examples import CLASSES, closed_answers  # noqa: E402  (benchmarks/ is on s
 from transfer import balanced  # noqa: E402
 
 K = 5
-RUN_NAMES = {"make": "make", "make + --images": "make-images-auto", "make + --images, fresh head": "make-images"}
+RUN_NAMES = {"make": "make", "make + --images, fresh head": "make-images"}
 FAST = ["--set", "synthesis.images_per_class=2", "--set", "synthesis.shard_size=4", "--set", 'export.variants=["onnx-fp32"]']
-ROWS = {"make": [], "make + --images": [],                                # + --images POOL (the last two)
-        "make + --images, fresh head": ["--set", 'student.head="fresh"']}
+ROWS = {"make": [], "make + --images, fresh head": ["--set", 'student.head="fresh"']}   # + --images POOL
 
 
 def run_make(out: Path, name: str, examples: Path, extra: list[str]) -> tuple[Path, float]:

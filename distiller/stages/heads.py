@@ -52,8 +52,7 @@ class HeadsStage:
                                               run.device, on_template=progress)
             text_emb, scale = teacher.text, tower.scale
         heads = decide_heads(run.concepts, rec.student.head, text_emb, class_emb, scale, rec.student.bridge_min_similarity)
-        heads = with_example_rows(run, heads)
-        save_heads(heads, run.paths.heads)
+        save_heads(with_example_rows(run, heads), run.paths.heads)
         names = class_names()
         for h in heads:
             if h.source == "clip":
@@ -61,9 +60,8 @@ class HeadsStage:
                 run.reporter.log(f"{h.label}: CLIP bridge to {len(h.classes)} ImageNet class"
                                  f"{'es' if len(h.classes) > 1 else ''} ({top}{', ...' if len(h.classes) > 3 else ''})")
             elif h.source == "examples":
-                how = "a probe on the student's own features of them" if h.row else \
-                    "the teacher learns it from them; the student's row from the teacher's labels of the transfer set"
-                run.reporter.log(f"{h.label}: head from {h.examples} example image{'s' if h.examples > 1 else ''} ({how})")
+                run.reporter.log(f"{h.label}: head from {h.examples} example image{'s' if h.examples > 1 else ''} (a probe on "
+                                 "the student's own features)")
             elif h.source == "fresh" and rec.student.init == "pretrained":
                 run.warn(fresh_warning(h, rec.student.bridge_min_similarity, asked=rec.student.head == "fresh"))
         if class_emb is None:
@@ -81,11 +79,9 @@ class HeadsStage:
 
 def with_example_rows(run: Run, heads: list[HeadSource]) -> list[HeadSource]:
     """The heads, each concept by example's with its row: a probe on the pretrained student's own features of its
-    examples (``examples.example_rows``). A scratch student learns it like a fresh row, and so does a run with
-    ``--images``: the probe fits it on the teacher's labels of the pool (which the teacher gives from what it
-    learnt of the examples), the named concepts keeping their ImageNet rows."""
+    examples (``examples.example_rows``); a scratch student learns it like a fresh row."""
     todo = [i for i, h in enumerate(heads) if h.source == "examples"]
-    if not todo or run.recipe.student.init != "pretrained" or run.paths.images.exists():
+    if not todo or run.recipe.student.init != "pretrained":
         return heads
     spec = student_spec(run.recipe, run.concepts, heads)
     weight, bias = example_rows(pretrained_network(spec.model).eval(), spec.preprocess,
