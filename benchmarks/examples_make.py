@@ -3,14 +3,14 @@ examples row of the same draw on the same photos. A finished run is scored again
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from examples import CLASSES, closed_answers  # noqa: E402  (benchmarks/ is on sys.path)
+from data_light import write_pool  # noqa: E402  (benchmarks/ is on sys.path)
+from examples import CLASSES, closed_answers  # noqa: E402
 from transfer import balanced  # noqa: E402
 
 K = 5
@@ -43,18 +43,6 @@ def shipped_answers(run: Path, paths: list[Path]) -> np.ndarray:
                            for i in range(0, len(paths), 32)])
 
 
-def flat_copy(files: list[Path], dest: Path) -> Path:
-    """The files in one folder under neutral names (a pool is unlabelled: no class in any path)."""
-    if not dest.exists():
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for i, f in enumerate(files):
-            shutil.copyfile(f, tmp / f"{i:04d}{f.suffix.lower()}")
-        tmp.rename(dest)
-    return dest
-
-
 def paired_interval(a: list[np.ndarray], b: list[np.ndarray], truth: np.ndarray, reps: int = 2000) -> tuple:
     """Mean over draws of balanced(a) - balanced(b), and its 95% interval over stratified resamples of the photos."""
     rng = np.random.default_rng(0)
@@ -83,7 +71,7 @@ def make_table(args, st, root: Path, domains: list[str], feats: dict) -> None:
         x = np.concatenate([feats[held, c] for c in CLASSES])
         train = [d for d in domains if d != held]
         people = [p for d in train if (root / d / "person").is_dir() for p in sorted((root / d / "person").iterdir())]
-        pool = flat_copy([p for d in train for c in sorted((root / d).iterdir()) for p in sorted(c.iterdir())],
+        pool = write_pool([p for d in train for c in sorted((root / d).iterdir()) for p in sorted(c.iterdir())],
                          args.make / held / "pool")
         answers = {name: [] for name in ("examples row", *ROWS)}
         minutes = {name: [] for name in ROWS}
@@ -93,7 +81,7 @@ def make_table(args, st, root: Path, domains: list[str], feats: dict) -> None:
             w, b = st.example_head([pick])
             answers["examples row"].append(closed_answers(x, w, b, named + [[1000]]))
             out = args.make / held / f"draw{draw}"
-            examples = flat_copy(pick, out / "examples")
+            examples = write_pool(pick, out / "examples")
             for name, extra in ROWS.items():
                 if name == "make" and draw:   # data-free make: one draw shows it ships the examples row's answers
                     continue

@@ -325,13 +325,13 @@ def fit_example_rows(teacher: ClipTeacher, concepts) -> ExampleRows:
     negatives = teacher.image_features(generic_images(GENERIC_IMAGES, teacher.input_size).to(protos.device))
     frozen_cols = [k for k in range(teacher.outputs) if k not in index]   # the other concepts' texts, "other"
 
-    def frozen(f: torch.Tensor) -> torch.Tensor:
-        z = teacher.scale * f @ teacher.head.t()
+    def frozen(f: torch.Tensor) -> torch.Tensor:   # the teacher has no example rows yet: its plain zero-shot logits
+        z = teacher.head_logits(f)
         return z[:, frozen_cols] if frozen_cols else torch.zeros(len(f), 1, device=f.device)
     scaled = [teacher.scale * f @ protos.t() for f in feats + [negatives]]
-    neg_best = frozen(negatives).max(1).values
-    bias0 = neg_best.mean() - scaled[-1].mean(0)   # a generic image scores each row as it scores its best frozen one
-    weight, bias = fit_rows([x.cpu() for x in scaled[:-1]], scaled[-1].cpu(), [frozen(f).cpu() for f in feats + [negatives]],
+    fixed = [frozen(f) for f in feats + [negatives]]
+    bias0 = fixed[-1].max(1).values.mean() - scaled[-1].mean(0)   # a generic image scores each row as its best frozen one
+    weight, bias = fit_rows([x.cpu() for x in scaled[:-1]], scaled[-1].cpu(), [z.cpu() for z in fixed],
                             torch.eye(len(index)), bias0.cpu())
     return ExampleRows(index, [bool(concepts[k].text) for k in index], protos, weight, bias).to(protos.device)
 
